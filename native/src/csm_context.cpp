@@ -1,0 +1,93 @@
+// csm_context.cpp - creating a generation context: backend, thread pool, KV caches.
+#include "csm_context.h"
+#include "csm_log.h"
+
+#include <memory>
+#include <thread>
+
+csm_context::~csm_context() {
+    g_prefill.reset();
+    g_step.reset();
+    g_d0.reset();
+    g_dk.reset();
+    if (buf_state) ggml_backend_buffer_free(buf_state);
+    if (ctx_state) ggml_free(ctx_state);
+    if (backend) ggml_backend_free(backend);
+    if (threadpool) ggml_threadpool_free(threadpool);
+}
+
+int32_t csm_default_threads(int32_t n) {
+    if (n > 0) return n;
+    unsigned hc = std::thread::hardware_concurrency();
+    return hc ? (int32_t) std::min(hc, 64u) : 4;
+}
+
+// Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
+void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp) {
+    *backend = ggml_backend_dev_init(m->dev, nullptr);
+    if (!*backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
+    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+        *tp = ggml_threadpool_new(&tpp);
+        if (!*tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
+        ggml_backend_cpu_set_n_threads(*backend, n_threads);
+        ggml_backend_cpu_set_threadpool(*backend, *tp);
+    }
+}
+
+static csm_context * create(const csm_model * m, const csm_context_params & p) {
+    if (!m) csm_fail("model is NULL");
+    if (p.max_pos < 0 || p.max_pos > m->hp.bb_max_pos) {
+        csm_fail("max_pos %d is out of range [0, %d]", p.max_pos, m->hp.bb_max_pos);
+    }
+    if (p.n_batch < 1 || p.n_batch > 64) csm_fail("n_batch %d is out of range [1, 64]", p.n_batch);
+    auto c = std::make_unique<csm_context>();
+    c->model = m;
+    c->params = p;
+    c->params.n_threads = csm_default_threads(p.n_threads);
+    c->n_ctx = p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos;
+    c->n_seq = p.n_batch;
+    c->n_dctx = m->hp.n_codebooks;
+    c->n_past.assign(c->n_seq, 0);
+    csm_backend_init(m, c->params.n_threads, &c->backend, &c->threadpool);
+
+    const csm_llama & B = m->backbone, & D = m->depth;
+    const int n_tensors = 2 * (B.n_layers + D.n_layers) + 1;
+    ggml_init_params ip = {(size_t) n_tensors * ggml_tensor_overhead(), nullptr, true};
+    c->ctx_state = ggml_init(ip);
+    if (!c->ctx_state) csm_fail("out of memory");
+    auto make_kv = [&](const csm_llama & L, int64_t rows, std::vector<csm_kv_layer> & kv) {
+        kv.resize(L.n_layers);
+        for (auto & l : kv) {
+            l.k = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, (int64_t) L.head_dim * L.n_kv_heads, rows);
+            l.v = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, (int64_t) L.head_dim * L.n_kv_heads, rows);
+        }
+    };
+    make_kv(B, (int64_t) c->n_ctx * c->n_seq, c->kv_bb);
+    make_kv(D, (int64_t) c->n_dctx * c->n_seq, c->kv_dp);
+    c->h_buf = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, m->hp.bb_d_model, c->n_seq);
+    c->buf_state = ggml_backend_alloc_ctx_tensors(c->ctx_state, c->backend);
+    if (!c->buf_state) csm_fail("cannot allocate the KV caches");
+    ggml_backend_buffer_clear(c->buf_state, 0);
+    csm_log(CSM_LOG_DEBUG, "context: %d threads, %d positions x %d sequences, state %.1f MiB", c->params.n_threads,
+            c->n_ctx, c->n_seq, ggml_backend_buffer_get_size(c->buf_state) / 1048576.0);
+    return c.release();
+}
+
+extern "C" {
+
+struct csm_context_params csm_context_default_params(void) {
+    csm_context_params p;
+    p.n_threads = 0;
+    p.max_pos = 0;
+    p.n_batch = 1;
+    return p;
+}
+
+csm_context * csm_context_new(const csm_model * model, struct csm_context_params params) {
+    return csm_guard<csm_context *>(nullptr, [&] { return create(model, params); });
+}
+
+void csm_context_free(csm_context * ctx) { delete ctx; }
+
+} // extern "C"

@@ -1,0 +1,186 @@
+// csm_graph.cpp - ggml graphs of the backbone and the depth decoder (Llama blocks with KV caches).
+#include "csm_context.h"
+#include "csm_log.h"
+
+#include <cmath>
+
+void csm_graph::reset() {
+    if (alloc) ggml_gallocr_free(alloc);
+    if (ctx) ggml_free(ctx);
+    *this = csm_graph{};
+}
+
+static const size_t GRAPH_NODES = 4096;
+
+static ggml_context * new_graph_ctx() {
+    ggml_init_params ip = {GRAPH_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GRAPH_NODES, false), nullptr, true};
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) csm_fail("out of memory creating a graph");
+    return ctx;
+}
+
+static ggml_tensor * input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1, int64_t ne3 = 1) {
+    ggml_tensor * t = ggml_new_tensor_4d(ctx, type, ne0, ne1, ne2, ne3);
+    ggml_set_input(t);
+    return t;
+}
+
+// Sum of the present columns' embeddings: text rows and 32 audio codebook rows, each masked.
+// Returns [d, n_tok].
+static ggml_tensor * embed_rows(ggml_context * ctx, const csm_model & m, csm_graph & g, int64_t n_tok, bool with_text) {
+    const int64_t d = m.hp.bb_d_model, ncb = m.hp.n_codebooks;
+    g.audio_ids = input(ctx, GGML_TYPE_I32, ncb * n_tok);
+    g.audio_mask = input(ctx, GGML_TYPE_F32, 1, ncb * n_tok);
+    ggml_tensor * a = ggml_get_rows(ctx, m.audio_embd, g.audio_ids);          // [d, ncb * n_tok]
+    a = ggml_mul(ctx, a, g.audio_mask);
+    a = ggml_reshape_3d(ctx, a, d, ncb, n_tok);
+    a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                     // [ncb, d, n_tok]
+    a = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, a), d, n_tok);               // [d, n_tok]
+    if (!with_text) return a;
+    g.text_ids = input(ctx, GGML_TYPE_I32, n_tok);
+    g.text_mask = input(ctx, GGML_TYPE_F32, 1, n_tok);
+    ggml_tensor * t = ggml_mul(ctx, ggml_get_rows(ctx, m.text_embd, g.text_ids), g.text_mask);
+    return ggml_add(ctx, a, t);
+}
+
+// Llama blocks over x [d, T*B]: T new positions for each of B sequences. The caches hold n_seq
+// sequences of n_ctx rows; this graph reads rows [0, n_kv) of sequences [seq0, seq0 + B).
+static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const csm_llama & L, float eps,
+                                  std::vector<csm_kv_layer> & kv, int64_t n_ctx, int64_t seq0, ggml_tensor * x,
+                                  int64_t T, int64_t B, int64_t n_kv, csm_graph & g) {
+    const int64_t hd = L.head_dim, nh = L.n_heads, nkv = L.n_kv_heads, kvd = hd * nkv;
+    g.pos = input(ctx, GGML_TYPE_I32, T * B);
+    g.kv_idx = input(ctx, GGML_TYPE_I64, T * B);
+    g.kq_mask = input(ctx, GGML_TYPE_F32, n_kv, T, 1, B);
+    const float scale = 1.0f / std::sqrt((float) hd);
+    const int n_ctx_orig = L.rope.llama3 ? L.rope.orig_max_pos : 0;
+
+    for (int il = 0; il < L.n_layers; il++) {
+        const csm_layer & l = L.layers[il];
+        ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.attn_norm);
+        ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wq, cur), hd, nh, T * B);
+        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wk, cur), hd, nkv, T * B);
+        ggml_tensor * v = ggml_mul_mat(ctx, l.wv, cur);                        // [kvd, T*B]
+        q = ggml_rope_ext(ctx, q, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
+                          L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        k = ggml_rope_ext(ctx, k, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
+                          L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].k, ggml_reshape_2d(ctx, k, kvd, T * B), g.kv_idx));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].v, v, g.kv_idx));
+
+        const size_t es = ggml_element_size(kv[il].k);
+        ggml_tensor * K = ggml_view_4d(ctx, kv[il].k, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx,
+                                       kvd * es * n_ctx * seq0);
+        ggml_tensor * V = ggml_view_4d(ctx, kv[il].v, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx,
+                                       kvd * es * n_ctx * seq0);
+        K = ggml_permute(ctx, K, 0, 2, 1, 3);                                  // [hd, n_kv, nkv, B]
+        V = ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3));                  // [n_kv, hd, nkv, B]
+        q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3); // [hd, T, nh, B]
+        ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                            // [n_kv, T, nh, B]
+        kq = ggml_soft_max_ext(ctx, kq, g.kq_mask, scale, 0.0f);
+        ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                            // [hd, T, nh, B]
+        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                  // [hd, nh, T, B]
+        o = ggml_mul_mat(ctx, l.wo, ggml_reshape_2d(ctx, o, hd * nh, T * B));
+        x = ggml_add(ctx, x, o);
+
+        cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.ffn_norm);
+        ggml_tensor * gate = ggml_silu(ctx, ggml_mul_mat(ctx, l.w_gate, cur));
+        ggml_tensor * up = ggml_mul_mat(ctx, l.w_up, cur);
+        x = ggml_add(ctx, x, ggml_mul_mat(ctx, l.w_down, ggml_mul(ctx, gate, up)));
+    }
+    return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), L.output_norm);
+}
+
+static void finish(csm_context & c, csm_graph & g) {
+    if (!g.alloc) {
+        g.alloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(c.backend));
+        if (!g.alloc) csm_fail("out of memory creating a graph allocator");
+    }
+    if (!ggml_gallocr_alloc_graph(g.alloc, g.gf)) csm_fail("failed to allocate the compute buffer of a graph");
+}
+
+// Backbone over the last position of each sequence: final hidden -> h_buf, logits of codebook 0.
+static void backbone_head(csm_context & c, ggml_context * ctx, csm_graph & g, ggml_tensor * h, int64_t seq0, int64_t B) {
+    const csm_model & m = *c.model;
+    const int64_t d = m.hp.bb_d_model;
+    ggml_tensor * dst = ggml_view_2d(ctx, c.h_buf, d, B, c.h_buf->nb[1], c.h_buf->nb[1] * seq0);
+    ggml_build_forward_expand(g.gf, ggml_cpy(ctx, h, dst));
+    g.logits = ggml_mul_mat(ctx, m.codebook0_head, h);
+    ggml_set_output(g.logits);
+    ggml_build_forward_expand(g.gf, g.logits);
+}
+
+void csm_build_prefill(csm_context & c, int32_t seq, int32_t T, int32_t n_kv) {
+    const csm_model & m = *c.model;
+    csm_graph & g = c.g_prefill;
+    ggml_gallocr_t keep = g.alloc;  // the allocator (and its buffer) survive shape changes
+    g.alloc = nullptr;
+    g.reset();
+    g.alloc = keep;
+    g.ctx = new_graph_ctx();
+    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.key = ((int64_t) T << 32) | n_kv;
+    ggml_tensor * x = embed_rows(g.ctx, m, g, T, true);
+    x = llama_blocks(g.ctx, g.gf, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, seq, x, T, 1, n_kv, g);
+    ggml_tensor * last = ggml_view_2d(g.ctx, x, m.hp.bb_d_model, 1, x->nb[1], x->nb[1] * (T - 1));
+    backbone_head(c, g.ctx, g, last, seq, 1);
+    finish(c, g);
+}
+
+void csm_build_step(csm_context & c, int32_t n_kv) {
+    const csm_model & m = *c.model;
+    csm_graph & g = c.g_step;
+    if (g.key == n_kv) return;
+    ggml_gallocr_t keep = g.alloc;
+    g.alloc = nullptr;
+    g.reset();
+    g.alloc = keep;
+    g.ctx = new_graph_ctx();
+    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.key = n_kv;
+    const int64_t B = c.n_seq;
+    ggml_tensor * x = embed_rows(g.ctx, m, g, B, false);
+    x = llama_blocks(g.ctx, g.gf, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, 0, x, 1, B, n_kv, g);
+    backbone_head(c, g.ctx, g, x, 0, B);
+    finish(c, g);
+}
+
+void csm_build_depth0(csm_context & c) {
+    const csm_model & m = *c.model;
+    csm_graph & g = c.g_d0;
+    if (g.key == 0) return;
+    g.reset();
+    g.ctx = new_graph_ctx();
+    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.key = 0;
+    const int64_t B = c.n_seq;
+    ggml_tensor * x = ggml_mul_mat(g.ctx, m.depth_proj, c.h_buf);              // [dp_d, B]
+    x = llama_blocks(g.ctx, g.gf, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
+    ggml_build_forward_expand(g.gf, x);
+    finish(c, g);
+}
+
+void csm_build_depthk(csm_context & c) {
+    const csm_model & m = *c.model;
+    csm_graph & g = c.g_dk;
+    if (g.key == 1) return;
+    g.reset();
+    g.ctx = new_graph_ctx();
+    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.key = 1;
+    const int64_t B = c.n_seq;
+    g.audio_ids = input(g.ctx, GGML_TYPE_I32, B);
+    ggml_tensor * x = ggml_mul_mat(g.ctx, m.depth_proj, ggml_get_rows(g.ctx, m.depth_embd, g.audio_ids));
+    x = llama_blocks(g.ctx, g.gf, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
+    g.head_ids = input(g.ctx, GGML_TYPE_I32, 1, B);
+    ggml_tensor * logits = ggml_mul_mat_id(g.ctx, m.depth_heads, ggml_reshape_3d(g.ctx, x, m.hp.dp_d_model, 1, B), g.head_ids);
+    g.logits = ggml_reshape_2d(g.ctx, logits, m.hp.audio_vocab_size, B);
+    ggml_set_output(g.logits);
+    ggml_build_forward_expand(g.gf, g.logits);
+    finish(c, g);
+}
+
+void csm_compute(csm_context & c, csm_graph & g) {
+    ggml_status st = ggml_backend_graph_compute(c.backend, g.gf);
+    if (st != GGML_STATUS_SUCCESS) csm_fail("graph computation failed (status %d)", (int) st);
+}

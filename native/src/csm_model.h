@@ -1,0 +1,78 @@
+// csm_model.h - the loaded model: hyper-parameters, weight tensors, the backend holding them.
+#pragma once
+
+#include "csm.h"
+
+#include "ggml.h"
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <string>
+#include <vector>
+
+// One Llama block (backbone and depth decoder share the shape).
+struct csm_layer {
+    ggml_tensor * attn_norm = nullptr;
+    ggml_tensor * wq = nullptr;
+    ggml_tensor * wk = nullptr;
+    ggml_tensor * wv = nullptr;
+    ggml_tensor * wo = nullptr;
+    ggml_tensor * ffn_norm = nullptr;
+    ggml_tensor * w_gate = nullptr;
+    ggml_tensor * w_up = nullptr;
+    ggml_tensor * w_down = nullptr;
+};
+
+// Llama-3 style RoPE frequency scaling (type "llama3"), or none.
+struct csm_rope {
+    float   theta = 500000.0f;
+    bool    llama3 = false;
+    float   factor = 1.0f;
+    float   low_freq_factor = 1.0f;
+    float   high_freq_factor = 1.0f;
+    int32_t orig_max_pos = 0;
+    ggml_tensor * freq_factors = nullptr; // [head_dim / 2] divisors of the base frequencies, or null
+};
+
+struct csm_llama {
+    int32_t n_layers = 0, d_model = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0, ff_dim = 0;
+    csm_rope rope;
+    std::vector<csm_layer> layers;
+    ggml_tensor * output_norm = nullptr;
+};
+
+struct csm_model {
+    std::string path;
+    csm_hparams hp{};
+    int32_t file_type = -1;
+    std::string name;
+
+    csm_llama backbone;
+    csm_llama depth;
+    ggml_tensor * text_embd = nullptr;       // [d, text_vocab]
+    ggml_tensor * audio_embd = nullptr;      // [d, n_codebooks * audio_vocab]
+    ggml_tensor * codebook0_head = nullptr;  // [d, audio_vocab]
+    ggml_tensor * depth_proj = nullptr;      // [bb_d, dp_d]
+    ggml_tensor * depth_embd = nullptr;      // [bb_d, n_codebooks * audio_vocab]
+    ggml_tensor * depth_heads = nullptr;     // [dp_d, audio_vocab, n_codebooks - 1]
+
+    gguf_context * gguf = nullptr;
+    ggml_context * ctx_w = nullptr;          // tensor metadata of the file's weights
+    ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors)
+    ggml_backend_dev_t dev = nullptr;        // device holding the weights
+    std::vector<ggml_backend_buffer_t> bufs; // weight buffers
+    void * mmap_addr = nullptr;
+    size_t mmap_size = 0;
+    uint64_t n_params = 0, n_bytes = 0;
+    int32_t n_tensors = 0;
+
+    // Looks up a tensor of the file and checks its shape (ne, fastest first; unused dims 1).
+    // Throws csm_error when it is missing or has another shape.
+    ggml_tensor * get(const std::string & name, std::vector<int64_t> ne) const;
+    ggml_tensor * find(const std::string & name) const; // null when absent
+
+    ~csm_model();
+};
+
+// True when the tensor's data lives in host memory (CPU backend).
+bool csm_model_on_host(const csm_model * model);

@@ -1,0 +1,1 @@
+"""pycsm: Sesame's CSM-1B text-to-speech on ggml (placeholder; replaced by the lead)."""
