@@ -38,6 +38,7 @@ def tiny_dir() -> Path:
         return final
     cache.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"tmp-tiny-{digest}-", dir=cache))
+    tmp.chmod(0o755)
     try:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _load_make_tiny().build(tmp)

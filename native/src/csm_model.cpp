@@ -296,7 +296,7 @@ static void bind_tensors(csm_model & m) {
     m.codebook0_head = m.get("backbone.codebook0_head.weight", {h.bb_d_model, h.audio_vocab_size});
     m.depth_proj = m.get("depth.projection.weight", {h.bb_d_model, h.dp_d_model});
     m.depth_embd = m.get("depth.token_embd.weight", {h.bb_d_model, n_audio});
-    m.depth_heads = m.get("depth.codebooks_head.weight", {h.dp_d_model, h.audio_vocab_size, h.n_codebooks - 1});
+    m.depth_heads_file = m.get("depth.codebooks_head.weight", {h.audio_vocab_size, h.dp_d_model, h.n_codebooks - 1});
     bind_llama(m, m.backbone, "backbone");
     bind_llama(m, m.depth, "depth");
     mimi_check_tensors(m);
@@ -343,7 +343,7 @@ static ggml_backend_dev_t pick_device(const csm_model_params & p) {
 
 // RoPE factor tensors live in a small buffer on the weights' device.
 static void make_extra(csm_model & m) {
-    ggml_init_params ip = {2 * ggml_tensor_overhead(), nullptr, true};
+    ggml_init_params ip = {3 * ggml_tensor_overhead(), nullptr, true};
     m.ctx_extra = ggml_init(ip);
     if (!m.ctx_extra) csm_fail("out of memory");
     csm_llama * L[2] = {&m.backbone, &m.depth};
@@ -353,12 +353,36 @@ static void make_extra(csm_model & m) {
         ff[i] = llama3_freq_factors(L[i]->rope, L[i]->head_dim);
         L[i]->rope.freq_factors = ggml_new_tensor_1d(m.ctx_extra, GGML_TYPE_F32, L[i]->head_dim / 2);
     }
-    if (!L[0]->rope.freq_factors && !L[1]->rope.freq_factors) return;
+    // The file stores the depth heads as [vocab, d, k] (transformers' layout); matrix products want
+    // [d, vocab, k]: keep one transposed copy (F32 when the file is F32, else F16).
+    const ggml_tensor * hf = m.depth_heads_file;
+    const ggml_type ht = hf->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
+    m.depth_heads = ggml_new_tensor_3d(m.ctx_extra, ht, hf->ne[1], hf->ne[0], hf->ne[2]);
     ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(m.ctx_extra, ggml_backend_dev_buffer_type(m.dev));
     if (!buf) csm_fail("failed to allocate the RoPE factor buffer");
     m.bufs.push_back(buf);
     for (int i = 0; i < 2; i++) {
         if (L[i]->rope.freq_factors) ggml_backend_tensor_set(L[i]->rope.freq_factors, ff[i].data(), 0, ff[i].size() * sizeof(float));
+    }
+    const int64_t V = hf->ne[0], d = hf->ne[1];
+    const ggml_type_traits * tr = ggml_get_type_traits(hf->type);
+    if (hf->type != GGML_TYPE_F32 && (!tr || !tr->to_float)) csm_fail("depth.codebooks_head.weight: unsupported type %s", ggml_type_name(hf->type));
+    std::vector<char> raw(hf->nb[2]);
+    std::vector<float> src((size_t) V * d), dst((size_t) V * d);
+    std::vector<ggml_fp16_t> h16(ht == GGML_TYPE_F16 ? (size_t) V * d : 0);
+    for (int64_t k = 0; k < hf->ne[2]; k++) {
+        ggml_backend_tensor_get(hf, raw.data(), k * hf->nb[2], hf->nb[2]);
+        if (hf->type == GGML_TYPE_F32) memcpy(src.data(), raw.data(), src.size() * sizeof(float));
+        else for (int64_t r = 0; r < d; r++) tr->to_float(raw.data() + r * hf->nb[1], src.data() + r * V, V);
+        for (int64_t r = 0; r < d; r++)
+            for (int64_t v = 0; v < V; v++) dst[(size_t) v * d + r] = src[(size_t) r * V + v];
+        const size_t off = (size_t) k * m.depth_heads->nb[2];
+        if (ht == GGML_TYPE_F32) {
+            ggml_backend_tensor_set(m.depth_heads, dst.data(), off, dst.size() * sizeof(float));
+        } else {
+            ggml_fp32_to_fp16_row(dst.data(), h16.data(), (int64_t) dst.size());
+            ggml_backend_tensor_set(m.depth_heads, h16.data(), off, h16.size() * sizeof(ggml_fp16_t));
+        }
     }
 }
 

@@ -54,7 +54,8 @@ struct csm_model {
     ggml_tensor * codebook0_head = nullptr;  // [d, audio_vocab]
     ggml_tensor * depth_proj = nullptr;      // [bb_d, dp_d]
     ggml_tensor * depth_embd = nullptr;      // [bb_d, n_codebooks * audio_vocab]
-    ggml_tensor * depth_heads = nullptr;     // [dp_d, audio_vocab, n_codebooks - 1]
+    ggml_tensor * depth_heads_file = nullptr; // [audio_vocab, dp_d, n_codebooks - 1] as stored
+    ggml_tensor * depth_heads = nullptr;     // [dp_d, audio_vocab, n_codebooks - 1] transposed copy
 
     gguf_context * gguf = nullptr;
     ggml_context * ctx_w = nullptr;          // tensor metadata of the file's weights

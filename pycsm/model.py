@@ -1,0 +1,197 @@
+"""The loaded model: a native csm_model handle, its hyper-parameters and its tokenizer."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from . import _native as N
+from .errors import CSMError
+
+DEVICES = {"auto": N.CSM_DEVICE_AUTO, "cpu": N.CSM_DEVICE_CPU, "gpu": N.CSM_DEVICE_GPU}
+
+# general.file_type values (llama.cpp numbering) of the files people have.
+FILE_TYPES = {0: "f32", 1: "f16", 2: "q4_0", 3: "q4_1", 7: "q8_0", 8: "q5_0", 9: "q5_1", 10: "q2_k",
+              12: "q3_k", 15: "q4_k", 17: "q5_k", 18: "q6_k", 32: "bf16"}
+
+
+@dataclass(frozen=True)
+class HParams:
+    """Hyper-parameters of a CSM GGUF (mirror of struct csm_hparams)."""
+
+    bb_n_layers: int
+    bb_d_model: int
+    bb_n_heads: int
+    bb_n_kv_heads: int
+    bb_head_dim: int
+    bb_ff_dim: int
+    bb_max_pos: int
+    bb_rope_theta: float
+    rms_norm_eps: float
+    dp_n_layers: int
+    dp_d_model: int
+    dp_n_heads: int
+    dp_n_kv_heads: int
+    dp_head_dim: int
+    dp_ff_dim: int
+    dp_rope_theta: float
+    text_vocab_size: int
+    audio_vocab_size: int
+    n_codebooks: int
+    audio_eos_token_id: int
+    audio_token_id: int
+    bos_token_id: int
+    codebook_eos_token_id: int
+    codebook_pad_token_id: int
+    mimi_dim: int
+    mimi_n_heads: int
+    mimi_n_layers: int
+    mimi_codebook_dim: int
+    mimi_codebook_size: int
+    mimi_n_quantizers: int
+    mimi_n_semantic: int
+    sample_rate: int
+    samples_per_frame: int
+    frame_rate: float
+
+    @classmethod
+    def from_native(cls, h: N.csm_hparams) -> "HParams":
+        return cls(**{f.name: getattr(h, f.name) for f in fields(cls)})
+
+
+_log_lock = threading.Lock()
+_log_ref = None  # keeps the ctypes callback alive
+
+
+def set_log_callback(callback) -> None:
+    """Route the native library's messages to callback(level: int, text: str); None silences it."""
+    global _log_ref
+    with _log_lock:
+        if callback is None:
+            _log_ref = None
+            N.lib.csm_log_set(N.csm_log_callback(), None)
+            return
+
+        def _cb(level, text, _ud):
+            try:
+                callback(int(level), text.decode("utf-8", "replace"))
+            except Exception:  # never let an exception cross into C
+                pass
+
+        _log_ref = N.csm_log_callback(_cb)
+        N.lib.csm_log_set(_log_ref, None)
+
+
+class Model:
+    """A CSM GGUF loaded by the native library.
+
+    >>> m = Model("csm-1b-q8_0.gguf")
+    >>> m.hparams.bb_d_model
+    2048
+    """
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", use_mmap: bool = True):
+        path = Path(path)
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
+        if not path.exists():
+            raise FileNotFoundError(f"model file not found: {path}")
+        params = N.lib.csm_model_default_params()
+        params.device = DEVICES[device]
+        params.use_mmap = bool(use_mmap)
+        self.path = path
+        self._handle = N.check_ptr(N.lib.csm_model_load(os.fsencode(path), params), f"cannot load {path}")
+        self.hparams = HParams.from_native(N.lib.csm_model_hparams(self._handle))
+        self._tokenizer = None
+
+    @property
+    def handle(self) -> int:
+        if not self._handle:
+            raise CSMError("the model is closed")
+        return self._handle
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer.from_gguf(self.path)
+        return self._tokenizer
+
+    @property
+    def file_type(self) -> str:
+        ft = N.lib.csm_model_file_type(self.handle)
+        return FILE_TYPES.get(ft, "f16/f32 (unset)" if ft < 0 else f"type {ft}")
+
+    @property
+    def name(self) -> str:
+        return N.lib.csm_model_name(self.handle).decode("utf-8", "replace")
+
+    @property
+    def n_params(self) -> int:
+        return int(N.lib.csm_model_n_params(self.handle))
+
+    @property
+    def n_bytes(self) -> int:
+        return int(N.lib.csm_model_n_bytes(self.handle))
+
+    @property
+    def n_tensors(self) -> int:
+        return int(N.lib.csm_model_n_tensors(self.handle))
+
+    @property
+    def device(self) -> str:
+        return N.lib.csm_model_device(self.handle).decode()
+
+    def info(self) -> dict:
+        """Hyper-parameters, quantisation and size, for `pycsm info`."""
+        d = {"path": str(self.path), "name": self.name, "file_type": self.file_type,
+             "n_tensors": self.n_tensors, "n_params": self.n_params, "n_bytes": self.n_bytes,
+             "device": self.device}
+        d.update({f.name: getattr(self.hparams, f.name) for f in fields(HParams)})
+        return d
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            N.lib.csm_model_free(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def quantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q8_0",
+             n_threads: int | None = None, progress=None) -> None:
+    """Quantise a CSM GGUF with ggml's functions (the published files' per-tensor rule).
+
+    progress(done, total) may return False to abort (the partial output is removed).
+    """
+    types = {"q8_0": 8, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q4_k": 12, "q5_k": 13, "q6_k": 14,
+             "q2_k": 10, "q3_k": 11, "f16": 1, "bf16": 30, "f32": 0}
+    if qtype not in types:
+        raise ValueError(f"unknown quantisation type {qtype!r}; choose from {', '.join(types)}")
+    if not Path(in_path).exists():
+        raise FileNotFoundError(f"input model not found: {in_path}")
+    params = N.lib.csm_quantize_default_params()
+    params.type = types[qtype]
+    params.n_threads = n_threads or 0
+    if progress is not None:
+        def _cb(done, total, _ud):
+            try:
+                return progress(int(done), int(total)) is not False
+            except Exception:
+                return False
+
+        cb = N.csm_progress_callback(_cb)
+        params.progress = cb
+    N.check_status(N.lib.csm_quantize(os.fsencode(in_path), os.fsencode(out_path), params),
+                   f"cannot quantise {in_path}")
