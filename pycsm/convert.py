@@ -311,8 +311,8 @@ def _write_tokenizer(w: GGUFWriter, path: Path, n_vocab: int):
         raise ValueError(f"missing tokenizer file {path}")
     tok = json.loads(path.read_text(encoding="utf-8"))
     model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"{path}: expected a BPE tokenizer, got {model.get('type')!r}")
+    if model.get("type") != "BPE" or not model.get("vocab"):
+        raise ValueError(f"{path}: expected a BPE tokenizer with a vocab, got type {model.get('type')!r}")
     id_to_tok = {int(i): t for t, i in model["vocab"].items()}
     id_to_tok.update({int(a["id"]): a["content"] for a in tok.get("added_tokens", [])})
     if max(id_to_tok) >= n_vocab:

@@ -320,6 +320,27 @@ def test_only_backbone_audio_embedding(tiny_dir, ckpt, tmp_path):
     assert (tmp_path / "out.gguf").read_bytes() == (tiny_dir / "tiny-f16.gguf").read_bytes()
 
 
+def test_nested_mimi_names(tiny_dir, ckpt, tmp_path):
+    """Mimi keys as the nested transformers modules name them convert like the saved flat keys."""
+    nested = {"codec_model.encoder.layers.": "codec_model.encoder.encoder_seanet.layers.",
+              "codec_model.decoder.layers.": "codec_model.decoder.decoder_seanet.layers.",
+              "codec_model.encoder_transformer.": "codec_model.encoder.encoder_transformer.",
+              "codec_model.decoder_transformer.": "codec_model.decoder.decoder_transformer.",
+              "codec_model.downsample.": "codec_model.encoder.downsample.",
+              "codec_model.upsample.": "codec_model.decoder.upsample."}
+
+    def rename(k):
+        for a, b in nested.items():
+            if k.startswith(a):
+                return b + k[len(a):]
+        return k
+
+    sd = {rename(k): v for k, v in ckpt.items()}
+    assert len(set(sd) - set(ckpt)) > 50
+    convert(_checkpoint_copy(tiny_dir, tmp_path / "ck", sd), tmp_path / "out.gguf", "f16")
+    assert (tmp_path / "out.gguf").read_bytes() == (tiny_dir / "tiny-f16.gguf").read_bytes()
+
+
 def test_bf16_outtype(tiny_dir, ckpt, tmp_path):
     import torch
 
@@ -349,6 +370,71 @@ def test_bf16_checkpoint(tiny_dir, ckpt, tmp_path):
     convert(dst, tmp_path / "a.gguf", "f32")
     convert(f32, tmp_path / "b.gguf", "f32")
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def _legacy(cfg: dict) -> dict:
+    """The 4.x config form the hub's sesame/csm-1b uses: rope_theta + rope_scaling, codec frame_rate."""
+    cfg = json.loads(json.dumps(cfg))
+    for c in (cfg, cfg["depth_decoder_config"]):
+        rp = c.pop("rope_parameters")
+        c["rope_theta"] = rp.pop("rope_theta")
+        c["rope_scaling"] = rp
+    mc = cfg["codec_config"]
+    mc.pop("rope_parameters")
+    mc.pop("_frame_rate", None)
+    mc.update(rope_theta=10000.0, frame_rate=12.5)
+    return cfg
+
+
+def test_legacy_rope_config(tiny_dir, tmp_path):
+    folder = _checkpoint_copy(tiny_dir, tmp_path / "ck")
+    cfg = json.loads((tiny_dir / "checkpoint" / "config.json").read_text())
+    (folder / "config.json").unlink()
+    (folder / "config.json").write_text(json.dumps(_legacy(cfg)))
+    convert(folder, tmp_path / "out.gguf", "f16")
+    assert (tmp_path / "out.gguf").read_bytes() == (tiny_dir / "tiny-f16.gguf").read_bytes()
+
+
+class _Recorder:
+    def __init__(self):
+        self.kv = {}
+
+    def __getattr__(self, name):  # add_u32 / add_f32 / add_str ...
+        return lambda key, value: self.kv.__setitem__(key, (name[4:], value))
+
+
+def test_plain_rope_metadata(tiny_dir):
+    """Readers default to csm-1b's llama3 scaling, so plain RoPE must be written as type "none"."""
+    from pycsm.convert import _hparams, _write_metadata
+
+    cfg = json.loads((tiny_dir / "checkpoint" / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "default"}
+    w = _Recorder()
+    _write_metadata(w, _hparams(cfg))
+    assert w.kv["csm.backbone.rope_theta"] == ("f32", 10000.0)
+    assert w.kv["csm.backbone.rope_scaling_type"] == ("str", "none")
+    assert w.kv["csm.depth.rope_scaling_type"] == ("str", "llama3")
+    cfg["rope_parameters"] = {"rope_theta": 10000.0, "rope_type": "yarn", "factor": 4.0}
+    with pytest.raises(ValueError, match="rope"):
+        _hparams(cfg)
+
+
+def test_tokenizer_padding(tmp_path):
+    """Ids the tokenizer does not name get unique reserved names up to text_vocab_size."""
+    from pycsm.convert import _write_tokenizer
+
+    tok = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": [["a", "b"]]},
+           "added_tokens": [{"id": 4, "content": "<|reserved_special_token_0|>"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tok))
+    w = _Recorder()
+    _write_tokenizer(w, tmp_path / "tokenizer.json", 7)
+    assert w.kv["tokenizer.ggml.tokens"] == ("str_array", ["a", "b", "ab", "<|reserved_special_token_1|>",
+                                                          "<|reserved_special_token_0|>",
+                                                          "<|reserved_special_token_2|>",
+                                                          "<|reserved_special_token_3|>"])
+    assert w.kv["tokenizer.ggml.merges"] == ("str_array", ["a b"])
+    with pytest.raises(ValueError, match="text_vocab_size"):
+        _write_tokenizer(w, tmp_path / "tokenizer.json", 4)
 
 
 def test_not_csm_config(tmp_path):

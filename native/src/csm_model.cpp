@@ -111,6 +111,11 @@ ggml_tensor * csm_model::get(const std::string & tname, std::vector<int64_t> ne)
                      ne_str(want, (int) ne.size()).c_str());
         }
     }
+    // Matrices may be of any floating or quantised type ggml can multiply; integers are no weights.
+    if (ne.size() >= 2 && !(t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 ||
+                            ggml_is_quantized(t->type))) {
+        csm_fail("tensor '%s' has type %s, which is not a weight type", tname.c_str(), ggml_type_name(t->type));
+    }
     // 1-D tensors (norm weights, scales, biases) are added/multiplied element-wise: F32 only.
     if (ne.size() == 1 && t->type != GGML_TYPE_F32) {
         csm_fail("tensor '%s' has type %s, expected f32", tname.c_str(), ggml_type_name(t->type));

@@ -1,8 +1,160 @@
 // mimi.h - the Mimi codec (RVQ + transformer + SEANet) on ggml: decode codes to PCM, encode PCM to codes.
+//
+// Layout: every activation is [channels, time] (channels fastest), the layout of the transformer's
+// hidden states, so a causal convolution over a left-padded input is a matrix product with an
+// overlapping strided view of the input (no im2col copy on the CPU) and a transposed convolution is a
+// matrix product followed by an overlap-add of two halves. Both need the convolution weights with the
+// input channel fastest: each codec (and each one-shot call) keeps such a permuted copy.
+//
+// Streaming: every causal layer keeps what it needs from the previous chunk in a state tensor (the
+// last inputs of a convolution, the overlap tail of a transposed convolution, the last 249 keys and
+// values of each attention layer), read at the start of the chunk's graph and rewritten at its end, so
+// any chunking of the input gives the output of one pass over all of it.
 #pragma once
 
 #include "csm_model.h"
 
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml-cpu.h"
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
 // Checks at load time that every Mimi tensor is present with the shape and type the codec needs.
 // Throws csm_error otherwise.
 void mimi_check_tensors(const csm_model & model);
+
+// ---------------------------------------------------------------------------------------------
+// Architecture: the file's tensors and the sizes derived from them
+// ---------------------------------------------------------------------------------------------
+
+static const int MIMI_WINDOW = 250;  // sliding attention window (positions, the query's own included)
+
+// A causal Conv1d (zero left padding of kernel - stride, as transformers' MimiConv1d).
+struct mimi_conv {
+    ggml_tensor * w = nullptr;    // file tensor, ne [k, in, out]
+    ggml_tensor * b = nullptr;    // [out] f32, or null
+    int64_t k = 0, in = 0, out = 0, stride = 1;
+    ggml_tensor * wp = nullptr;   // prepared: ne [in, k, out] (k == 1: the file tensor itself)
+    ggml_tensor * tail = nullptr; // state: f32 [in, k - stride], the previous chunk's last inputs
+};
+
+// A causal ConvTranspose1d with kernel 2 * stride, trimmed on the right (trim_right_ratio 1).
+struct mimi_convtr {
+    ggml_tensor * w = nullptr;    // file tensor, ne [k, out, in]
+    ggml_tensor * b = nullptr;    // [out] f32
+    int64_t k = 0, in = 0, out = 0, stride = 1;
+    ggml_tensor * wp = nullptr;   // prepared: ne [in, out, k]
+    ggml_tensor * tail = nullptr; // state: f32 [out * stride, 1], overlap of the previous chunk's last input
+};
+
+// SEANet residual block: x + conv1x1(elu(conv_k(elu(x)))).
+struct mimi_resblock {
+    mimi_conv c1, c2;
+};
+
+// One SEANet stage. Decoder: ELU, transposed conv (up), residual block. Encoder: residual block,
+// ELU, strided conv (down).
+struct mimi_stage {
+    int64_t ratio = 0;
+    mimi_convtr up;
+    mimi_conv down;
+    mimi_resblock res;
+};
+
+struct mimi_seanet {
+    mimi_conv first;               // k7: decoder dim -> channels, encoder 1 -> num_filters
+    std::vector<mimi_stage> stages;
+    mimi_conv last;                // k3: decoder num_filters -> 1, encoder channels -> dim
+};
+
+struct mimi_tfm_layer {
+    ggml_tensor * qkv = nullptr, * out = nullptr, * up = nullptr, * down = nullptr; // matrices (any type)
+    ggml_tensor * n1w = nullptr, * n1b = nullptr, * n2w = nullptr, * n2b = nullptr; // f32 [dim]
+    ggml_tensor * ls1 = nullptr, * ls2 = nullptr;                                 // f32 [dim]
+    ggml_tensor * k_cache = nullptr, * v_cache = nullptr; // state: f32 [dim, MIMI_WINDOW - 1] (post-RoPE keys)
+};
+
+struct mimi_tfm {
+    std::vector<mimi_tfm_layer> layers;
+    int64_t dim = 0, n_heads = 0, head_dim = 0, ff = 0;
+};
+
+struct mimi_rvq {
+    ggml_tensor * in_proj = nullptr;   // ne [1, dim, cb_dim]
+    ggml_tensor * out_proj = nullptr;  // ne [1, cb_dim, dim]
+    std::vector<ggml_tensor *> books;  // ne [cb_dim, cb_size] each
+    std::vector<ggml_tensor *> norms;  // prepared (encoder): f32 [cb_size] squared row norms
+};
+
+struct mimi_arch {
+    int64_t dim = 0, cb_dim = 0, cb_size = 0, n_q = 0, n_sem = 0;
+    int64_t latent_stride = 2;       // frames of the transformer per code frame
+    int64_t samples_per_frame = 0;   // latent_stride * prod(ratios)
+    mimi_seanet dec, enc;
+    mimi_tfm dec_tfm, enc_tfm;
+    ggml_tensor * up_w = nullptr;    // depthwise ConvTranspose1d, ne [2 * latent_stride, 1, dim]
+    ggml_tensor * up_wp = nullptr;   // prepared: f32 [dim, 2 * latent_stride]
+    ggml_tensor * up_tail = nullptr; // state: f32 [dim, 1], the previous chunk's last latent frame
+    mimi_conv down;                  // ne [2 * latent_stride, dim, dim], no bias, replicate padding
+                                     // (its tail holds the first frame replicated before the first chunk)
+    mimi_rvq rvq_sem, rvq_ac;
+};
+
+// Binds the Mimi tensors of a model and derives the sizes; throws csm_error on any mismatch.
+void mimi_bind(const csm_model & m, mimi_arch & a);
+
+// ---------------------------------------------------------------------------------------------
+// Runtime: backend, prepared weights, streaming state, graphs
+// ---------------------------------------------------------------------------------------------
+
+// A built graph with its inputs and outputs (one per chunk shape).
+struct mimi_graph {
+    ggml_context * ctx = nullptr;
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor * ids = nullptr;    // decoder: i32 [n_frames, n_q] codes, codebook-major
+    ggml_tensor * pcm_in = nullptr; // encoder: f32 [1, n_samples]
+    ggml_tensor * pos = nullptr;    // i32 [T] RoPE positions
+    ggml_tensor * mask = nullptr;   // f32 [S + T, T] attention mask
+    ggml_tensor * pcm_out = nullptr; // decoder: f32 [1, n_frames * samples_per_frame]
+    std::vector<ggml_tensor *> codes_out; // encoder: i32 [n_frames] per codebook
+    int64_t T = 0;                  // transformer positions of the chunk
+    ~mimi_graph();
+};
+
+// Everything one decoder or encoder pass needs: backend, prepared weights, state, graphs. The state
+// tensors hang off `arch` (tail / k_cache / v_cache); reset() zeroes them.
+struct mimi_runner {
+    const csm_model * model = nullptr;
+    mimi_arch arch;
+    bool encoder = false;
+    ggml_backend_t backend = nullptr;
+    ggml_threadpool_t threadpool = nullptr;
+    bool cpu = true;
+
+    ggml_context * ctx_prep = nullptr;     // prepared weights
+    ggml_backend_buffer_t buf_prep = nullptr;
+    ggml_context * ctx_state = nullptr;    // streaming state
+    ggml_backend_buffer_t buf_state = nullptr;
+
+    int64_t n_pos = 0;                      // transformer positions consumed since the last reset
+
+    std::map<int64_t, std::unique_ptr<mimi_graph>> graphs;
+    ggml_gallocr_t alloc = nullptr;
+    const mimi_graph * allocated = nullptr; // graph the allocator was last planned for
+
+    mimi_runner(const csm_model * m, int32_t n_threads, bool encoder);
+    ~mimi_runner();
+    void reset();
+};
+
+// Graph builders (mimi_graph.cpp). The graph is left unallocated.
+std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n_frames);
+// n_samples: samples of this chunk; first: the chunk starts the signal; last: it ends it (pad the tail).
+std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_samples, bool first, bool last);
+
+// Output length of a causal conv layer chain for the reference's padding: ceil(len / stride).
+int64_t mimi_encoded_frames(const mimi_arch & a, int64_t n_samples);

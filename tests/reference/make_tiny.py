@@ -25,6 +25,7 @@ import numpy as np
 
 N_FRAMES = 10  # greedy frames per prompt (we do not stop at an all-zero frame)
 MIMI_T = 12  # frames of random codes for the Mimi decode reference
+ENC_SAMPLES = 29500  # encoder test signal; not a multiple of 1920, so the convs' extra right padding matters
 SEED = 1234
 
 REFERENCE_KEYS = [
@@ -35,7 +36,7 @@ REFERENCE_KEYS = [
     "plain_frame_logits", "ctx_frame_logits",        # float32 [N_FRAMES, 32, 2051]: the logits behind each
                                                      # greedy code (to judge near-tie departures)
     "mimi_codes", "mimi_pcm",                        # int32 [12, 32] -> float32 [12 * 1920]
-    "mimi_enc_input", "mimi_enc_codes",              # float32 [28800] (1.2 s @ 24 kHz) -> int32 [15, 32]
+    "mimi_enc_input", "mimi_enc_codes",              # float32 [29500] (~1.23 s @ 24 kHz) -> int32 [16, 32]
 ]
 
 BACKBONE_ROPE = dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=0.125,
@@ -244,12 +245,13 @@ def _build(out: Path):
         pcm = codec.decode(torch.tensor(mimi_codes.T[None], dtype=torch.long)).audio_values
         ref["mimi_codes"], ref["mimi_pcm"] = mimi_codes, pcm.numpy().reshape(-1)
         assert ref["mimi_pcm"].shape == (MIMI_T * 1920,)
-        t = np.arange(28800) / 24000.0
+        t = np.arange(ENC_SAMPLES) / 24000.0
         sig = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 587 * t + 1.0) \
             + 0.1 * np.sin(2 * np.pi * 1500 * t) + 0.02 * rng.standard_normal(t.shape)
         ref["mimi_enc_input"] = sig.astype(np.float32)
         enc = codec.encode(torch.from_numpy(ref["mimi_enc_input"])[None, None]).audio_codes  # [1, 32, T']
         ref["mimi_enc_codes"] = enc[0].T.numpy()
+        assert len(ref["mimi_enc_codes"]) == int(codec.get_encoded_length(torch.tensor(ENC_SAMPLES))) == 16
 
     for name in ("plain", "ctx"):
         assert ref[f"{name}_codes"].max() < 2048
