@@ -49,4 +49,7 @@ def tiny_dir() -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    for stale in cache.glob("tiny-*"):  # fixtures of older sources (~0.4 GB each)
+        if stale != final and not stale.name.startswith("tmp-"):
+            shutil.rmtree(stale, ignore_errors=True)
     return final
