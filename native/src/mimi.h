@@ -146,7 +146,9 @@ struct mimi_runner {
     ggml_gallocr_t alloc = nullptr;
     const mimi_graph * allocated = nullptr; // graph the allocator was last planned for
 
-    mimi_runner(const csm_model * m, int32_t n_threads, bool encoder);
+    // Binds the weights, starts the backend, prepares weights and state; throws csm_error. Call it on a
+    // runner owned by a smart pointer so that a failure half way frees what was made.
+    void init(const csm_model * m, int32_t n_threads, bool encoder);
     ~mimi_runner();
     void reset();
 };

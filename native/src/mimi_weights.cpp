@@ -244,7 +244,9 @@ static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols) {
 
 static void conv_state(ggml_context * ctx, mimi_conv & c) { c.tail = state(ctx, c.in, c.k - c.stride); }
 
-mimi_runner::mimi_runner(const csm_model * m, int32_t n_threads, bool enc) : model(m), encoder(enc) {
+void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
+    model = m;
+    encoder = enc;
     mimi_bind(*m, arch);
     csm_backend_init(m, csm_default_threads(n_threads), &backend, &threadpool);
     cpu = ggml_backend_is_cpu(backend);
