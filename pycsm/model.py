@@ -93,7 +93,8 @@ class Model:
     2048
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "auto", use_mmap: bool = True):
+    def __init__(self, path: str | os.PathLike, device: str = "auto", use_mmap: bool = True,
+                 use_repack: bool = True):
         path = Path(path)
         if device not in DEVICES:
             raise ValueError(f"device must be one of {sorted(DEVICES)}, got {device!r}")
@@ -102,6 +103,7 @@ class Model:
         params = N.lib.csm_model_default_params()
         params.device = DEVICES[device]
         params.use_mmap = bool(use_mmap)
+        params.use_repack = bool(use_repack)
         self.path = path
         self._handle = N.check_ptr(N.lib.csm_model_load(os.fsencode(path), params), f"cannot load {path}")
         self.hparams = HParams.from_native(N.lib.csm_model_hparams(self._handle))

@@ -117,3 +117,16 @@ def test_quantize_abort_leaves_no_file(tiny_dir, tmp_path):
                  progress=lambda done, total: calls.append(done) or done < 5)
     assert calls[-1] == 5
     assert list(tmp_path.iterdir()) == []
+
+
+def test_repacked_weights_give_the_same_logits(quantized):
+    """ggml's CPU repack layout (used for q4_k) changes speed, not results."""
+    _, path = quantized
+    ref = None
+    for repack, mmap in ((False, True), (True, True), (True, False)):
+        with Model(path, use_repack=repack, use_mmap=mmap) as m, Generator(m, n_threads=2) as g:
+            prompt = np.array([[-1] * 32 + [128000], [-1] * 32 + [9906], [-1] * 32 + [128001]], np.int32)
+            l0, _ = g.frame_logits(prompt)
+        if ref is None:
+            ref = l0
+        np.testing.assert_allclose(l0, ref, atol=1e-3 * np.abs(ref).max())

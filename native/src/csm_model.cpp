@@ -130,6 +130,7 @@ bool csm_model_on_host(const csm_model * model) {
 csm_model::~csm_model() {
     for (auto * b : bufs) ggml_backend_buffer_free(b);
     if (ctx_extra) ggml_free(ctx_extra);
+    if (ctx_repack) ggml_free(ctx_repack);
     if (ctx_w) ggml_free(ctx_w);
     if (gguf) gguf_free(gguf);
     if (mmap_addr) munmap(mmap_addr, mmap_size);
@@ -431,6 +432,79 @@ static void load_weights(csm_model & m, const csm_model_params & p, int fd, size
     }
 }
 
+// ggml's CPU "repack" buffer type (weights re-laid out for faster matrix products), if any.
+static ggml_backend_buffer_type_t cpu_repack_buft(ggml_backend_dev_t cpu) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(cpu);
+    auto get_extra = (ggml_backend_buffer_type_t * (*)(ggml_backend_dev_t))
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) return nullptr;
+    for (ggml_backend_buffer_type_t * p = get_extra(cpu); p && *p; ++p) {
+        if (strcmp(ggml_backend_buft_name(*p), "CPU_REPACK") == 0) return *p;
+    }
+    return nullptr;
+}
+
+// Would the device run w x (x a column vector) with w stored in buft?
+static bool matmul_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, const ggml_tensor * w) {
+    ggml_init_params ip = {3 * ggml_tensor_overhead(), nullptr, true};
+    ggml_context * ctx = ggml_init(ip);
+    if (!ctx) return false;
+    ggml_tensor * wc = ggml_new_tensor(ctx, w->type, GGML_MAX_DIMS, w->ne);
+    ggml_tensor * x = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, w->ne[0], 1);
+    ggml_tensor * op = ggml_mul_mat(ctx, wc, x);
+    ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(buft, 0);
+    wc->buffer = dummy;
+    const bool ok = dummy && ggml_backend_dev_supports_op(dev, op);
+    if (dummy) ggml_backend_buffer_free(dummy);
+    ggml_free(ctx);
+    return ok;
+}
+
+// Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their
+// type; the mapped originals are dropped from memory as they are copied.
+static void repack_weights(csm_model & m) {
+    ggml_backend_buffer_type_t buft = cpu_repack_buft(m.dev);
+    if (!buft) return;
+    std::vector<ggml_tensor **> slots = {&m.codebook0_head, &m.depth_proj};
+    for (csm_llama * L : {&m.backbone, &m.depth}) {
+        for (csm_layer & l : L->layers) {
+            for (ggml_tensor ** t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) slots.push_back(t);
+        }
+    }
+    std::vector<ggml_tensor **> chosen;
+    for (ggml_tensor ** t : slots) {
+        if (matmul_supported(m.dev, buft, *t)) chosen.push_back(t);
+    }
+    if (chosen.empty()) return;
+    ggml_init_params ip = {chosen.size() * ggml_tensor_overhead(), nullptr, true};
+    m.ctx_repack = ggml_init(ip);
+    if (!m.ctx_repack) csm_fail("out of memory");
+    std::vector<ggml_tensor *> copies;
+    for (ggml_tensor ** t : chosen) {
+        ggml_tensor * c = ggml_new_tensor(m.ctx_repack, (*t)->type, GGML_MAX_DIMS, (*t)->ne);
+        ggml_set_name(c, (*t)->name);
+        copies.push_back(c);
+    }
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(m.ctx_repack, buft);
+    if (!buf) csm_fail("cannot allocate the repacked weights");
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    m.bufs.push_back(buf);
+    const long page = sysconf(_SC_PAGESIZE);
+    size_t bytes = 0;
+    for (size_t i = 0; i < chosen.size(); i++) {
+        ggml_tensor * src = *chosen[i];
+        ggml_backend_tensor_set(copies[i], src->data, 0, ggml_nbytes(src));
+        bytes += ggml_nbytes(src);
+        if (m.mmap_addr) { // release the mapped pages just read (whole pages inside the tensor)
+            uintptr_t a = ((uintptr_t) src->data + page - 1) / page * page;
+            uintptr_t e = ((uintptr_t) src->data + ggml_nbytes(src)) / page * page;
+            if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
+        }
+        *chosen[i] = copies[i];
+    }
+    csm_log(CSM_LOG_INFO, "repacked %zu matrices (%.1f MiB) for faster CPU matrix products", chosen.size(), bytes / 1048576.0);
+}
+
 struct fd_guard {
     int fd;
     ~fd_guard() { if (fd >= 0) close(fd); }
@@ -469,6 +543,7 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     if (!m->dev) csm_fail("no ggml device available");
     load_weights(*m, p, fd.fd, file_size);
     make_extra(*m);
+    if (p.use_repack && csm_model_on_host(m.get())) repack_weights(*m);
     csm_log(CSM_LOG_INFO, "loaded %s: %d tensors, %.1f MiB on %s", path, m->n_tensors, m->n_bytes / 1048576.0,
             ggml_backend_dev_name(m->dev));
     return m.release();

@@ -59,7 +59,8 @@ struct csm_model {
 
     gguf_context * gguf = nullptr;
     ggml_context * ctx_w = nullptr;          // tensor metadata of the file's weights
-    ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors)
+    ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors, transposed depth heads)
+    ggml_context * ctx_repack = nullptr;     // matrices moved to the CPU repack buffer
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers
     void * mmap_addr = nullptr;
