@@ -1,0 +1,649 @@
+"""pycsm speed benchmark on full-size random-weight csm-1b GGUFs, with peers (CrispASR, transformers).
+
+    python3 benchmarks/bench.py                          # f16, q8_0, q4_k + peers, 38 frames, 2 threads
+    python3 benchmarks/bench.py --files q8_0,q4_k --no-transformers --json out.json
+    python3 benchmarks/bench.py --no-peers --frames 20
+
+Every configuration runs in a fresh subprocess (so peak RSS is its own: VmHWM of /proc/self/status).
+Missing model files are made with benchmarks/make_model.py (random weights: speed does not depend on
+the values, but random weights never end speech, so every system makes exactly --frames frames).
+See benchmarks/README.md for what each column means. Not a test: pytest does not collect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TEXT = "Hello from the benchmark, this is a test."
+SPEAKER = 0
+FRAME_MS = 80.0  # one Mimi frame is 80 ms of audio (12.5 frames/s)
+RESULT_TAG = "BENCH-RESULT "
+
+
+# ------------------------------------------------------------------------------------------
+# Small helpers (used by the parent and the workers)
+# ------------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """VmHWM (peak resident set) of this process."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def emit(result: dict) -> None:
+    result["peak_rss"] = peak_rss_bytes()
+    sys.stdout.write(RESULT_TAG + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def gguf_tensor_infos(path) -> list[tuple[str, list[int], int, int]]:
+    """(name, ne, ggml type, n_bytes) of every tensor of a GGUF, reading only the header.
+
+    (gguf.GGUFReader also works but takes several seconds on the 408k tokenizer strings.)"""
+    import gguf
+
+    with open(path, "rb") as f:
+        head = f.read(64 << 20)  # the header of a CSM GGUF is ~7 MB
+    buf = memoryview(head)
+    if bytes(buf[:4]) != b"GGUF":
+        raise ValueError(f"{path}: not a GGUF file")
+    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
+    pos = 24
+    fixed = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    def skip(p, vtype):
+        if vtype == 8:  # string
+            return p + 8 + struct.unpack_from("<Q", buf, p)[0]
+        if vtype == 9:  # array
+            etype, count = struct.unpack_from("<IQ", buf, p)
+            p += 12
+            if etype in fixed:
+                return p + count * fixed[etype]
+            for _ in range(count):
+                p = skip(p, etype)
+            return p
+        return p + fixed[vtype]
+
+    for _ in range(n_kv):
+        pos = skip(pos, 8)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos = skip(pos + 4, vtype)
+    out = []
+    for _ in range(n_tensors):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        name = bytes(buf[pos + 8:pos + 8 + n]).decode()
+        pos += 8 + n
+        (nd,) = struct.unpack_from("<I", buf, pos)
+        ne = list(struct.unpack_from(f"<{nd}Q", buf, pos + 4))
+        (ttype,) = struct.unpack_from("<I", buf, pos + 4 + 8 * nd)
+        pos += 4 + 8 * nd + 12
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(ttype)]
+        n_el = 1
+        for d in ne:
+            n_el *= d
+        out.append((name, ne, ttype, n_el // block * size))
+    return out
+
+
+def per_frame_reads(path) -> dict:
+    """Weights read per generated frame (bytes and elements), from the file's actual tensor sizes.
+
+    backbone blocks + final norm + codebook-0 head: once; depth blocks + final norm + projection:
+    31 times (one pass per codebook 1..31); depth heads: one [1024, 2051] slice per pass = the whole
+    [2051, 1024, 31] tensor once. Embedding rows (a few KB) are left out."""
+    bb = bb_el = dd = dd_el = heads = heads_el = 0
+    for name, ne, _, nbytes in gguf_tensor_infos(path):
+        n_el = 1
+        for d in ne:
+            n_el *= d
+        if name.startswith("backbone.blk.") or name in ("backbone.output_norm.weight",
+                                                        "backbone.codebook0_head.weight"):
+            bb += nbytes
+            bb_el += n_el
+        elif name.startswith("depth.blk.") or name in ("depth.output_norm.weight", "depth.projection.weight"):
+            dd += nbytes
+            dd_el += n_el
+        elif name == "depth.codebooks_head.weight":
+            heads += nbytes
+            heads_el += n_el
+    n_passes = 31
+    return {"bytes": bb + n_passes * dd + heads, "elements": bb_el + n_passes * dd_el + heads_el,
+            "backbone_bytes": bb, "depth_bytes": n_passes * dd + heads}
+
+
+# ------------------------------------------------------------------------------------------
+# Workers (each runs in its own process: `bench.py --worker KIND ...`)
+# ------------------------------------------------------------------------------------------
+
+def worker_bandwidth(args) -> dict:
+    """Memory read bandwidth: numpy reductions over a 1.5 GB array, 1 and `threads` Python threads
+    (numpy drops the GIL inside reductions), best of 5 runs per method. The best figure is reported."""
+    import numpy as np
+
+    a = np.ones((1536 << 20) // 8, dtype=np.uint64)  # touched: all pages resident
+    methods = {"sum_i64": lambda p: p.view(np.int64).sum(), "or_u64": lambda p: np.bitwise_or.reduce(p),
+               "max_f32": lambda p: p.view(np.float32).max(), "max_u8": lambda p: p.view(np.uint8).max()}
+    results = {}
+    for nt in sorted({1, args.threads}):
+        parts = np.array_split(a, nt)
+        for mname, fn in methods.items():
+            best = 0.0
+            for _ in range(5):
+                ths = [threading.Thread(target=fn, args=(p,)) for p in parts]
+                t = time.perf_counter()
+                for th in ths:
+                    th.start()
+                for th in ths:
+                    th.join()
+                best = max(best, a.nbytes / (time.perf_counter() - t))
+            results[f"{mname}_{nt}t"] = best
+    key = max((k for k in results if k.endswith(f"_{args.threads}t")), key=results.get)
+    return {"kind": "bandwidth", "bytes_per_s": results[key], "method": key, "all": results,
+            "array_bytes": int(a.nbytes)}
+
+
+def _pycsm_prompt(model):
+    from pycsm.prompt import build_prompt
+
+    return build_prompt(model.tokenizer, TEXT, SPEAKER)
+
+
+def _mimi_stream(model, codes, threads):
+    """Streaming Mimi decode through the C API (csm_mimi_codec_*), one frame at a time.
+    Returns (first frame ms, mean ms per frame, note)."""
+    import ctypes
+
+    import numpy as np
+
+    from pycsm import _native as N
+
+    try:
+        import pycsm.codec  # noqa: F401  (only to say whether the Python wrapper exists)
+        note = "pycsm.codec present; timed through the C API"
+    except ImportError:
+        note = "pycsm.codec missing; timed through the C API"
+    spf = model.hparams.samples_per_frame
+    codec = N.lib.csm_mimi_codec_new(model.handle, threads)
+    if not codec:
+        return None, None, "Mimi unavailable: " + N.lib.csm_last_error().decode(errors="replace")
+    try:
+        pcm = np.zeros(spf, dtype=np.float32)
+        times = []
+        for f in range(codes.shape[0]):
+            c = np.ascontiguousarray(codes[f:f + 1], dtype=np.int32)
+            t = time.perf_counter()
+            n = N.lib.csm_mimi_codec_decode(codec, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 1,
+                                            pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), spf)
+            times.append((time.perf_counter() - t) * 1e3)
+            if n < 0:
+                return None, None, "Mimi decode failed: " + N.lib.csm_last_error().decode(errors="replace")
+        if not np.isfinite(pcm).all():
+            note += "; non-finite PCM"
+        return times[0], float(np.mean(times)), note
+    finally:
+        N.lib.csm_mimi_codec_free(codec)
+
+
+def worker_pycsm(args) -> dict:
+    from pycsm import __version__
+    from pycsm.generator import Generator
+    from pycsm.model import Model
+
+    N = args.frames
+    t = time.perf_counter()
+    model = Model(args.file, device="cpu")
+    load_ms = (time.perf_counter() - t) * 1e3
+    t = time.perf_counter()
+    prompt = _pycsm_prompt(model)
+    tok_ms = (time.perf_counter() - t) * 1e3
+    gen = Generator(model, n_threads=args.threads)
+    out = {"kind": "pycsm", "file": str(args.file), "file_type": model.file_type, "frames": N,
+           "prompt_positions": int(prompt.shape[0]), "load_ms": load_ms, "tokenizer_ms": tok_ms,
+           "version": __version__}
+
+    def timed(max_frames, seed):
+        stamps = []
+        t0 = time.perf_counter()
+        res = gen.generate(prompt, temperature=0.9, top_k=50, seed=seed, max_frames=max_frames,
+                           stop_at_eos=False, on_frame=lambda i, c: stamps.append(time.perf_counter()))
+        return res, (time.perf_counter() - t0) * 1e3, [(s - t0) * 1e3 for s in stamps]
+
+    # cold: the first call after loading (graphs built, weights paged in)
+    res, wall, stamps = timed(2, 1)
+    out["cold_first_frame_ms"] = stamps[0]
+    res, wall, stamps = timed(N, 2)
+    n = len(res.codes)
+    out.update(n_frames=n, stop_reason=res.stop_reason, wall_ms=wall, prefill_ms=res.t_prefill_ms,
+               backbone_ms=res.t_backbone_ms, depth_ms=res.t_depth_ms, first_frame_ms=stamps[0])
+    out["ms_per_frame"] = (wall - res.t_prefill_ms) / n
+    out["backbone_ms_per_frame"] = res.t_backbone_ms / n
+    out["depth_ms_per_frame"] = res.t_depth_ms / n
+    out["overhead_ms_per_frame"] = out["ms_per_frame"] - (res.t_backbone_ms + res.t_depth_ms) / n
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    out["frame_gap_ms"] = {"min": min(gaps), "median": sorted(gaps)[len(gaps) // 2], "max": max(gaps)} if gaps else {}
+    first, mean, note = _mimi_stream(model, res.codes, args.threads)
+    out["mimi_note"] = note
+    out["mimi_ms_per_frame"] = mean
+    out["ttfa_ms"] = stamps[0] + (first or 0.0)
+    out["ttfa_includes_mimi"] = first is not None
+    return out
+
+
+def worker_pycsm_batch(args) -> dict:
+    from pycsm.generator import Generator
+    from pycsm.model import Model
+    from pycsm.prompt import build_prompt
+
+    N, B = args.frames, args.batch
+    model = Model(args.file, device="cpu")
+    prompts = [build_prompt(model.tokenizer, TEXT, s % 4) for s in range(B)]
+    out = {"kind": "pycsm-batch", "file": str(args.file), "file_type": model.file_type, "frames": N, "batch": B}
+    try:
+        gen = Generator(model, n_threads=args.threads, n_batch=B)
+        gen.generate_batch(prompts, seed=1, max_frames=2, stop_at_eos=False)  # warm-up
+        t = time.perf_counter()
+        results = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=2, max_frames=N, stop_at_eos=False)
+        wall = (time.perf_counter() - t) * 1e3
+    except Exception as e:  # unimplemented or failing: report, do not abort the benchmark
+        out["error"] = f"{type(e).__name__}: {e}"
+        return out
+    total = sum(len(r.codes) for r in results)
+    prefill = max(r.t_prefill_ms for r in results)
+    out.update(n_frames=total, wall_ms=wall, prefill_ms=prefill, frames_per_s=total / wall * 1e3,
+               ms_per_frame=(wall - prefill) / total,
+               backbone_ms_per_frame=results[0].t_backbone_ms / max(1, len(results[0].codes)) / B,
+               depth_ms_per_frame=results[0].t_depth_ms / max(1, len(results[0].codes)) / B)
+    return out
+
+
+def _crispasr_lib():
+    import ctypes
+
+    import crispasr
+
+    lib = ctypes.CDLL(str(Path(crispasr.__file__).parent / "libcrispasr.so"))
+
+    class Params(ctypes.Structure):
+        _fields_ = [("n_threads", ctypes.c_int), ("verbosity", ctypes.c_int), ("use_gpu", ctypes.c_bool),
+                    ("temperature", ctypes.c_float), ("topk", ctypes.c_int), ("seed", ctypes.c_uint64),
+                    ("max_audio_tokens", ctypes.c_int)]
+
+    lib.csm_tts_context_default_params.restype = Params
+    lib.csm_tts_init_from_file.restype = ctypes.c_void_p
+    lib.csm_tts_init_from_file.argtypes = [ctypes.c_char_p, Params]
+    lib.csm_tts_run_generate_codes.restype = ctypes.c_int
+    lib.csm_tts_run_generate_codes.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int32),
+                                               ctypes.c_int]
+    lib.csm_tts_free.argtypes = [ctypes.c_void_p]
+    return lib, Params
+
+
+class _StderrClock:
+    """Redirects fd 2 through a pipe and timestamps lines as they arrive (CrispASR logs
+    "csm_tts: generated N audio frames" when generation ends and Mimi decoding starts)."""
+
+    def __init__(self):
+        self.lines: list[tuple[float, str]] = []
+        self._saved = os.dup(2)
+        r, w = os.pipe()
+        os.dup2(w, 2)
+        os.close(w)
+        self._r = r
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self):
+        with os.fdopen(self._r, "rb", buffering=0) as f:
+            pending = b""
+            while True:
+                chunk = f.read(65536)
+                if not chunk:
+                    break
+                now = time.perf_counter()
+                pending += chunk
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    self.lines.append((now, line.decode(errors="replace")))
+                    os.write(self._saved, line + b"\n")
+
+    def last(self, needle: str, after: float) -> float | None:
+        time.sleep(0.05)  # let the pump catch up
+        hits = [t for t, line in self.lines if needle in line and t >= after]
+        return hits[-1] if hits else None
+
+
+def worker_crispasr(args) -> dict:
+    import ctypes
+
+    import crispasr
+
+    N = args.frames
+    out = {"kind": "crispasr", "file": str(args.file), "frames": N, "version": getattr(crispasr, "__version__", "?")}
+    clock = _StderrClock()
+    lib, Params = _crispasr_lib()
+    p = lib.csm_tts_context_default_params()
+    p.n_threads = args.threads
+    p.verbosity = 1
+    t = time.perf_counter()
+    ctx = lib.csm_tts_init_from_file(os.fsencode(str(args.file)), p)
+    out["load_ms"] = (time.perf_counter() - t) * 1e3
+    if not ctx:
+        out["error"] = "csm_tts_init_from_file failed"
+        return out
+    text = f"[{SPEAKER}]{TEXT}" if args.crispasr_speaker_prefix else TEXT
+
+    def run(cap):
+        codes = (ctypes.c_int32 * (cap * 32))()
+        t0 = time.perf_counter()
+        n = lib.csm_tts_run_generate_codes(ctx, text.encode(), codes, cap)
+        t_end = time.perf_counter()
+        t_gen = clock.last("generated", t0)
+        return n, t0, t_gen, t_end
+
+    n_small = 2
+    run(n_small)  # warm-up (graph allocation, page-in)
+    n2, a0, a_gen, a_end = run(n_small)
+    n, b0, b_gen, b_end = run(N)
+    out["n_frames"] = n
+    if n < 0 or n2 < 0:
+        out["error"] = f"csm_tts_run_generate_codes returned {n} / {n2}"
+        return out
+    if a_gen is None or b_gen is None:  # no log line: fall back to whole calls (includes Mimi)
+        out["note"] = "no 'generated' log line; ms/frame includes Mimi decode"
+        a_gen, b_gen = a_end, b_end
+    out["ms_per_frame"] = ((b_gen - b0) - (a_gen - a0)) * 1e3 / (n - n2)
+    out["gen_ms"] = (b_gen - b0) * 1e3
+    out["prefill_and_first_frames_ms"] = (a_gen - a0) * 1e3
+    out["mimi_ms_per_frame"] = (b_end - b_gen) * 1e3 / n
+    out["ttfa_ms"] = (b_end - b0) * 1e3  # not streaming: audio comes when the whole utterance is done
+    out["ttfa_note"] = "whole utterance (no streaming)"
+    lib.csm_tts_free(ctx)
+    return out
+
+
+def _random_transformers_model(dtype):
+    """A full-size CsmForConditionalGeneration (transformers' default CsmConfig = csm-1b sizes) with
+    random weights of the same scales as make_model.py, built without the (slow) default init."""
+    import torch
+    from transformers import CsmConfig, CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    cfg = CsmConfig()
+    t = time.perf_counter()
+    with no_init_weights():
+        model = CsmForConditionalGeneration._from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for name, prm in model.named_parameters():
+            if prm.ndim >= 2:
+                fan_in = prm.shape[1] if "codebooks_head" in name else int(prm[0].numel())
+                std = 1.0 if name == "embed_text_tokens.weight" else fan_in ** -0.5
+                prm.normal_(0.0, std, generator=g)
+            elif "norm" in name:
+                prm.fill_(1.0)
+            elif "scale" in name:
+                prm.fill_(0.05)
+            else:
+                prm.normal_(0.0, 0.02, generator=g)
+        for name, buf in model.named_buffers():
+            if name.endswith("embed_sum"):
+                buf.normal_(0.0, 0.3, generator=g)
+            elif name.endswith("cluster_usage"):
+                buf.fill_(1.0)
+            elif name.endswith("initialized"):
+                buf.fill_(1.0)
+        # codes 2048..2050 are not Mimi codes (as in make_model.py)
+        model.lm_head.weight[2048:] *= 0.01
+        model.depth_decoder.codebooks_head.weight[:, :, 2048:] *= 0.01
+    model.eval()
+    return cfg, model, (time.perf_counter() - t) * 1e3
+
+
+def worker_transformers(args) -> dict:
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    N = args.frames
+    out = {"kind": "transformers", "dtype": args.dtype, "frames": N, "version": transformers.__version__,
+           "torch": torch.__version__}
+    cfg, model, build_ms = _random_transformers_model(dtype)
+    out["load_ms"] = build_ms
+    out["load_note"] = "random init, not a file load"
+    # The prompt pycsm uses (text rows only): the same token ids.
+    sys.path.insert(0, str(REPO))
+    from pycsm.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_gguf(args.file)
+    ids = torch.tensor([tok.encode_segment(TEXT, SPEAKER)])
+    depth_time = [0.0]
+    dd_generate = model.depth_decoder.generate
+
+    def timed_dd(*a, **k):
+        t = time.perf_counter()
+        r = dd_generate(*a, **k)
+        depth_time[0] += time.perf_counter() - t
+        return r
+
+    model.depth_decoder.generate = timed_dd
+    with torch.inference_mode():
+        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)  # warm-up
+        depth_time[0] = 0.0
+        t = time.perf_counter()
+        codes = model.generate(input_ids=ids, max_new_tokens=N, do_sample=False)
+        wall = (time.perf_counter() - t) * 1e3
+        n = int(codes.shape[1]) if codes.ndim == 3 else -1
+        out.update(n_frames=n, wall_ms=wall, ms_per_frame=wall / max(n, 1),
+                   depth_ms_per_frame=depth_time[0] * 1e3 / max(n, 1),
+                   backbone_ms_per_frame=(wall - depth_time[0] * 1e3) / max(n, 1))
+        try:
+            t = time.perf_counter()
+            c = (codes[:, :, :32] if codes.shape[-1] > 32 else codes).clamp(0, 2047)
+            model.codec_model.decode(c.transpose(1, 2).contiguous())
+            out["mimi_ms_per_frame"] = (time.perf_counter() - t) * 1e3 / max(n, 1)
+        except Exception as e:  # noqa: BLE001
+            out["mimi_note"] = f"Mimi decode failed: {e}"
+    return out
+
+
+WORKERS = {"bandwidth": worker_bandwidth, "pycsm": worker_pycsm, "pycsm-batch": worker_pycsm_batch,
+           "crispasr": worker_crispasr, "transformers": worker_transformers}
+
+
+# ------------------------------------------------------------------------------------------
+# Parent
+# ------------------------------------------------------------------------------------------
+
+def run_worker(kind: str, args, log, **extra) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--frames", str(args.frames),
+           "--threads", str(args.threads), "--batch", str(args.batch)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    if args.crispasr_speaker_prefix:
+        cmd.append("--crispasr-speaker-prefix")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+               OPENBLAS_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    label = f"{kind} {extra.get('file', '') and Path(extra['file']).name} {extra.get('dtype', '')}".strip()
+    log(f"[bench] running {label} ...")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    dt = time.perf_counter() - t
+    results = [json.loads(line[len(RESULT_TAG):]) for line in p.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if p.returncode != 0 or not results:
+        tail = (p.stdout + p.stderr)[-2000:]
+        log(f"[bench] {label} failed (exit {p.returncode}):\n{tail}")
+        return {"kind": kind, "error": f"exit {p.returncode}: {tail.strip().splitlines()[-1] if tail.strip() else ''}",
+                **extra}
+    r = results[-1]
+    r["worker_s"] = dt
+    log(f"[bench] {label} done in {dt:.0f} s")
+    return r
+
+
+def fmt(v, spec=".0f", dash="-"):
+    return dash if v is None else format(v, spec)
+
+
+def build_rows(results, reads, bandwidth, files):
+    crisp = {r["file"]: r for r in results if r["kind"] == "crispasr" and "ms_per_frame" in r}
+    rows = []
+    for r in results:
+        kind = r["kind"]
+        if kind == "bandwidth":
+            continue
+        if kind == "transformers":
+            name, ftype = f"transformers {r['dtype']}", r["dtype"]
+            elements = reads[files[0]]["elements"] if files else None
+            nbytes = elements * (4 if r["dtype"] == "fp32" else 2) if elements else None
+        else:
+            ftype = Path(r.get("file", "?")).stem.rsplit("-", 1)[-1]
+            name = {"pycsm": "pycsm", "pycsm-batch": f"pycsm batch x{r.get('batch', '?')}",
+                    "crispasr": "CrispASR"}[kind]
+            nbytes = reads.get(r.get("file"), {}).get("bytes")
+        ms = r.get("ms_per_frame")
+        bound = nbytes / bandwidth * 1e3 if nbytes and bandwidth else None
+        if kind == "pycsm-batch" and bound:
+            bound /= r.get("batch", 1)  # one weight read serves the whole batch
+        vs = None
+        if kind in ("pycsm", "pycsm-batch") and r.get("file") in crisp and ms:
+            vs = crisp[r["file"]]["ms_per_frame"] / ms
+        rows.append(dict(system=name, file=ftype, ms=ms, bb=r.get("backbone_ms_per_frame"),
+                         dd=r.get("depth_ms_per_frame"), mimi=r.get("mimi_ms_per_frame"),
+                         rtf=ms / FRAME_MS if ms else None, bound=bound,
+                         x_bound=ms / bound if ms and bound else None, vs_crisp=vs, ttfa=r.get("ttfa_ms"),
+                         load=r.get("load_ms"), rss=r.get("peak_rss"), error=r.get("error"),
+                         frames=r.get("n_frames")))
+    return rows
+
+
+def print_table(rows, bandwidth, bw_method, args, out=print):
+    out("")
+    out(f"CSM-1B random weights, {args.frames} frames ({args.frames * FRAME_MS / 1000:.2f} s of audio), "
+        f"{args.threads} threads, {platform.processor() or platform.machine()}; memory read bandwidth "
+        f"{bandwidth / 1e9:.1f} GB/s ({bw_method})")
+    hdr = ["system", "file", "ms/frame", "backbone", "depth", "Mimi", "RTF", "bound", "x bound",
+           "vs CrispASR", "TTFA ms", "load ms", "peak RSS", "frames"]
+    table = []
+    for r in rows:
+        if r["error"]:
+            table.append([r["system"], r["file"], "error: " + r["error"][:60]] + [""] * (len(hdr) - 3))
+            continue
+        table.append([r["system"], r["file"], fmt(r["ms"], ".1f"), fmt(r["bb"], ".1f"), fmt(r["dd"], ".1f"),
+                      fmt(r["mimi"], ".1f"), fmt(r["rtf"], ".2f"), fmt(r["bound"], ".0f" if (r["bound"] or 0) >= 10 else ".2f"),
+                      fmt(r["x_bound"], ".2f"), fmt(r["vs_crisp"], ".2f", ""), fmt(r["ttfa"], ".0f"),
+                      fmt(r["load"], ".0f"), fmt(r["rss"] / 1e9 if r["rss"] else None, ".2f") + " GB",
+                      fmt(r["frames"], "d")])
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *table)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out(line(hdr))
+    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in table:
+        out(line(row))
+    out("")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="pycsm benchmark (see benchmarks/README.md)")
+    ap.add_argument("--frames", type=int, default=38, help="frames per utterance (default 38 = 3.04 s)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--files", default="f16,q8_0,q4_k",
+                    help="comma-separated quantisations (made in --models-dir if missing) or .gguf paths")
+    ap.add_argument("--models-dir", type=Path, default=HERE / "models")
+    ap.add_argument("--no-peers", action="store_true", help="pycsm only")
+    ap.add_argument("--no-crispasr", action="store_true")
+    ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--transformers-dtypes", default="fp32,bf16")
+    ap.add_argument("--batch", type=int, default=4, help="utterances of the batched run (0: skip)")
+    ap.add_argument("--crispasr-speaker-prefix", action="store_true",
+                    help="pass '[0]text' to CrispASR instead of 'text' (it adds the speaker itself)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
+    ap.add_argument("--json", type=Path, help="write all measurements to this JSON file")
+    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--file", help=argparse.SUPPRESS)
+    ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        emit(WORKERS[args.worker](args))
+        return 0
+
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    t_start = time.perf_counter()
+    sys.path.insert(0, str(HERE))
+    import make_model
+
+    files = []
+    for f in args.files.split(","):
+        f = f.strip()
+        if f.endswith(".gguf"):
+            files.append(str(Path(f).resolve()))
+        else:
+            t = time.perf_counter()
+            path = make_model.make("full", f, None, 0, args.models_dir, log=log)
+            if time.perf_counter() - t > 1:
+                log(f"[bench] made {path} in {time.perf_counter() - t:.0f} s")
+            files.append(str(path))
+    reads = {f: per_frame_reads(f) for f in files}
+
+    results = [run_worker("bandwidth", args, log)]
+    bw = results[0].get("bytes_per_s")
+    have_crisp = False
+    if not args.no_peers and not args.no_crispasr:
+        try:
+            import crispasr  # noqa: F401
+            have_crisp = True
+        except ImportError:
+            log("[bench] crispasr not installed (pip install crispasr): CrispASR skipped")
+    for f in files:
+        results.append(run_worker("pycsm", args, log, file=f))
+        if args.batch > 1:
+            results.append(run_worker("pycsm-batch", args, log, file=f))
+        if have_crisp:
+            results.append(run_worker("crispasr", args, log, file=f))
+    if not args.no_peers and not args.no_transformers:
+        try:
+            import transformers  # noqa: F401
+            for dt in [d for d in args.transformers_dtypes.split(",") if d]:
+                results.append(run_worker("transformers", args, log, file=files[0], dtype=dt))
+        except ImportError:
+            log("[bench] transformers not installed: skipped")
+
+    rows = build_rows(results, reads, bw or 0, files)
+    print_table(rows, bw or 0, results[0].get("method", "?"), args)
+    notes = sorted({r.get("mimi_note") for r in results if r.get("mimi_note")})
+    for n in notes:
+        print(f"note: Mimi: {n}")
+    for r in results:
+        if r.get("kind") == "pycsm-batch" and "frames_per_s" in r:
+            single = next((s for s in results if s["kind"] == "pycsm" and s.get("file") == r["file"]
+                           and "ms_per_frame" in s), None)
+            if single:
+                fps1 = single["n_frames"] / single["wall_ms"] * 1e3
+                print(f"note: batch x{r['batch']} on {Path(r['file']).name}: {r['frames_per_s']:.2f} frames/s "
+                      f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x)")
+    log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "reads": reads,
+                                         "bandwidth_bytes_per_s": bw, "results": results, "rows": rows},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

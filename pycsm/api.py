@@ -1,0 +1,665 @@
+"""The high-level API: `CSM` (text -> speech), `Segment` (voice context), `AudioStream`.
+
+>>> import pycsm
+>>> with pycsm.CSM.from_pretrained(quant="q8_0") as tts:
+...     audio = tts.generate("Hello from pycsm.", speaker=0, seed=42)
+...     audio.save("hello.wav")
+
+Threads: a `CSM` holds one generation context. Its methods take an internal lock, so calls from
+several threads on one `CSM` are safe but run one after another; for parallel synthesis create one
+`CSM` per thread (each loads its own copy of the weights) or use `generate_batch`. A method called
+from inside a callback or a stream loop of the same `CSM` (same thread) raises RuntimeError instead of
+deadlocking.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import queue
+import secrets
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ._native import CSM_N_CODEBOOKS
+from .audio import SAMPLE_RATE, Audio, check_samples, read_audio, resample
+from .errors import CSMError
+from .generator import Generator
+from .model import Model
+from .prompt import build_prompt
+from .text import DEFAULT_MAX_CHARS, split_sentences
+
+MAX_BATCH = 4  # utterances per native batch in generate_batch
+
+# Generator's stop reasons -> the names of this API
+_STOP_REASONS = {"eos": "eos", "max_frames": "max_length", "context_full": "context_full", "aborted": "aborted"}
+# for generate_long: the reason reported when sentences ended differently (most notable first)
+_STOP_RANK = ["aborted", "context_full", "max_length", "eos"]
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _check_speaker(speaker) -> int:
+    if not _is_int(speaker) or speaker < 0:
+        raise ValueError(f"speaker must be an integer >= 0, got {speaker!r}")
+    return int(speaker)
+
+
+def _check_text(text, what: str = "text") -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+    stripped = text.strip()
+    if not stripped:
+        raise ValueError(f"{what} is empty")
+    return stripped
+
+
+def _check_temperature(t, name: str) -> float:
+    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {t!r}")
+    return float(t)
+
+
+def _check_top_k(k, name: str) -> int:
+    if not _is_int(k) or k < 0:
+        raise ValueError(f"{name} must be an integer >= 0 (0 = no top-k cut), got {k!r}")
+    return int(k)
+
+
+def _check_seed(seed) -> int:
+    if seed is None:
+        return secrets.randbits(32)
+    if not _is_int(seed):
+        raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
+    return int(seed) & 0xFFFFFFFFFFFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------
+# Voice context
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Segment:
+    """One earlier utterance of the conversation: who said what, and how it sounded.
+
+    audio may be
+      - an `Audio` (from `CSM.generate`: its codes are used directly, no re-encoding; other Audio
+        objects are resampled to 24 kHz if needed and encoded),
+      - a 1-D float array of mono samples at 24 kHz (use `Segment.from_file` for files),
+      - an integer array of Mimi codes, shape (frames, 32), values in [0, 2048),
+      - None: text only.
+    Audio is encoded by the Mimi encoder the first time the segment is used, and the codes are kept
+    (`codes`).
+    """
+
+    speaker: int
+    text: str
+    audio: object = None
+    _codes: np.ndarray | None = field(default=None, init=False, repr=False)
+    _samples: np.ndarray | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        self.speaker = _check_speaker(self.speaker)
+        if not isinstance(self.text, str):
+            raise TypeError(f"Segment text must be str, not {type(self.text).__name__}")
+        a = self.audio
+        if a is None:
+            return
+        if isinstance(a, Audio):
+            if a.codes is not None and a.codes.shape[0] > 0:
+                self._codes = _check_codes(a.codes)
+            else:
+                check_samples(a.samples, "Segment audio")
+                self._samples = a.samples if a.sample_rate == SAMPLE_RATE else \
+                    resample(a.samples, a.sample_rate, SAMPLE_RATE).astype(np.float32)
+            return
+        arr = np.asarray(a)
+        if arr.dtype.kind in "iu":
+            self._codes = _check_codes(arr)
+        elif arr.dtype.kind == "f":
+            if arr.ndim != 1:
+                raise ValueError(f"Segment audio samples must be 1-D mono at 24 kHz, got shape {arr.shape} "
+                                 "(average the channels, or use Segment.from_file)")
+            check_samples(arr, "Segment audio")
+            self._samples = np.ascontiguousarray(arr, dtype=np.float32)
+        else:
+            raise TypeError("Segment audio must be an Audio, a float array of samples, an int array of codes "
+                            f"or None, not {type(a).__name__}")
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, text: str, speaker: int = 0) -> "Segment":
+        """A segment from a sound file of any rate (resampled to 24 kHz; channels averaged)."""
+        return cls(speaker, text, read_audio(path, SAMPLE_RATE))
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """The Mimi codes (frames, 32) once known (given, or encoded on first use); else None."""
+        return self._codes
+
+    def _resolve(self, encode) -> tuple[int, str, np.ndarray | None]:
+        if self._codes is None and self._samples is not None:
+            self._codes = _check_codes(encode(self._samples))
+            self._samples = None
+        return self.speaker, self.text, self._codes
+
+
+def _check_codes(codes) -> np.ndarray:
+    c = np.asarray(codes)
+    if c.dtype.kind not in "iu" or c.ndim != 2 or c.shape[1] != CSM_N_CODEBOOKS:
+        raise ValueError(f"audio codes must be an integer array of shape (frames, {CSM_N_CODEBOOKS}), "
+                         f"got {c.dtype} {c.shape}")
+    if c.shape[0] == 0:
+        raise ValueError("audio codes are empty (0 frames)")
+    if c.min() < 0 or c.max() >= 2048:
+        raise ValueError("audio codes must be in [0, 2048)")
+    return np.ascontiguousarray(c, dtype=np.int32)
+
+
+def _as_segment(seg) -> Segment:
+    if isinstance(seg, Segment):
+        return seg
+    if isinstance(seg, tuple) and len(seg) == 3:
+        return Segment(*seg)
+    raise TypeError(f"context items must be Segment or (speaker, text, audio) tuples, not {type(seg).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+# ---------------------------------------------------------------------------------------------
+
+class AudioStream:
+    """Iterator of float32 chunks (24 kHz mono) from `CSM.stream` / `CSM.stream_long`.
+
+    After the iteration ends, `codes`, `stop_reason` and `seed` describe the whole utterance (as
+    the fields of `Audio`). `close()` (or leaving a `with` block, or dropping the iterator) stops
+    generation within a frame.
+    """
+
+    def __init__(self, body, sample_rate: int, seed: int):
+        self.sample_rate = sample_rate
+        self.seed = seed
+        # filled by the body; a plain dict, so the running generator does not reference this object
+        # (no cycle: dropping the stream finalises the generator at once, which stops generation)
+        self._result: dict = {}
+        self._it = body(self._result)
+
+    @property
+    def codes(self) -> np.ndarray | None:
+        """The Mimi codes (frames, 32) generated, once the stream has ended or was closed."""
+        return self._result.get("codes")
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why generation ended (as `Audio.stop_reason`), once the stream has ended or was closed."""
+        return self._result.get("stop_reason")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_DONE = object()
+
+
+class _Job:
+    """A generation running in a worker thread (see CSM._start)."""
+
+    def __init__(self):
+        self.stop = threading.Event()   # set: the worker's next frame callback stops generation
+        self.ended = threading.Event()  # set by the worker as its last act
+        self.thread: threading.Thread | None = None
+        self.codes: np.ndarray | None = None
+        self.stop_reason: str | None = None
+        self.error: BaseException | None = None
+
+    def finish(self, wait: bool) -> None:
+        """wait=True: let it run to its end (Ctrl-C meanwhile stops it, then re-raises); False: stop
+        it now. Either way the worker has ended on return. (Event.wait, not Thread.join: a join
+        interrupted by Ctrl-C marks the thread as finished while it still runs.)"""
+        try:
+            if wait:
+                self.ended.wait()
+        finally:
+            self.stop.set()
+            self.ended.wait()
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return self.codes, self.stop_reason
+
+
+# ---------------------------------------------------------------------------------------------
+# CSM
+# ---------------------------------------------------------------------------------------------
+
+class CSM:
+    """Sesame's CSM-1B text-to-speech on a local GGUF file.
+
+    path: a CSM GGUF (`cstr/csm-1b-GGUF` files, or `pycsm convert` / `pycsm quantize` output).
+    n_threads: CPU threads (None: all cores). device: "auto" (a GPU backend when ggml has one),
+        "cpu" or "gpu".
+
+    Use `CSM.from_pretrained()` to download a published file. Close it (or use `with`) to free the
+    weights promptly.
+    """
+
+    def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):
+        if n_threads is not None and (not _is_int(n_threads) or n_threads < 1):
+            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        self.n_threads = n_threads
+        self._lock = threading.Lock()
+        self._owner: int | None = None
+        self._batch_gen: Generator | None = None
+        self._stream_dec = None
+        self._active: _Job | None = None  # the latest generation job (a stream's may be suspended)
+        self._gen = None
+        self.model = Model(path, device=device)
+        try:
+            self._gen = Generator(self.model, n_threads=n_threads)
+        except BaseException:
+            self.model.close()
+            raise
+        hp = self.model.hparams
+        self.sample_rate = int(hp.sample_rate)
+        self.frame_ms = 1000.0 / float(hp.frame_rate)
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str = "cstr/csm-1b-GGUF", quant: str = "q8_0", *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                        **kw) -> "CSM":
+        """Download ``csm-1b-{quant}.gguf`` (f16, q8_0 or q4_k) from `repo_id` into the Hugging Face
+        cache (or reuse the cached copy) and load it. `kw` go to `CSM(path, ...)`.
+
+        Honours HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE=1 and HF_TOKEN. ValueError for an unknown
+        quant; CSMError when the file is not cached and cannot be downloaded.
+        """
+        from .hub import download
+
+        path = download(quant, repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                        local_files_only=local_files_only)
+        return cls(path, **kw)
+
+    # ------------------------------------------------------------------ resources
+
+    def close(self) -> None:
+        """Free the generation contexts, the streaming decoder and the weights.
+
+        Waits for calls running in other threads; a stream suspended in this thread is stopped."""
+        if not hasattr(self, "_lock"):  # __init__ failed early
+            return
+        if self._owner == threading.get_ident():  # a stream of this thread holds the lock
+            self._free()
+        else:
+            with self._lock:
+                self._free()
+
+    def _free(self) -> None:
+        if self._active is not None:  # a suspended stream's worker
+            self._active.finish(wait=False)
+        for name in ("_stream_dec", "_batch_gen", "_gen"):
+            obj = getattr(self, name)
+            if obj is not None:
+                setattr(self, name, None)
+                obj.close()
+        if getattr(self, "model", None) is not None:
+            self.model.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def path(self) -> Path:
+        return self.model.path
+
+    def __repr__(self) -> str:
+        return f"CSM({str(self.model.path)!r}, n_threads={self.n_threads!r})"
+
+    @contextmanager
+    def _locked(self):
+        me = threading.get_ident()
+        if self._owner == me:
+            raise RuntimeError("this CSM is already busy in this thread (a call from inside a stream loop or "
+                               "a callback of the same CSM); finish or close that first")
+        with self._lock:
+            if self._gen is None:
+                raise CSMError("this CSM is closed")
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
+
+    # ------------------------------------------------------------------ codec
+
+    def encode(self, samples, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """Mimi codes (frames, 32) of mono float samples (resampled to 24 kHz if needed)."""
+        x = np.asarray(samples, dtype=np.float64)
+        if x.ndim != 1:
+            raise ValueError(f"samples must be 1-D (mono), got shape {x.shape}")
+        check_samples(x)
+        if sample_rate != self.sample_rate:
+            x = resample(x, int(sample_rate), self.sample_rate)
+        with self._locked():
+            return self._encode(x)
+
+    def _encode(self, pcm) -> np.ndarray:
+        from . import codec
+
+        pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        return np.asarray(codec.encode(self.model.handle, pcm), dtype=np.int32)
+
+    def decode(self, codes) -> Audio:
+        """The 24 kHz audio of Mimi codes (frames, 32)."""
+        codes = _check_codes(codes)
+        with self._locked():
+            return Audio(self._decode(codes), self.sample_rate, codes=codes)
+
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        if codes.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        from . import codec
+
+        return np.asarray(codec.decode(self.model.handle, codes), dtype=np.float32).reshape(-1)
+
+    def _stream_decoder(self):
+        if self._stream_dec is None:
+            from . import codec
+
+            self._stream_dec = codec.MimiStreamDecoder(self.model.handle, self.n_threads or 0)
+        else:
+            self._stream_dec.reset()
+        return self._stream_dec
+
+    # ------------------------------------------------------------------ requests
+
+    def _options(self, temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms) -> dict:
+        opts = {
+            "temperature": _check_temperature(temperature, "temperature"),
+            "top_k": _check_top_k(top_k, "top_k"),
+            "depth_temperature": None if depth_temperature is None
+            else _check_temperature(depth_temperature, "depth_temperature"),
+            "depth_top_k": None if depth_top_k is None else _check_top_k(depth_top_k, "depth_top_k"),
+        }
+        if max_audio_length_ms is None:
+            opts["max_frames"] = 0  # until the end frame or a full context
+        else:
+            ms = max_audio_length_ms
+            if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not math.isfinite(ms) or ms <= 0:
+                raise ValueError(f"max_audio_length_ms must be a number > 0 (or None), got {ms!r}")
+            # 80 ms per frame, rounded up; round() first so 560.0000000001 ms stays 7 frames
+            opts["max_frames"] = max(1, math.ceil(round(float(ms) / self.frame_ms, 6)))
+        return opts
+
+    def _context(self, context) -> list:
+        if isinstance(context, (Segment, str, bytes)):
+            raise TypeError("context must be a sequence of Segment (wrap a single one in a list)")
+        return [_as_segment(s) for s in context]
+
+    def _prompt(self, text: str, speaker: int, segments: list, extra=()) -> np.ndarray:
+        ctx = [s._resolve(self._encode) for s in segments] + list(extra)
+        return build_prompt(self.model.tokenizer, text, speaker, ctx)
+
+    def _start(self, prompt: np.ndarray, opts: dict, seed: int, on_frame=None, done=None) -> _Job:
+        """Start one utterance on the main context in a worker thread (lock held by the caller).
+
+        Generation never runs in the calling thread: a Ctrl-C there (KeyboardInterrupt, main thread
+        only) would otherwise land inside the per-frame ctypes callback, where it cannot propagate.
+        on_frame(index, codes) runs in the worker; done() is called there when it ends.
+        """
+        job = _Job()
+
+        def cb(index, codes):
+            if job.stop.is_set():
+                return False
+            return on_frame is None or on_frame(index, codes) is not False
+
+        def work():
+            try:
+                r = self._gen.generate(prompt, seed=seed, stop_at_eos=True, on_frame=cb, **opts)
+                job.codes, job.stop_reason = r.codes, _STOP_REASONS.get(r.stop_reason, r.stop_reason)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the waiting thread
+                job.error = e
+            finally:
+                if done is not None:
+                    done()
+                job.ended.set()
+
+        job.thread = threading.Thread(target=work, name="pycsm-generate", daemon=True)
+        self._active = job
+        job.thread.start()
+        return job
+
+    def _run(self, prompt: np.ndarray, opts: dict, seed: int):
+        """One utterance (lock held). Returns (codes, stop_reason)."""
+        job = self._start(prompt, opts, seed)
+        job.finish(wait=True)
+        return job.result()
+
+    # ------------------------------------------------------------------ generate
+
+    def generate(self, text: str, speaker: int = 0, context=(), temperature: float = 0.9, top_k: int = 50,
+                 seed: int | None = None, max_audio_length_ms: float | None = 90_000,
+                 depth_temperature: float | None = None, depth_top_k: int | None = None) -> Audio:
+        """Speak `text` as `speaker` after the `context` segments (oldest first).
+
+        temperature / top_k: sampling of every codebook (temperature 0 = greedy); depth_temperature /
+            depth_top_k: separate values for codebooks 1..31 (None = the same).
+        seed: None draws a random seed (returned as `Audio.seed`); an int reproduces the output.
+        max_audio_length_ms: cap on the audio length (rounded up to 80 ms frames; None = no cap
+            beyond the 2048-position context).
+        The utterance ends when the model emits the all-zero end frame (Sesame's rule: all 32 codes
+        0), at the length cap, or when the context is full (`Audio.stop_reason`). CSMError with the
+        native message when the prompt (text plus context) does not fit the context.
+        """
+        text = _check_text(text)
+        speaker = _check_speaker(speaker)
+        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        seed = _check_seed(seed)
+        segments = self._context(context)
+        with self._locked():
+            codes, reason = self._run(self._prompt(text, speaker, segments), opts, seed)
+            return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=seed)
+
+    def stream(self, text: str, speaker: int = 0, context=(), temperature: float = 0.9, top_k: int = 50,
+               seed: int | None = None, max_audio_length_ms: float | None = 90_000,
+               depth_temperature: float | None = None, depth_top_k: int | None = None,
+               chunk_frames: int = 4) -> AudioStream:
+        """Like `generate`, but yields float32 chunks of `chunk_frames` frames (80 ms each; the last
+        may be shorter) while the model is still speaking. Generation runs in a worker thread; the
+        chunks are decoded by a streaming Mimi decoder, and joined they equal `generate(...)` with
+        the same seed. Closing the stream early stops generation.
+        """
+        text = _check_text(text)
+        speaker = _check_speaker(speaker)
+        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        chunk_frames = _check_chunk(chunk_frames)
+        seed = _check_seed(seed)
+        segments = self._context(context)
+
+        def body(result: dict):
+            with self._locked():
+                prompt = self._prompt(text, speaker, segments)
+                yield from self._stream_chunks(prompt, opts, seed, chunk_frames, result)
+
+        return AudioStream(body, self.sample_rate, seed)
+
+    def _stream_chunks(self, prompt, opts, seed, chunk_frames, out):
+        """Generate in a worker thread, decode here; yields chunks. Lock held by the caller."""
+        frames: queue.Queue = queue.Queue()
+        decoder = self._stream_decoder()
+        job = self._start(prompt, opts, seed, on_frame=lambda _i, codes: frames.put(codes),
+                          done=lambda: frames.put(_DONE))
+        try:
+            pending = []
+            while True:
+                item = frames.get()
+                if item is _DONE:
+                    break
+                if self._gen is None:
+                    raise CSMError("this CSM was closed during the stream")
+                pending.append(item)
+                if len(pending) == chunk_frames:
+                    yield _decode_chunk(decoder, pending)
+                    pending = []
+            codes, reason = job.result()
+            if pending:
+                yield _decode_chunk(decoder, pending)
+        finally:
+            job.finish(wait=False)  # closed early / failed: stop the worker within a frame
+            if job.codes is not None:
+                out["codes"], out["stop_reason"] = job.codes, job.stop_reason
+
+    # ------------------------------------------------------------------ long text
+
+    def generate_long(self, text: str, speaker: int = 0, context=(), pause_ms: float = 150, progress=None,
+                      max_chars: int = DEFAULT_MAX_CHARS, **gen_kwargs) -> Audio:
+        """Speak a long text sentence by sentence (`pycsm.text.split_sentences`).
+
+        Each sentence is generated with the user's `context` followed by the previous sentence (its
+        text and codes) as context, and the sentences are joined with `pause_ms` of silence.
+        gen_kwargs: temperature, top_k, seed, max_audio_length_ms (per sentence), depth_temperature,
+        depth_top_k, as for `generate`; sentence i uses seed + i.
+        progress(done, total) is called before the first sentence and after each one; returning
+        False stops (the audio made so far is returned with stop_reason "aborted").
+        stop_reason otherwise: "eos" when every sentence ended on its own, else the most notable
+        other reason of a sentence ("context_full", then "max_length").
+        """
+        pieces = []
+        st = self.stream_long(text, speaker, context, pause_ms=pause_ms, progress=progress,
+                              max_chars=max_chars, chunk_frames=None, **gen_kwargs)
+        with st:
+            for chunk in st:
+                pieces.append(chunk)
+        samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+        return Audio(samples, self.sample_rate, codes=st.codes, stop_reason=st.stop_reason, seed=st.seed)
+
+    def stream_long(self, text: str, speaker: int = 0, context=(), pause_ms: float = 150, progress=None,
+                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4,
+                    temperature: float = 0.9, top_k: int = 50, seed: int | None = None,
+                    max_audio_length_ms: float | None = 90_000, depth_temperature: float | None = None,
+                    depth_top_k: int | None = None) -> AudioStream:
+        """`generate_long` as a stream of float32 chunks (pauses included); joined, they equal
+        `generate_long(...)` with the same seed. chunk_frames=None yields whole sentences."""
+        text = _check_text(text)
+        speaker = _check_speaker(speaker)
+        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        if chunk_frames is not None:
+            chunk_frames = _check_chunk(chunk_frames)
+        if isinstance(pause_ms, bool) or not isinstance(pause_ms, numbers.Real) or not 0 <= pause_ms < 60_000:
+            raise ValueError(f"pause_ms must be a number in [0, 60000), got {pause_ms!r}")
+        seed = _check_seed(seed)
+        segments = self._context(context)
+        sentences = split_sentences(text, max_chars) or [text]
+        silence = np.zeros(int(round(pause_ms * self.sample_rate / 1000)), dtype=np.float32)
+
+        def body(result: dict):
+            total = len(sentences)
+            all_codes, reasons = [], []
+            with self._locked():
+                try:
+                    if progress is not None and progress(0, total) is False:
+                        reasons.append("aborted")
+                        return
+                    prev = ()
+                    for i, sentence in enumerate(sentences):
+                        if i and silence.size:
+                            yield silence
+                        prompt = self._prompt(sentence, speaker, segments, prev)
+                        s_seed = (seed + i) & 0xFFFFFFFFFFFFFFFF
+                        if chunk_frames is None:
+                            codes, reason = self._run(prompt, opts, s_seed)
+                            yield self._decode(codes)
+                        else:
+                            out = {}
+                            yield from self._stream_chunks(prompt, opts, s_seed, chunk_frames, out)
+                            codes, reason = out["codes"], out["stop_reason"]
+                        all_codes.append(codes)
+                        reasons.append(reason)
+                        prev = [(speaker, sentence, codes)] if codes.shape[0] else ()
+                        if progress is not None and progress(i + 1, total) is False and i + 1 < total:
+                            reasons.append("aborted")
+                            return
+                finally:
+                    result["codes"] = np.concatenate(all_codes) if all_codes else \
+                        np.zeros((0, CSM_N_CODEBOOKS), dtype=np.int32)
+                    result["stop_reason"] = min(reasons, key=_STOP_RANK.index) if reasons else "aborted"
+
+        return AudioStream(body, self.sample_rate, seed)
+
+    # ------------------------------------------------------------------ batch
+
+    def generate_batch(self, texts, speaker=0, context=(), temperature: float = 0.9, top_k: int = 50,
+                       seed: int | None = None, max_audio_length_ms: float | None = 90_000,
+                       depth_temperature: float | None = None, depth_top_k: int | None = None) -> list[Audio]:
+        """Speak several texts together (up to 4 at a time share every weight read; faster than one
+        by one). speaker: one for all or one per text; context: shared by all. Text i uses seed + i
+        and gives the same audio as `generate(texts[i], ..., seed=seed + i)`."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a list of str (use generate() for one text)")
+        texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        if not texts:
+            return []
+        speakers = [speaker] * len(texts) if isinstance(speaker, numbers.Integral) else list(speaker)
+        if len(speakers) != len(texts):
+            raise ValueError(f"{len(speakers)} speakers for {len(texts)} texts")
+        speakers = [_check_speaker(s) for s in speakers]
+        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        seed = _check_seed(seed)
+        segments = self._context(context)
+        results = []
+        with self._locked():
+            prompts = [self._prompt(t, s, segments) for t, s in zip(texts, speakers)]
+            need = min(MAX_BATCH, len(texts))
+            if self._batch_gen is None or self._batch_gen.n_batch < need:
+                if self._batch_gen is not None:
+                    self._batch_gen.close()
+                    self._batch_gen = None
+                self._batch_gen = Generator(self.model, n_threads=self.n_threads, n_batch=need)
+            for start in range(0, len(texts), MAX_BATCH):
+                b_seed = (seed + start) & 0xFFFFFFFFFFFFFFFF
+                for j, r in enumerate(self._batch_gen.generate_batch(prompts[start:start + MAX_BATCH], seed=b_seed,
+                                                                     stop_at_eos=True, **opts)):
+                    results.append(Audio(self._decode(r.codes), self.sample_rate, codes=r.codes,
+                                         stop_reason=_STOP_REASONS.get(r.stop_reason, r.stop_reason),
+                                         seed=(b_seed + j) & 0xFFFFFFFFFFFFFFFF))
+        return results
+
+
+def _check_chunk(chunk_frames) -> int:
+    if not _is_int(chunk_frames) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be an integer >= 1, got {chunk_frames!r}")
+    return int(chunk_frames)
+
+
+def _decode_chunk(decoder, frames: list) -> np.ndarray:
+    codes = np.ascontiguousarray(np.stack(frames), dtype=np.int32)
+    return np.asarray(decoder.decode(codes), dtype=np.float32).reshape(-1)
