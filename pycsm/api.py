@@ -375,7 +375,7 @@ class CSM:
         from . import codec
 
         pcm = np.ascontiguousarray(pcm, dtype=np.float32)
-        return np.asarray(codec.encode(self.model.handle, pcm), dtype=np.int32)
+        return np.asarray(codec.encode(self.model.handle, pcm, self.n_threads), dtype=np.int32)
 
     def decode(self, codes) -> Audio:
         """The 24 kHz audio of Mimi codes (frames, 32)."""
@@ -388,13 +388,13 @@ class CSM:
             return np.zeros(0, dtype=np.float32)
         from . import codec
 
-        return np.asarray(codec.decode(self.model.handle, codes), dtype=np.float32).reshape(-1)
+        return np.asarray(codec.decode(self.model.handle, codes, self.n_threads), dtype=np.float32).reshape(-1)
 
     def _stream_decoder(self):
         if self._stream_dec is None:
             from . import codec
 
-            self._stream_dec = codec.MimiStreamDecoder(self.model.handle, self.n_threads or 0)
+            self._stream_dec = codec.MimiStreamDecoder(self.model.handle, self.n_threads)
         else:
             self._stream_dec.reset()
         return self._stream_dec
@@ -435,6 +435,8 @@ class CSM:
         only) would otherwise land inside the per-frame ctypes callback, where it cannot propagate.
         on_frame(index, codes) runs in the worker; done() is called there when it ends.
         """
+        if self._gen is None:  # closed from a callback of this very call
+            raise CSMError("this CSM is closed")
         job = _Job()
 
         def cb(index, codes):

@@ -28,7 +28,7 @@ N = MS // 80
 
 @pytest.fixture(scope="module")
 def tts(tiny_dir):
-    with CSM(tiny_dir / "tiny-f16.gguf", n_threads=2) as t:
+    with CSM(tiny_dir / "tiny-f16.gguf", n_threads=1) as t:
         yield t
 
 

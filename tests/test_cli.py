@@ -25,7 +25,7 @@ from pycsm.model import Model
 
 REPO = Path(__file__).resolve().parents[1]
 SPF = 1920
-CAP = ["--max-audio-length", "0.4"]  # 5 frames
+CAP = ["--max-audio-length", "0.4", "--threads", "1"]  # 5 frames; one thread: quick even on a busy machine
 PARAGRAPH = ("The sun rose over the hills. Birds began to sing! Was it morning already? Mr. Brown thought so. "
              "He made tea at 6.30 a.m. sharp. The kettle whistled.\nOutside, the dog barked. "
              "It wanted a walk… The neighbours waved. Then the day began.")
@@ -38,7 +38,7 @@ def model(tiny_dir) -> str:
 
 @pytest.fixture(scope="module")
 def tts(model):
-    with CSM(model, n_threads=2) as t:
+    with CSM(model, n_threads=1) as t:
         yield t
 
 
@@ -84,7 +84,7 @@ def assert_one_line_error(rc, err, status, pattern):
 
 def test_speak_to_wav_matches_the_api(run, model, tts, tmp_path):
     out = tmp_path / "hello.wav"
-    rc, stdout, err = run(["Hello", "there.", "-m", model, "-o", out, "--seed", "1", "--threads", "2",
+    rc, stdout, err = run(["Hello", "there.", "-m", model, "-o", out, "--seed", "1",
                            "--device", "cpu", *CAP])
     assert rc == 0, err
     assert stdout == ""
@@ -384,3 +384,33 @@ def test_progress_bar_only_on_a_terminal(model, tmp_path):  # codec
     assert "10/10" not in err2 and "\r" not in err2
     np.testing.assert_array_equal(pcm16(out), pcm16(out2))
     assert len(pcm16(out)) == 10 * 5 * SPF + 9 * 3600
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/
+# ---------------------------------------------------------------------------------------------
+
+def test_examples_run(model, tmp_path):  # codec
+    voice = tmp_path / "voice.wav"
+    sf.write(voice, 0.1 * np.sin(np.arange(12000) / 10.0), 22050)
+    lines = tmp_path / "lines.txt"
+    lines.write_text("One.\n\nTwo.\nThree.\n", encoding="utf-8")
+    quick = ["--model", model, "--max-seconds", "0.4", "--threads", "1"]
+    runs = [
+        (["quick_start.py", *quick, "-o", tmp_path / "q.wav"], None),
+        (["voice_context.py", *quick, "--context-audio", voice, "--context-text", "Hm.", "-o", tmp_path / "v.wav"],
+         None),
+        (["streaming.py", "One. Two.", *quick, "-o", tmp_path / "s.wav"], None),
+        (["streaming.py", "Raw.", *quick, "--raw"], 5 * SPF * 2),
+        (["batch_lines.py", lines, *quick, "--out-dir", tmp_path / "lines"], None),
+    ]
+    for argv, raw_bytes in runs:
+        p = subprocess.run([sys.executable, str(REPO / "examples" / argv[0]), *map(str, argv[1:])],
+                           capture_output=True, env=env(), timeout=120)
+        assert p.returncode == 0, (argv[0], p.stderr.decode())
+        if raw_bytes is not None:
+            assert len(p.stdout) == raw_bytes
+    assert len(pcm16(tmp_path / "q.wav")) == 5 * SPF
+    assert len(pcm16(tmp_path / "v.wav")) == 2 * 5 * SPF + int(0.3 * 24000)
+    assert len(pcm16(tmp_path / "s.wav")) == 2 * 5 * SPF + 3600
+    assert sorted(p.name for p in (tmp_path / "lines").iterdir()) == ["line_000.wav", "line_001.wav", "line_002.wav"]

@@ -1,29 +1,206 @@
-// mimi.cpp - placeholder until the Mimi codec lands: every entry point reports that it is missing.
+// mimi.cpp - the Mimi codec's C API: one-shot and streaming decode, one-shot encode.
+//
+// A one-shot decode is a streaming decode of all frames from a fresh state. Long inputs go through
+// the graphs in chunks of at most DEC_CHUNK frames (ENC_CHUNK frames of PCM for the encoder): the
+// streaming state makes chunking exact, and it bounds the memory of the graphs and of attention.
 #include "mimi.h"
 
 #include "csm_log.h"
 
-void mimi_check_tensors(const csm_model &) {}
+#include <cmath>
+#include <cstring>
+
+static const int64_t DEC_CHUNK = 25;          // frames per decoder graph (2 s)
+static const int64_t ENC_CHUNK = 25;          // frames of PCM per encoder graph
+static const int64_t MAX_FRAMES = 1 << 22;    // ~93 h at 12.5 Hz: anything beyond is a caller bug
+
+struct csm_mimi_codec {
+    std::unique_ptr<mimi_runner> dec;
+};
+
+static std::unique_ptr<mimi_runner> new_runner(const csm_model * model, int32_t n_threads, bool encoder) {
+    if (!model) csm_fail("model is NULL");
+    if (n_threads > 4096) csm_fail("n_threads %d is absurd", n_threads);
+    auto r = std::make_unique<mimi_runner>();
+    r->init(model, n_threads, encoder);
+    return r;
+}
+
+// The runner's graph for `key`, built when the shape changed. One graph at a time: ggml_gallocr
+// places a graph's tensors once, so a graph cannot be re-placed after another one grew the buffer;
+// rebuilding (well under a millisecond) is cheaper than a compute buffer per shape.
+template <typename F> static mimi_graph & graph(mimi_runner & r, int64_t key, F && build) {
+    if (r.graph && r.graph_key == key) return *r.graph;
+    r.graph.reset();
+    r.graph_key = -1;
+    r.graph = build();
+    if (!ggml_gallocr_alloc_graph(r.alloc, r.graph->gf)) {
+        r.graph.reset();
+        csm_fail("failed to allocate the Mimi compute buffer");
+    }
+    r.graph_key = key;
+    return *r.graph;
+}
+
+// RoPE positions and the sliding-window causal mask of a chunk of g.T positions after r.n_pos.
+static void set_attention(mimi_runner & r, mimi_graph & g) {
+    const int64_t T = g.T, n_kv = g.mask->ne[0], S = n_kv - T;
+    std::vector<int32_t> pos(T);
+    for (int64_t t = 0; t < T; t++) pos[t] = (int32_t) (r.n_pos + t);
+    ggml_backend_tensor_set(g.pos, pos.data(), 0, T * sizeof(int32_t));
+    std::vector<float> mask((size_t) (n_kv * T));
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t pq = r.n_pos + t;
+        for (int64_t j = 0; j < n_kv; j++) {
+            const int64_t pk = r.n_pos - S + j;
+            const bool ok = pk >= 0 && pk <= pq && pq - pk < MIMI_WINDOW;
+            mask[t * n_kv + j] = ok ? 0.0f : -INFINITY;
+        }
+    }
+    ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
+}
+
+static void compute(mimi_runner & r, mimi_graph & g) {
+    ggml_status st = ggml_backend_graph_compute(r.backend, g.gf);
+    if (st != GGML_STATUS_SUCCESS) csm_fail("Mimi graph computation failed (status %d)", (int) st);
+}
+
+static void check_codes(const mimi_arch & a, const int32_t * codes, int64_t n_frames) {
+    for (int64_t f = 0; f < n_frames; f++) {
+        for (int64_t q = 0; q < a.n_q; q++) {
+            const int32_t c = codes[f * a.n_q + q];
+            if (c < 0 || c >= a.cb_size) {
+                csm_fail("code %d at frame %lld, codebook %lld is outside [0, %lld)", c, (long long) f, (long long) q,
+                         (long long) a.cb_size);
+            }
+        }
+    }
+}
+
+static void check_decode_args(const mimi_runner & r, const int32_t * codes, int64_t n_frames, const float * out,
+                              int64_t max_samples) {
+    const mimi_arch & a = r.arch;
+    if (!codes) csm_fail("codes is NULL");
+    if (!out) csm_fail("out_pcm is NULL");
+    if (n_frames < 0) csm_fail("n_frames is negative (%lld)", (long long) n_frames);
+    if (n_frames > MAX_FRAMES) csm_fail("n_frames %lld is absurd (more than %lld)", (long long) n_frames, (long long) MAX_FRAMES);
+    const int64_t need = n_frames * a.samples_per_frame;
+    if (max_samples < need) {
+        csm_fail("max_samples %lld is too small: %lld frames decode to %lld samples", (long long) max_samples,
+                 (long long) n_frames, (long long) need);
+    }
+    check_codes(a, codes, n_frames);
+}
+
+// Decodes n_frames frames after the runner's state into out (n_frames * samples_per_frame floats).
+static int64_t decode_frames(mimi_runner & r, const int32_t * codes, int64_t n_frames, float * out) {
+    const mimi_arch & a = r.arch;
+    std::vector<int32_t> ids;
+    for (int64_t f0 = 0; f0 < n_frames; f0 += DEC_CHUNK) {
+        const int64_t n = std::min(DEC_CHUNK, n_frames - f0);
+        mimi_graph & g = graph(r, n, [&] { return mimi_build_decoder(r, n); });
+        ids.resize((size_t) (n * a.n_q));
+        for (int64_t f = 0; f < n; f++) {
+            for (int64_t q = 0; q < a.n_q; q++) ids[q * n + f] = codes[(f0 + f) * a.n_q + q];
+        }
+        ggml_backend_tensor_set(g.ids, ids.data(), 0, ids.size() * sizeof(int32_t));
+        set_attention(r, g);
+        compute(r, g);
+        r.n_pos += g.T;
+        ggml_backend_tensor_get(g.pcm_out, out + f0 * a.samples_per_frame, 0, (size_t) n * a.samples_per_frame * sizeof(float));
+    }
+    return n_frames * a.samples_per_frame;
+}
+
+static int32_t encode(const csm_model * model, const float * pcm, int64_t n_samples, int32_t * out_codes,
+                      int32_t max_frames, int32_t n_threads) {
+    if (!model) csm_fail("model is NULL");
+    if (!pcm) csm_fail("pcm is NULL");
+    if (!out_codes) csm_fail("out_codes is NULL");
+    if (n_samples <= 0) csm_fail("n_samples must be positive, got %lld", (long long) n_samples);
+    const int64_t spf = model->hp.samples_per_frame;
+    if (n_samples > MAX_FRAMES * spf) {
+        csm_fail("n_samples %lld is absurd (more than %lld frames of audio)", (long long) n_samples, (long long) MAX_FRAMES);
+    }
+    for (int64_t i = 0; i < n_samples; i++) {
+        if (!std::isfinite(pcm[i])) csm_fail("sample %lld is not finite (%f)", (long long) i, (double) pcm[i]);
+    }
+    std::unique_ptr<mimi_runner> rp = new_runner(model, n_threads, true);
+    mimi_runner & r = *rp;
+    const mimi_arch & a = r.arch;
+    const int64_t n_out = mimi_encoded_frames(a, n_samples);
+    if (max_frames < n_out) {
+        csm_fail("max_frames %d is too small: %lld samples encode to %lld frames", max_frames, (long long) n_samples,
+                 (long long) n_out);
+    }
+    const int64_t chunk = ENC_CHUNK * a.samples_per_frame;
+    int64_t done = 0;
+    std::vector<int32_t> idx;
+    for (int64_t s0 = 0; s0 < n_samples; s0 += chunk) {
+        const int64_t n = std::min(chunk, n_samples - s0);
+        const bool first = s0 == 0, last = s0 + n == n_samples;
+        const int64_t key = n * 4 + (first ? 2 : 0) + (last ? 1 : 0);
+        mimi_graph & g = graph(r, key, [&] { return mimi_build_encoder(r, n, first, last); });
+        ggml_backend_tensor_set(g.pcm_in, pcm + s0, 0, (size_t) n * sizeof(float));
+        set_attention(r, g);
+        compute(r, g);
+        r.n_pos += g.T;
+        const int64_t F = g.codes_out[0]->ne[0];
+        if (done + F > n_out) csm_fail("internal error: the encoder produced more frames than expected");
+        idx.resize((size_t) F);
+        for (int64_t q = 0; q < a.n_q; q++) {
+            ggml_backend_tensor_get(g.codes_out[q], idx.data(), 0, (size_t) F * sizeof(int32_t));
+            for (int64_t f = 0; f < F; f++) out_codes[(done + f) * a.n_q + q] = idx[f];
+        }
+        done += F;
+    }
+    if (done != n_out) csm_fail("internal error: the encoder produced %lld frames, expected %lld", (long long) done, (long long) n_out);
+    return (int32_t) done;
+}
 
 extern "C" {
 
-int64_t csm_mimi_decode(const csm_model *, const int32_t *, int32_t, float *, int64_t, int32_t) {
-    csm_set_error("the Mimi decoder is not implemented yet");
-    return -1;
+int64_t csm_mimi_decode(const csm_model * model, const int32_t * codes, int32_t n_frames, float * out_pcm,
+                        int64_t max_samples, int32_t n_threads) {
+    return csm_guard<int64_t>(-1, [&]() -> int64_t {
+        if (!model) csm_fail("model is NULL");
+        if (n_frames <= 0) csm_fail("n_frames must be positive, got %d", n_frames);
+        // cheap checks before the runner is made
+        if (!codes) csm_fail("codes is NULL");
+        if (!out_pcm) csm_fail("out_pcm is NULL");
+        std::unique_ptr<mimi_runner> r = new_runner(model, n_threads, false);
+        check_decode_args(*r, codes, n_frames, out_pcm, max_samples);
+        return decode_frames(*r, codes, n_frames, out_pcm);
+    });
 }
-int32_t csm_mimi_encode(const csm_model *, const float *, int64_t, int32_t *, int32_t, int32_t) {
-    csm_set_error("the Mimi encoder is not implemented yet");
-    return -1;
+
+int32_t csm_mimi_encode(const csm_model * model, const float * pcm, int64_t n_samples, int32_t * out_codes,
+                        int32_t max_frames, int32_t n_threads) {
+    return csm_guard<int32_t>(-1, [&] { return encode(model, pcm, n_samples, out_codes, max_frames, n_threads); });
 }
-csm_mimi_codec * csm_mimi_codec_new(const csm_model *, int32_t) {
-    csm_set_error("the Mimi decoder is not implemented yet");
-    return nullptr;
+
+csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) {
+    return csm_guard<csm_mimi_codec *>(nullptr, [&] {
+        auto c = std::make_unique<csm_mimi_codec>();
+        c->dec = new_runner(model, n_threads, false);
+        return c.release();
+    });
 }
-void csm_mimi_codec_free(csm_mimi_codec *) {}
-void csm_mimi_codec_reset(csm_mimi_codec *) {}
-int64_t csm_mimi_codec_decode(csm_mimi_codec *, const int32_t *, int32_t, float *, int64_t) {
-    csm_set_error("the Mimi decoder is not implemented yet");
-    return -1;
+
+void csm_mimi_codec_free(csm_mimi_codec * codec) { delete codec; }
+
+void csm_mimi_codec_reset(csm_mimi_codec * codec) {
+    if (codec) codec->dec->reset();
+}
+
+int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int32_t n_frames, float * out_pcm,
+                              int64_t max_samples) {
+    return csm_guard<int64_t>(-1, [&]() -> int64_t {
+        if (!codec) csm_fail("codec is NULL");
+        if (n_frames == 0) return 0;
+        check_decode_args(*codec->dec, codes, n_frames, out_pcm, max_samples);
+        return decode_frames(*codec->dec, codes, n_frames, out_pcm);
+    });
 }
 
 } // extern "C"

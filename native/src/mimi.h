@@ -18,7 +18,6 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 
-#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -142,9 +141,9 @@ struct mimi_runner {
 
     int64_t n_pos = 0;                      // transformer positions consumed since the last reset
 
-    std::map<int64_t, std::unique_ptr<mimi_graph>> graphs;
+    std::unique_ptr<mimi_graph> graph;      // the graph of the last chunk shape, allocated by alloc
+    int64_t graph_key = -1;
     ggml_gallocr_t alloc = nullptr;
-    const mimi_graph * allocated = nullptr; // graph the allocator was last planned for
 
     // Binds the weights, starts the backend, prepares weights and state; throws csm_error. Call it on a
     // runner owned by a smart pointer so that a failure half way frees what was made.

@@ -360,7 +360,7 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
 }
 
 mimi_runner::~mimi_runner() {
-    graphs.clear();
+    graph.reset();
     if (alloc) ggml_gallocr_free(alloc);
     if (buf_state) ggml_backend_buffer_free(buf_state);
     if (ctx_state) ggml_free(ctx_state);

@@ -1,0 +1,264 @@
+// mimi_graph.cpp - ggml graphs of the Mimi decoder (codes -> PCM) and encoder (PCM -> codes), one
+// chunk at a time, with the streaming state read at the start of a graph and rewritten at its end.
+#include "mimi.h"
+
+#include "csm_log.h"
+
+#include <cmath>
+
+static const size_t GRAPH_NODES = 8192;
+
+namespace {
+
+struct builder {
+    ggml_context * ctx;
+    ggml_cgraph * gf;
+    bool cpu;
+};
+
+} // namespace
+
+// [tail | x] along time; schedules the rewrite of tail with the last tail->ne[1] columns.
+static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x) {
+    if (!tail) return x;
+    ggml_tensor * xp = ggml_concat(b.ctx, tail, x, 1);
+    const int64_t P = tail->ne[1];
+    ggml_tensor * keep = ggml_view_2d(b.ctx, xp, xp->ne[0], P, xp->nb[1], xp->nb[1] * (xp->ne[1] - P));
+    ggml_build_forward_expand(b.gf, ggml_cpy(b.ctx, keep, tail));
+    return xp;
+}
+
+// The [row, n] view of a contiguous tensor whose column t starts t * step bytes in: the columns
+// overlap when step is shorter than a row. ggml_view_2d sizes a view as if it were contiguous, so
+// the view is made one column long and then widened; its last byte stays inside x.
+static ggml_tensor * overlapping_view(ggml_context * ctx, ggml_tensor * x, int64_t row, int64_t n, size_t step) {
+    GGML_ASSERT(ggml_is_contiguous(x) && (size_t) row * ggml_element_size(x) + (n - 1) * step <= ggml_nbytes(x));
+    ggml_tensor * v = ggml_view_2d(ctx, x, row, 1, x->nb[1], 0);
+    v->ne[1] = n;
+    v->nb[1] = step;
+    v->nb[2] = v->nb[3] = step * n;
+    return v;
+}
+
+// Convolution over a contiguous, already padded input xp [in, len]: a matrix product with the
+// overlapping view whose column t is xp[:, t*stride .. t*stride + k) (im2col without a copy).
+static ggml_tensor * conv_padded(builder & b, const mimi_conv & c, ggml_tensor * xp) {
+    const int64_t len = xp->ne[1];
+    const int64_t T = (len - c.k) / c.stride + 1;
+    ggml_tensor * y;
+    if (c.k == 1 && c.stride == 1) {
+        y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, c.out), xp);
+    } else {
+        ggml_tensor * cols = overlapping_view(b.ctx, xp, c.in * c.k, T, xp->nb[1] * c.stride);
+        if (!b.cpu) cols = ggml_cont(b.ctx, cols);  // other backends may want plain rows
+        y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in * c.k, c.out), cols);
+    }
+    if (c.b) y = ggml_add(b.ctx, y, c.b);
+    return y;
+}
+
+// Causal conv (zero left context from the state), `extra` zero columns appended on the right (the
+// reference's padding of a partial last frame).
+static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, int64_t extra = 0) {
+    ggml_tensor * xp = with_tail(b, c.tail, x);
+    if (extra > 0) xp = ggml_pad(b.ctx, xp, 0, (int) extra, 0, 0);
+    if (!ggml_is_contiguous(xp)) xp = ggml_cont(b.ctx, xp);
+    return conv_padded(b, c, xp);
+}
+
+// Causal ConvTranspose1d, kernel 2s, stride s, right trim s: out[:, m*s + r] =
+// W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
+static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x) {
+    const int64_t s = c.stride, oc = c.out, L = x->ne[1];
+    ggml_tensor * Y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, oc * c.k), x); // [oc*2s, L]
+    ggml_tensor * lo = ggml_view_2d(b.ctx, Y, oc * s, L, Y->nb[1], 0);
+    ggml_tensor * hi = ggml_view_2d(b.ctx, Y, oc * s, L, Y->nb[1], oc * s * ggml_element_size(Y));
+    ggml_tensor * hp = with_tail(b, c.tail, hi);                                            // [oc*s, L+1]
+    ggml_tensor * y = ggml_add(b.ctx, lo, ggml_view_2d(b.ctx, hp, oc * s, L, hp->nb[1], 0));
+    y = ggml_reshape_2d(b.ctx, y, oc, s * L);
+    return ggml_add(b.ctx, y, c.b);
+}
+
+static ggml_tensor * resblock(builder & b, const mimi_resblock & r, ggml_tensor * x) {
+    ggml_tensor * h = conv(b, r.c1, ggml_elu(b.ctx, x));
+    h = conv(b, r.c2, ggml_elu(b.ctx, h));
+    return ggml_add(b.ctx, x, h);
+}
+
+static ggml_tensor * layer_norm(builder & b, ggml_tensor * x, ggml_tensor * w, ggml_tensor * bias) {
+    return ggml_add(b.ctx, ggml_mul(b.ctx, ggml_norm(b.ctx, x, 1e-5f), w), bias);
+}
+
+// Transformer over x [dim, T] with sliding-window causal attention; each layer's keys/values of the
+// previous MIMI_WINDOW - 1 positions come from (and go back to) its cache.
+static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos, ggml_tensor * mask) {
+    ggml_context * ctx = b.ctx;
+    const int64_t d = t.dim, hd = t.head_dim, nh = t.n_heads, T = x->ne[1];
+    const float scale = 1.0f / std::sqrt((float) hd);
+    for (const mimi_tfm_layer & l : t.layers) {
+        ggml_tensor * h = layer_norm(b, x, l.n1w, l.n1b);
+        ggml_tensor * qkv = ggml_mul_mat(ctx, l.qkv, h);                         // [3d, T]
+        const size_t es = ggml_element_size(qkv);
+        ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, nh, T, hd * es, qkv->nb[1], 0);
+        ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, nh, T, hd * es, qkv->nb[1], d * es);
+        ggml_tensor * v = ggml_view_2d(ctx, qkv, d, T, qkv->nb[1], 2 * d * es);
+        q = ggml_rope_ext(ctx, q, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        k = ggml_rope_ext(ctx, k, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        ggml_tensor * K = with_tail(b, l.k_cache, ggml_reshape_2d(ctx, k, d, T));   // [d, S+T]
+        ggml_tensor * V = with_tail(b, l.v_cache, ggml_cont(ctx, v));              // [d, S+T]
+        const int64_t n_kv = K->ne[1];
+        K = ggml_permute(ctx, ggml_reshape_3d(ctx, K, hd, nh, n_kv), 0, 2, 1, 3);  // [hd, n_kv, nh]
+        V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3)); // [n_kv, hd, nh]
+        q = ggml_permute(ctx, q, 0, 2, 1, 3);                                      // [hd, T, nh]
+        ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                                // [n_kv, T, nh]
+        kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+        ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                                // [hd, T, nh]
+        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                      // [hd, nh, T]
+        o = ggml_mul_mat(ctx, l.out, ggml_reshape_2d(ctx, o, d, T));
+        x = ggml_add(ctx, x, ggml_mul(ctx, o, l.ls1));
+
+        h = layer_norm(b, x, l.n2w, l.n2b);
+        h = ggml_mul_mat(ctx, l.down, ggml_gelu_erf(ctx, ggml_mul_mat(ctx, l.up, h)));
+        x = ggml_add(ctx, x, ggml_mul(ctx, h, l.ls2));
+    }
+    return x;
+}
+
+static void new_graph(mimi_runner & r, mimi_graph & g, builder & b) {
+    ggml_init_params ip = {GRAPH_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GRAPH_NODES, false), nullptr, true};
+    g.ctx = ggml_init(ip);
+    if (!g.ctx) csm_fail("out of memory creating a graph");
+    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    b = {g.ctx, g.gf, r.cpu};
+}
+
+static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T) {
+    g.T = T;
+    g.pos = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, T);
+    ggml_set_input(g.pos);
+    const int64_t S = t.layers.empty() ? 0 : MIMI_WINDOW - 1;
+    g.mask = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, S + T, T);
+    ggml_set_input(g.mask);
+}
+
+std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n) {
+    const mimi_arch & a = r.arch;
+    auto g = std::make_unique<mimi_graph>();
+    builder b;
+    new_graph(r, *g, b);
+    ggml_context * ctx = b.ctx;
+
+    // RVQ: sum of codebook rows, per quantizer group through its 1x1 output projection
+    g->ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n, a.n_q);
+    ggml_set_input(g->ids);
+    ggml_tensor * lat = nullptr;
+    int64_t q0 = 0;
+    for (const mimi_rvq * q : {&a.rvq_sem, &a.rvq_ac}) {
+        ggml_tensor * sum = nullptr;
+        for (size_t i = 0; i < q->books.size(); i++) {
+            ggml_tensor * ids = ggml_view_1d(ctx, g->ids, n, g->ids->nb[1] * (q0 + (int64_t) i));
+            ggml_tensor * e = ggml_get_rows(ctx, q->books[i], ids);            // [cb_dim, n]
+            sum = sum ? ggml_add(ctx, sum, e) : e;
+        }
+        q0 += (int64_t) q->books.size();
+        ggml_tensor * p = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, q->out_proj, a.cb_dim, a.dim), sum); // [dim, n]
+        lat = lat ? ggml_add(ctx, lat, p) : p;
+    }
+
+    // upsample: depthwise ConvTranspose1d, kernel 2s, stride s, no bias
+    const int64_t s = a.latent_stride;
+    ggml_tensor * xp = with_tail(b, a.up_tail, lat);                          // [dim, n+1]
+    ggml_tensor * cur = ggml_view_2d(ctx, xp, a.dim, n, xp->nb[1], xp->nb[1]);
+    ggml_tensor * prev = ggml_view_2d(ctx, xp, a.dim, n, xp->nb[1], 0);
+    ggml_tensor * x = nullptr;
+    for (int64_t j = 0; j < s; j++) {
+        ggml_tensor * w0 = ggml_view_2d(ctx, a.up_wp, a.dim, 1, a.up_wp->nb[1], a.up_wp->nb[1] * j);
+        ggml_tensor * w1 = ggml_view_2d(ctx, a.up_wp, a.dim, 1, a.up_wp->nb[1], a.up_wp->nb[1] * (j + s));
+        ggml_tensor * o = ggml_add(ctx, ggml_mul(ctx, cur, w0), ggml_mul(ctx, prev, w1));
+        o = ggml_reshape_3d(ctx, o, a.dim, 1, n);
+        x = x ? ggml_concat(ctx, x, o, 1) : o;                                 // [dim, j+1, n]
+    }
+    x = ggml_reshape_2d(ctx, x, a.dim, s * n);
+
+    attention_inputs(*g, a.dec_tfm, s * n);
+    x = transformer(b, a.dec_tfm, x, g->pos, g->mask);
+
+    // SEANet decoder
+    x = conv(b, a.dec.first, x);
+    for (const mimi_stage & st : a.dec.stages) {
+        x = convtr(b, st.up, ggml_elu(ctx, x));
+        x = resblock(b, st.res, x);
+    }
+    x = conv(b, a.dec.last, ggml_elu(ctx, x));                                 // [1, n * spf]
+    g->pcm_out = x;
+    ggml_set_output(x);
+    ggml_build_forward_expand(g->gf, x);
+    return g;
+}
+
+// Columns of zero padding the reference appends to a strided conv's input of length len at the end
+// of the signal: up to a multiple of the stride.
+static int64_t extra_padding(int64_t len, int64_t stride) { return (stride - len % stride) % stride; }
+
+std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_samples, bool first, bool last) {
+    const mimi_arch & a = r.arch;
+    auto g = std::make_unique<mimi_graph>();
+    builder b;
+    new_graph(r, *g, b);
+    ggml_context * ctx = b.ctx;
+
+    g->pcm_in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_samples);
+    ggml_set_input(g->pcm_in);
+
+    // SEANet encoder
+    ggml_tensor * x = conv(b, a.enc.first, g->pcm_in);
+    for (const mimi_stage & st : a.enc.stages) {
+        x = resblock(b, st.res, x);
+        const int64_t len = x->ne[1];
+        if (!last && len % st.ratio) csm_fail("internal error: encoder chunk not aligned to its strides");
+        x = conv(b, st.down, ggml_elu(ctx, x), last ? extra_padding(len, st.ratio) : 0);
+    }
+    x = conv(b, a.enc.last, ggml_elu(ctx, x));                                 // [dim, T]
+
+    attention_inputs(*g, a.enc_tfm, x->ne[1]);
+    x = transformer(b, a.enc_tfm, x, g->pos, g->mask);
+
+    // downsample: conv k 2s stride s, no bias, replicate padding (first column on the left before the
+    // first chunk, last column on the right at the end)
+    const mimi_conv & dc = a.down;
+    const int64_t T = x->ne[1];
+    const int64_t P = dc.k - dc.stride;
+    ggml_tensor * xp;
+    if (first) {
+        ggml_tensor * col0 = ggml_view_2d(ctx, x, a.dim, 1, x->nb[1], 0);
+        ggml_tensor * left = ggml_repeat_4d(ctx, col0, a.dim, P, 1, 1);
+        xp = ggml_concat(ctx, left, x, 1);
+        ggml_tensor * keep = ggml_view_2d(ctx, xp, a.dim, P, xp->nb[1], xp->nb[1] * (xp->ne[1] - P));
+        ggml_build_forward_expand(b.gf, ggml_cpy(ctx, keep, dc.tail));
+    } else {
+        xp = with_tail(b, dc.tail, x);
+    }
+    const int64_t extra = last ? extra_padding(T, dc.stride) : 0;
+    if (!last && T % dc.stride) csm_fail("internal error: encoder chunk not aligned to the downsampling");
+    if (extra > 0) {
+        ggml_tensor * colN = ggml_view_2d(ctx, xp, a.dim, 1, xp->nb[1], xp->nb[1] * (xp->ne[1] - 1));
+        xp = ggml_concat(ctx, xp, ggml_repeat_4d(ctx, colN, a.dim, extra, 1, 1), 1);
+    }
+    ggml_tensor * lat = conv_padded(b, dc, xp);                                // [dim, F]
+
+    // RVQ encode: per group, project, then for each codebook the nearest row (largest
+    // 2 x.e - |e|^2) and subtract it from the residual
+    for (const mimi_rvq * q : {&a.rvq_sem, &a.rvq_ac}) {
+        ggml_tensor * res = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, q->in_proj, a.dim, a.cb_dim), lat); // [cb_dim, F]
+        for (size_t i = 0; i < q->books.size(); i++) {
+            ggml_tensor * sc = ggml_mul_mat(ctx, q->books[i], res);            // [cb_size, F]
+            sc = ggml_sub(ctx, ggml_scale(ctx, sc, 2.0f), q->norms[i]);
+            ggml_tensor * idx = ggml_argmax(ctx, sc);                          // i32 [F]
+            ggml_set_output(idx);
+            ggml_build_forward_expand(g->gf, idx);
+            g->codes_out.push_back(idx);
+            if (i + 1 < q->books.size()) res = ggml_sub(ctx, res, ggml_get_rows(ctx, q->books[i], idx));
+        }
+    }
+    return g;
+}

@@ -1,0 +1,165 @@
+"""Mimi codec: 32 codes per 80 ms frame <-> mono 24 kHz PCM, on pycsm's native library.
+
+These functions take the raw ``csm_model*`` handle (an int, a ``ctypes.c_void_p`` or any object
+with an ``_as_parameter_``) so they work with any wrapper that owns the loaded model::
+
+    pcm = decode(model_handle, codes)            # codes: int [frames, 32] -> float32 [frames * 1920]
+    codes = encode(model_handle, pcm)            # float [n] -> int32 [frames, 32]
+
+    with MimiStreamDecoder(model_handle) as dec: # chunks of any size; the concatenation equals decode()
+        for chunk in chunks:
+            play(dec.decode(chunk))
+
+The model must outlive every call and every stream decoder made from it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Optional
+
+import numpy as np
+
+from ._native import CSM_N_CODEBOOKS, check_ptr, check_status, lib
+from .errors import CSMError
+
+__all__ = ["decode", "encode", "MimiStreamDecoder", "SAMPLE_RATE", "SAMPLES_PER_FRAME"]
+
+SAMPLE_RATE = 24000
+SAMPLES_PER_FRAME = 1920
+
+_I32P = ctypes.POINTER(ctypes.c_int32)
+_F32P = ctypes.POINTER(ctypes.c_float)
+
+
+def _handle(model) -> ctypes.c_void_p:
+    if model is None:
+        raise CSMError("model handle is None")
+    model = getattr(model, "_as_parameter_", model)
+    if isinstance(model, ctypes.c_void_p):
+        if not model.value:
+            raise CSMError("model handle is NULL")
+        return model
+    if isinstance(model, int):
+        if model == 0:
+            raise CSMError("model handle is NULL")
+        return ctypes.c_void_p(model)
+    raise TypeError(f"expected a csm_model* handle (int or ctypes.c_void_p), got {type(model).__name__}")
+
+
+def _threads(n_threads: Optional[int]) -> int:
+    return 0 if n_threads is None else int(n_threads)
+
+
+def _codes_array(codes) -> np.ndarray:
+    arr = np.asarray(codes)
+    if arr.ndim == 1 and arr.size == CSM_N_CODEBOOKS:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != CSM_N_CODEBOOKS:
+        raise CSMError(f"codes must have shape [frames, {CSM_N_CODEBOOKS}], got {list(arr.shape)}")
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise CSMError(f"codes must be integers, got dtype {arr.dtype}")
+    # values that do not fit int32 must not wrap around into valid codes in the cast
+    i32 = np.iinfo(np.int32)
+    if arr.size and (arr.min() < i32.min or arr.max() > i32.max):
+        f, cb = np.argwhere((arr < i32.min) | (arr > i32.max))[0]
+        raise CSMError(f"code {arr[f, cb]} at frame {f}, codebook {cb} is out of range")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
+def _samples_per_frame(model) -> int:
+    return int(lib.csm_model_hparams(model).samples_per_frame) or SAMPLES_PER_FRAME
+
+
+def decode(model, codes, n_threads: Optional[int] = None) -> np.ndarray:
+    """Decode codes [frames, 32] into float32 PCM at 24 kHz (frames * 1920 samples)."""
+    h = _handle(model)
+    arr = _codes_array(codes)
+    n_frames = arr.shape[0]
+    spf = _samples_per_frame(h)
+    out = np.empty(n_frames * spf, dtype=np.float32)
+    n = lib.csm_mimi_decode(h, arr.ctypes.data_as(_I32P), n_frames, out.ctypes.data_as(_F32P), out.size,
+                            _threads(n_threads))
+    check_status(n, "Mimi decode")
+    return out[:n]
+
+
+def encode(model, pcm, n_threads: Optional[int] = None) -> np.ndarray:
+    """Encode mono 24 kHz PCM (1-D, or [1, n] / [n, 1]) into int32 codes [frames, 32].
+
+    A partial last frame is padded as transformers' MimiModel.encode pads it: ceil(n / 1920) frames.
+    """
+    h = _handle(model)
+    x = np.asarray(pcm)
+    if x.ndim == 2 and 1 in x.shape:
+        x = x.reshape(-1)
+    if x.ndim != 1:
+        raise CSMError(f"pcm must be mono (1-D), got shape {list(x.shape)}")
+    if x.dtype.kind not in "fiu":
+        raise CSMError(f"pcm must be numeric, got dtype {x.dtype}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    spf = _samples_per_frame(h)
+    max_frames = -(-x.size // spf) + 1  # ceil(n / spf) frames, plus room
+    out = np.empty((max_frames, CSM_N_CODEBOOKS), dtype=np.int32)
+    n = lib.csm_mimi_encode(h, x.ctypes.data_as(_F32P), x.size, out.ctypes.data_as(_I32P), max_frames,
+                            _threads(n_threads))
+    check_status(n, "Mimi encode")
+    return out[:n].copy()
+
+
+class MimiStreamDecoder:
+    """Streaming Mimi decoder: feed frames in chunks of any size; the outputs, concatenated, equal
+    decode() of all frames. Holds native state (caches, thread pool): close() it, or use ``with``.
+    """
+
+    def __init__(self, model, n_threads: Optional[int] = None):
+        self._model = _handle(model)
+        self._spf = _samples_per_frame(self._model)
+        self._codec = check_ptr(lib.csm_mimi_codec_new(self._model, _threads(n_threads)), "Mimi stream decoder")
+        self.frames = 0  # frames decoded since creation or the last reset()
+
+    @property
+    def closed(self) -> bool:
+        return not self._codec
+
+    def _live(self):
+        if not self._codec:
+            raise CSMError("the Mimi stream decoder is closed")
+        return self._codec
+
+    def decode(self, codes) -> np.ndarray:
+        """Decode the next frames ([frames, 32] or one frame [32]); returns frames * 1920 samples."""
+        codec = self._live()
+        arr = _codes_array(codes)
+        out = np.empty(arr.shape[0] * self._spf, dtype=np.float32)
+        if arr.shape[0] == 0:
+            return out
+        n = lib.csm_mimi_codec_decode(codec, arr.ctypes.data_as(_I32P), arr.shape[0], out.ctypes.data_as(_F32P),
+                                      out.size)
+        check_status(n, "Mimi stream decode")
+        self.frames += arr.shape[0]
+        return out[:n]
+
+    def reset(self) -> None:
+        """Forget the streamed state: the next decode() starts a new utterance."""
+        lib.csm_mimi_codec_reset(self._live())
+        self.frames = 0
+
+    def close(self) -> None:
+        if self._codec:
+            lib.csm_mimi_codec_free(self._codec)
+            self._codec = None
+
+    def __enter__(self) -> "MimiStreamDecoder":
+        self._live()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
