@@ -260,6 +260,9 @@ class CSM:
 
     Use `CSM.from_pretrained()` to download a published file. Close it (or use `with`) to free the
     weights promptly.
+
+    Thread safety: calls on one CSM from several threads are serialised by an internal lock (safe,
+    one at a time). For parallel synthesis use one CSM per thread, or `generate_batch`.
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):

@@ -83,7 +83,7 @@ def _speak_parser() -> argparse.ArgumentParser:
     s.add_argument("-t", "--temperature", "-tp", dest="temperature", type=_number(float, 0),
                    default=0.9, help="sampling temperature, 0 = greedy (default 0.9)")
     s.add_argument("--top-k", type=_number(int, 0), default=50, help="top-k sampling, 0 = off (default 50)")
-    s.add_argument("--seed", type=int, default=None, help="random seed (default: random; printed with -v)")
+    s.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed at the end)")
     s.add_argument("--max-audio-length", metavar="SECONDS", type=_number(float, 0, strict=True),
                    default=90.0, help="cap on the audio of one utterance/sentence in seconds (default 90)")
     s.add_argument("--pause", metavar="MS", type=_number(float, 0), default=150.0,
@@ -147,8 +147,6 @@ def _load(args):
     from .api import CSM
 
     if args.model is not None:
-        if args.quant is not None or args.repo is not None:
-            raise UsageError("--quant/--repo pick a file from the hub; they cannot be combined with --model")
         return CSM(args.model, n_threads=args.threads, device=args.device)
     from .hub import DEFAULT_QUANT, DEFAULT_REPO
 
@@ -156,8 +154,33 @@ def _load(args):
                                n_threads=args.threads, device=args.device)
 
 
+def _synthesize(tts, text: str, long: bool, gen: dict, args, output: str):
+    """Generate and write the audio (file via a temporary name, or raw to stdout).
+    Returns (seconds written, seed, stop reason)."""
+    from .audio import AudioWriter, float_to_int16
+
+    if not (args.stream or args.output_raw):
+        audio = tts.generate_long(text, **gen) if long else tts.generate(text, **gen)
+        audio.save(output)
+        return audio.duration, audio.seed, audio.stop_reason
+    with (tts.stream_long(text, **gen) if long else tts.stream(text, **gen)) as st:
+        if args.output_raw:
+            out = getattr(sys.stdout, "buffer", sys.stdout)
+            n = 0
+            for chunk in st:
+                out.write(float_to_int16(chunk).tobytes())
+                out.flush()
+                n += chunk.shape[0]
+        else:
+            with AudioWriter(output, tts.sample_rate) as w:
+                for chunk in st:
+                    w.write(chunk)
+            n = w.frames
+    return n / tts.sample_rate, st.seed, st.stop_reason
+
+
 def _speak(argv) -> int:
-    from .audio import AudioWriter, float_to_int16, output_format
+    from .audio import output_format
     from .text import split_sentences
 
     args = _speak_parser().parse_args(argv)
@@ -176,6 +199,8 @@ def _speak(argv) -> int:
         if not Path(output).parent.is_dir():  # before generating, not after
             raise FileNotFoundError(f"output folder does not exist: {Path(output).parent}")
     ctx_flags = _context_flags(args)
+    if args.model is not None and (args.quant is not None or args.repo is not None):
+        raise UsageError("--quant/--repo pick a file from the hub; they cannot be combined with --model")
     if args.temperature > 2 and not args.quiet:
         _note(f"warning: temperature {args.temperature:g} is very high (in crispasr -t sets threads; "
               "here that is --threads)")
@@ -216,26 +241,7 @@ def _speak(argv) -> int:
                 _note(f"generating {len(sentences)} sentence(s), {len(text.strip())} characters")
             t1 = time.perf_counter()
             try:
-                if args.stream or args.output_raw:
-                    st = (tts.stream_long(text, **gen) if long else tts.stream(text, **gen))
-                    with st:
-                        if args.output_raw:
-                            out = getattr(sys.stdout, "buffer", sys.stdout)
-                            n = 0
-                            for chunk in st:
-                                out.write(float_to_int16(chunk).tobytes())
-                                out.flush()
-                                n += chunk.shape[0]
-                        else:
-                            with AudioWriter(output, tts.sample_rate) as w:
-                                for chunk in st:
-                                    w.write(chunk)
-                            n = w.frames
-                    seconds, seed, reason = n / tts.sample_rate, st.seed, st.stop_reason
-                else:
-                    audio = tts.generate_long(text, **gen) if long else tts.generate(text, **gen)
-                    audio.save(output)
-                    seconds, seed, reason = audio.duration, audio.seed, audio.stop_reason
+                seconds, seed, reason = _synthesize(tts, text, long, gen, args, output)
             finally:
                 if bar is not None:
                     bar.close()

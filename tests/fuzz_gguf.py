@@ -995,7 +995,7 @@ def worker_main(args):
 def signature(msg: str) -> str:
     """An error message without its numbers and quoted names, to count kinds of rejection."""
     s = re.sub(r"'[^']*'", "'_'", msg)
-    s = re.sub(r"/\S+", "PATH", s)
+    s = re.sub(r"(?<![\w])/[\w./-]+", "PATH", s)
     s = re.sub(r"gguf_init_from_\w+: ", "", s)
     s = re.sub(r"-?\d+(\.\d+)?(e[-+]?\d+)?", "N", s)
     return s.strip()[:100]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -73,8 +74,6 @@ def assert_one_line_error(rc, err, status, pattern):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pycsm: error: "), err
     assert "Traceback" not in err
-    import re
-
     assert re.search(pattern, lines[0]), lines[0]
 
 
@@ -128,7 +127,8 @@ def test_output_formats(run, model, tmp_path, suffix, fmt):
 def test_text_from_stdin_and_file(run, model, tts, tmp_path):
     ref = tts.generate("Read from a file.", seed=4, max_audio_length_ms=400).to_int16()
     (tmp_path / "t.txt").write_text("Read from a file.\n", encoding="utf-8")
-    for args, stdin in [(["-f", tmp_path / "t.txt"], ""), ([], "Read from a file.\n"), (["-f", "-"], "Read from a file.")]:
+    sources = [(["-f", tmp_path / "t.txt"], ""), ([], "Read from a file.\n"), (["-f", "-"], "Read from a file.")]
+    for args, stdin in sources:
         out = tmp_path / "o.wav"
         rc, _, err = run([*args, "-m", model, "-o", out, "--seed", "4", "-q", *CAP], stdin=stdin)
         assert rc == 0, err

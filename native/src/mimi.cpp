@@ -44,6 +44,7 @@ template <typename F> static mimi_graph & graph(mimi_runner & r, int64_t key, F 
 
 // RoPE positions and the sliding-window causal mask of a chunk of g.T positions after r.n_pos.
 static void set_attention(mimi_runner & r, mimi_graph & g) {
+    if (!g.pos) return;
     const int64_t T = g.T, n_kv = g.mask->ne[0], S = n_kv - T;
     std::vector<int32_t> pos(T);
     for (int64_t t = 0; t < T; t++) pos[t] = (int32_t) (r.n_pos + t);
@@ -65,31 +66,30 @@ static void compute(mimi_runner & r, mimi_graph & g) {
     if (st != GGML_STATUS_SUCCESS) csm_fail("Mimi graph computation failed (status %d)", (int) st);
 }
 
-static void check_codes(const mimi_arch & a, const int32_t * codes, int64_t n_frames) {
-    for (int64_t f = 0; f < n_frames; f++) {
-        for (int64_t q = 0; q < a.n_q; q++) {
-            const int32_t c = codes[f * a.n_q + q];
-            if (c < 0 || c >= a.cb_size) {
-                csm_fail("code %d at frame %lld, codebook %lld is outside [0, %lld)", c, (long long) f, (long long) q,
-                         (long long) a.cb_size);
-            }
-        }
-    }
-}
-
-static void check_decode_args(const mimi_runner & r, const int32_t * codes, int64_t n_frames, const float * out,
+// Checks everything about a decode call that can be checked without reading past the caller's
+// buffers: pointers, counts, the output size, every code (before any state changes).
+static void check_decode_args(const csm_model * m, const int32_t * codes, int64_t n_frames, const float * out,
                               int64_t max_samples) {
-    const mimi_arch & a = r.arch;
+    const csm_hparams & h = m->hp;
     if (!codes) csm_fail("codes is NULL");
     if (!out) csm_fail("out_pcm is NULL");
     if (n_frames < 0) csm_fail("n_frames is negative (%lld)", (long long) n_frames);
     if (n_frames > MAX_FRAMES) csm_fail("n_frames %lld is absurd (more than %lld)", (long long) n_frames, (long long) MAX_FRAMES);
-    const int64_t need = n_frames * a.samples_per_frame;
+    const int64_t need = n_frames * h.samples_per_frame;
     if (max_samples < need) {
         csm_fail("max_samples %lld is too small: %lld frames decode to %lld samples", (long long) max_samples,
                  (long long) n_frames, (long long) need);
     }
-    check_codes(a, codes, n_frames);
+    const int64_t nq = h.mimi_n_quantizers;
+    for (int64_t f = 0; f < n_frames; f++) {
+        for (int64_t q = 0; q < nq; q++) {
+            const int32_t c = codes[f * nq + q];
+            if (c < 0 || c >= h.mimi_codebook_size) {
+                csm_fail("code %d at frame %lld, codebook %lld is outside [0, %d)", c, (long long) f, (long long) q,
+                         h.mimi_codebook_size);
+            }
+        }
+    }
 }
 
 // Decodes n_frames frames after the runner's state into out (n_frames * samples_per_frame floats).
@@ -165,11 +165,8 @@ int64_t csm_mimi_decode(const csm_model * model, const int32_t * codes, int32_t 
     return csm_guard<int64_t>(-1, [&]() -> int64_t {
         if (!model) csm_fail("model is NULL");
         if (n_frames <= 0) csm_fail("n_frames must be positive, got %d", n_frames);
-        // cheap checks before the runner is made
-        if (!codes) csm_fail("codes is NULL");
-        if (!out_pcm) csm_fail("out_pcm is NULL");
+        check_decode_args(model, codes, n_frames, out_pcm, max_samples);
         std::unique_ptr<mimi_runner> r = new_runner(model, n_threads, false);
-        check_decode_args(*r, codes, n_frames, out_pcm, max_samples);
         return decode_frames(*r, codes, n_frames, out_pcm);
     });
 }
@@ -198,7 +195,7 @@ int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int
     return csm_guard<int64_t>(-1, [&]() -> int64_t {
         if (!codec) csm_fail("codec is NULL");
         if (n_frames == 0) return 0;
-        check_decode_args(*codec->dec, codes, n_frames, out_pcm, max_samples);
+        check_decode_args(codec->dec->model, codes, n_frames, out_pcm, max_samples);
         return decode_frames(*codec->dec, codes, n_frames, out_pcm);
     });
 }

@@ -116,8 +116,8 @@ struct mimi_graph {
     ggml_cgraph * gf = nullptr;
     ggml_tensor * ids = nullptr;    // decoder: i32 [n_frames, n_q] codes, codebook-major
     ggml_tensor * pcm_in = nullptr; // encoder: f32 [1, n_samples]
-    ggml_tensor * pos = nullptr;    // i32 [T] RoPE positions
-    ggml_tensor * mask = nullptr;   // f32 [S + T, T] attention mask
+    ggml_tensor * pos = nullptr;    // i32 [T] RoPE positions (null without transformer layers)
+    ggml_tensor * mask = nullptr;   // f32 [MIMI_WINDOW - 1 + T, T] attention mask (cached keys first)
     ggml_tensor * pcm_out = nullptr; // decoder: f32 [1, n_frames * samples_per_frame]
     std::vector<ggml_tensor *> codes_out; // encoder: i32 [n_frames] per codebook
     int64_t T = 0;                  // transformer positions of the chunk

@@ -134,10 +134,10 @@ static void new_graph(mimi_runner & r, mimi_graph & g, builder & b) {
 
 static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T) {
     g.T = T;
+    if (t.layers.empty()) return;  // no attention: no inputs (they would stay unallocated)
     g.pos = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, T);
     ggml_set_input(g.pos);
-    const int64_t S = t.layers.empty() ? 0 : MIMI_WINDOW - 1;
-    g.mask = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, S + T, T);
+    g.mask = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, MIMI_WINDOW - 1 + T, T);
     ggml_set_input(g.mask);
 }
 
