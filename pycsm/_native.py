@@ -208,8 +208,10 @@ def _library_candidates() -> list[Path]:
     names = {"linux": "libcsm.so", "darwin": "libcsm.dylib", "win32": "csm.dll"}
     name = names.get(sys.platform, "libcsm.so")
     found = [here / name]
-    # a development build next to the sources (cmake -B build/dev)
-    found += sorted(here.parent.glob(f"build/*/{name}"))
+    # a development build next to the sources (cmake -B build/dev first); sanitizer builds need
+    # their runtime preloaded, so they are only used through PYCSM_LIBRARY
+    builds = sorted(here.parent.glob(f"build/*/{name}"), key=lambda p: (p.parent.name != "dev", str(p)))
+    found += [p for p in builds if "san" not in p.parent.name]
     return found
 
 

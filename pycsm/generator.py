@@ -82,22 +82,33 @@ class Generator:
         params = self._params(temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos)
         cap = max_frames if max_frames > 0 else self.model.hparams.bb_max_pos
         out = np.zeros((cap, N.CSM_N_CODEBOOKS), dtype=np.int32)
-        failure = []
-        if on_frame is not None:
-            def _cb(idx, codes_ptr, _ud):
-                try:
-                    codes = np.ctypeslib.as_array(codes_ptr, shape=(N.CSM_N_CODEBOOKS,)).copy()
-                    return on_frame(int(idx), codes) is not False
-                except BaseException as e:  # KeyboardInterrupt included: stop within this frame
-                    failure.append(e)
-                    return False
+        failure, user_stop = [], []
 
-            cb = N.csm_frame_callback(_cb)
-            params.on_frame = cb
+        # Always called once per frame, so that Ctrl-C stops generation within a frame. A
+        # KeyboardInterrupt can surface as the callback starts, before its try: ctypes then
+        # swallows it and returns False; an abort that neither on_frame nor an exception asked
+        # for is therefore that interrupt, re-raised below.
+        def _cb(idx, codes_ptr, _ud):
+            try:
+                if on_frame is None:
+                    return True
+                codes = np.ctypeslib.as_array(codes_ptr, shape=(N.CSM_N_CODEBOOKS,)).copy()
+                if on_frame(int(idx), codes) is False:
+                    user_stop.append(True)
+                    return False
+                return True
+            except BaseException as e:  # KeyboardInterrupt included: stop within this frame
+                failure.append(e)
+                return False
+
+        cb = N.csm_frame_callback(_cb)
+        params.on_frame = cb
         res = N.csm_generate_result()
         n = N.lib.csm_generate(self.handle, _i32p(p), p.shape[0], params, _i32p(out), cap, ctypes.byref(res))
         if failure:
             raise failure[0]
+        if n >= 0 and res.stop_reason == N.CSM_STOP_ABORTED and not user_stop:
+            raise KeyboardInterrupt
         N.check_status(n, "generation failed")
         return GenerateResult(out[:n].copy(), STOP_REASONS.get(res.stop_reason, "unknown"), res.n_prompt,
                               res.t_prefill_ms, res.t_backbone_ms, res.t_depth_ms)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from dataclasses import dataclass, fields
@@ -85,6 +86,14 @@ def set_log_callback(callback) -> None:
         N.lib.csm_log_set(_log_ref, None)
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer_for(path: str, mtime_ns: int, size: int):
+    """The tokenizer of a GGUF, built once per file version (building it takes ~0.7 s)."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(path)
+
+
 class Model:
     """A CSM GGUF loaded by the native library.
 
@@ -118,9 +127,8 @@ class Model:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from .tokenizer import Tokenizer
-
-            self._tokenizer = Tokenizer.from_gguf(self.path)
+            st = self.path.stat()
+            self._tokenizer = _tokenizer_for(str(self.path.resolve()), st.st_mtime_ns, st.st_size)
         return self._tokenizer
 
     @property
@@ -186,14 +194,23 @@ def quantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str
     params = N.lib.csm_quantize_default_params()
     params.type = types[qtype]
     params.n_threads = n_threads or 0
-    if progress is not None:
-        def _cb(done, total, _ud):
-            try:
-                return progress(int(done), int(total)) is not False
-            except Exception:
-                return False
+    failure, user_stop = [], []
 
-        cb = N.csm_progress_callback(_cb)
-        params.progress = cb
-    N.check_status(N.lib.csm_quantize(os.fsencode(in_path), os.fsencode(out_path), params),
-                   f"cannot quantise {in_path}")
+    def _cb(done, total, _ud):  # always set, so that Ctrl-C stops between tensors
+        try:
+            if progress is not None and progress(int(done), int(total)) is False:
+                user_stop.append(True)
+                return False
+            return True
+        except BaseException as e:
+            failure.append(e)
+            return False
+
+    cb = N.csm_progress_callback(_cb)
+    params.progress = cb
+    status = N.lib.csm_quantize(os.fsencode(in_path), os.fsencode(out_path), params)
+    if failure:
+        raise failure[0]
+    if status < 0 and "aborted" in N.last_error() and not user_stop:
+        raise KeyboardInterrupt
+    N.check_status(status, f"cannot quantise {in_path}")

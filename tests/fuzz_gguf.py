@@ -1007,6 +1007,7 @@ class Summary:
     outcomes: dict = field(default_factory=dict)
     findings: list = field(default_factory=list)     # crashes, hangs, bad results
     signatures: dict = field(default_factory=dict)   # rejection kinds -> count
+    steps: dict = field(default_factory=dict)        # what ran on models that loaded -> count
     bases: dict = field(default_factory=dict)
     seconds: float = 0.0
     slowest: list = field(default_factory=list)
@@ -1016,6 +1017,9 @@ class Summary:
                  "bases: " + ", ".join(f"{k} {v}" for k, v in sorted(self.bases.items())),
                  f"{len(self.signatures)} kinds of rejection; most common:"]
         for sig, n in sorted(self.signatures.items(), key=lambda kv: -kv[1])[:12]:
+            lines.append(f"  {n:6d}  {sig}")
+        lines.append("on models that loaded:")
+        for sig, n in sorted(self.steps.items(), key=lambda kv: -kv[1])[:12]:
             lines.append(f"  {n:6d}  {sig}")
         lines.append("slowest: " + ", ".join(f"#{i} {ms:.0f} ms" for ms, i in self.slowest[:5]))
         for f in self.findings:
@@ -1066,11 +1070,13 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
         if own else Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if bases is None:
-        bases = make_bases(find_tiny(), REPO / ".fixture-cache" / "fuzz-bases")
+        tiny = find_tiny()
+        bases = make_bases(tiny, tiny.parent / "fuzz-bases")
     bases = {k: str(v) for k, v in bases.items()}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--seed", str(seed), "--bases", json.dumps(bases),
            "--workdir", str(workdir), "--quantize-rate", str(quantize_rate), "--rlimit-gb", str(rlimit_gb)]
     env = dict(os.environ if env is None else env)
+    env["GGML_NO_BACKTRACE"] = "1"  # ggml_abort would start gdb, which writes to our stdout
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     s = Summary()
     t_start = time.monotonic()
@@ -1154,6 +1160,9 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
                     if o == "rejected":
                         sig = signature(res.get("msg", ""))
                         s.signatures[sig] = s.signatures.get(sig, 0) + 1
+                    for step in res.get("steps", []) + ([("quantize " + res["quantize"])] if "quantize" in res else []):
+                        sig = signature(step)
+                        s.steps[sig] = s.steps.get(sig, 0) + 1
                     if o == "bad":
                         record_finding("bad", w.task, res.get("why", "") + " " + json.dumps(res)[:500])
                     w.case = None
@@ -1249,6 +1258,101 @@ def type_matrix(bases: dict, out_dir: Path, roles=TYPE_ROLES, types=None) -> lis
     return files
 
 
+def regression_files(bases: dict, out_dir: Path) -> list:
+    """Hand-made files for the crashes, hangs and abuses found so far:
+    [(path, description, quantize, expected outcome, message regex or None)]."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mut = Mutator({k: bases[k] for k in ("micro-f32", "micro-q4_k")})
+    out = []
+
+    def add(name, bname, edit, expect="rejected", match=None, quantize=False, relayout=True, data=None):
+        base = mut.bases[bname]
+        g = base[2].copy()
+        edit(g)
+        c = mut.build(base, g, [name], relayout=relayout)
+        p = out_dir / f"{name}.gguf"
+        mut.write(bname, c, p)
+        if data is not None:
+            data(p, g)
+        out.append((p, f"{bname} | {name}", quantize, expect, match))
+
+    def set_kv(key, vtype, value):
+        def edit(g):
+            payload = enc_value(vtype, value)
+            i = g.find(key)
+            if i >= 0:
+                g.kvs[i] = [key, vtype, payload]
+            else:
+                g.kvs.append([key, vtype, payload])
+        return edit
+
+    def retype(name, ttype):
+        def edit(g):
+            next(t for t in g.tensors if t.name == name).ttype = ttype
+        return edit
+
+    def many_keys(n):
+        def edit(g):
+            g.kvs += [[b"junk.%d" % j, T_U8, b"\1"] for j in range(n)]
+        return edit
+
+    def many_tensors(n):
+        def edit(g):
+            g.tensors += [Tensor(b"junk.%d" % j, [1], 0, 0, (0, 0)) for j in range(n)]
+        return edit
+
+    def zero_dim(g):
+        next(t for t in g.tensors if t.name == b"mimi.enc_tfm.layers.1.attn.out_w").ne[0] = 0
+
+    def poke(name, values, rows=None):
+        """Overwrites f32 elements of tensor `name` in the written file."""
+        def data(path, g):
+            import numpy as np
+
+            head, _ = serialize_header(g)
+            t = next(t for t in g.tensors if t.name == name)
+            with open(path, "r+b") as f:
+                f.seek(len(head) + t.offset)
+                a = np.frombuffer(f.read(nbytes(t.ne, t.ttype)), np.float32).copy().reshape(-1, t.ne[0])
+                idx = slice(None) if rows is None else rows
+                a[idx] = values
+                f.seek(len(head) + t.offset)
+                f.write(a.tobytes())
+        return data
+
+    # ggml's parser compares every key (tensor name) with all earlier ones: quadratic time
+    add("many-keys", "micro-q4_k", many_keys(300_000), match="key/value pairs")
+    add("many-tensors", "micro-q4_k", many_tensors(200_000), match="tensors, more than")
+    # a zero dimension reached csm_quantize's rows = n / ne[0] (SIGFPE)
+    add("zero-dim", "micro-q4_k", zero_dim, quantize=True)
+    # Q8_1 / Q8_K matrices: quantised types without to_float / vec_dot (null function call)
+    add("q8_1-matrix", "micro-f32", retype(b"backbone.blk.0.attn_q.weight", 9), match="not a weight type", quantize=True)
+    add("q8_1-embedding", "micro-f32", retype(b"backbone.text_embd.weight", 9), match="not a weight type")
+    add("q8_k-matrix", "micro-f32", retype(b"backbone.blk.1.ffn_down.weight", 15), match="not a weight type")
+    add("q8_1-mimi", "micro-f32", retype(b"mimi.dec_tfm.layers.0.attn.qkv_w", 9), match="weight type|type q8_1")
+    # a Mimi without transformer layers left the attention inputs unallocated (GGML_ASSERT)
+    add("mimi-no-layers", "micro-f32", set_kv(b"csm.mimi.n_layers", T_U32, 0), expect="any")
+    # general.alignment of every wrong kind
+    for vt, v in ((T_STR, b"32"), (T_U64, 32), (T_U8, 32), (T_I32, 32), (T_U32, 0), (T_U32, 3), (T_U32, 1 << 31)):
+        add(f"alignment-{vt}-{v!r}", "micro-f32", set_kv(b"general.alignment", vt, v), relayout=False)
+    add("alignment-array", "micro-f32",
+        lambda g: g.kvs.append([b"general.alignment", T_ARR, enc_array(T_U32, [32])]), relayout=False)
+    # error messages quote strings from the file: they must stay readable
+    add("huge-architecture", "micro-f32", set_kv(b"general.architecture", T_STR, b"A" * (1 << 20)),
+        match="unsupported architecture")
+    add("huge-rope-type", "micro-f32", set_kv(b"csm.backbone.rope_scaling_type", T_STR, b"B" * (1 << 20)),
+        match="RoPE")
+    # weights that make NaN / inf logits: generation must still give codes in range
+    add("nan-head-rows", "micro-f32", lambda g: None, expect="ok",
+        data=poke(b"backbone.codebook0_head.weight", float("nan"), rows=slice(0, None, 2)))
+    add("nan-head-all", "micro-f32", lambda g: None, expect="ok",
+        data=poke(b"backbone.codebook0_head.weight", float("nan")))
+    add("inf-depth-heads", "micro-f32", lambda g: None, expect="ok",
+        data=poke(b"depth.codebooks_head.weight", float("inf"), rows=slice(0, None, 3)))
+    add("inf-embedding", "micro-f32", lambda g: None, expect="ok", data=poke(b"backbone.text_embd.weight", float("inf")))
+    return out
+
+
 def dump(cases: int, seed: int, out_dir: Path, bases: dict, start: int = 0):
     """Writes the cases' files (for a native driver, e.g. .ci/sanitize's leak check)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1268,7 +1372,7 @@ def main(argv=None):
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--model", type=Path, help="tiny-f32.gguf (default: the test fixture's)")
-    ap.add_argument("--bases-dir", type=Path, default=REPO / ".fixture-cache" / "fuzz-bases")
+    ap.add_argument("--bases-dir", type=Path, help="where the bases are built (default: next to the model)")
     ap.add_argument("--findings", type=Path, default=Path("fuzz-findings"))
     ap.add_argument("--quantize-rate", type=float, default=0.08)
     ap.add_argument("--rlimit-gb", type=float, default=16.0, help="address-space limit of a worker (not under ASan)")
@@ -1290,7 +1394,8 @@ def main(argv=None):
         res = run_file(args.replay, rng, Path(tempfile.mkdtemp()) / "q.gguf" if q else None)
         print(json.dumps(res, indent=1))
         return 0 if res["outcome"] != "bad" else 1
-    bases = make_bases(args.model or find_tiny(), args.bases_dir)
+    model = args.model or find_tiny()
+    bases = make_bases(model, args.bases_dir or model.parent / "fuzz-bases")
     if args.dump:
         dump(args.cases, args.seed, args.dump, bases, args.start)
         return 0

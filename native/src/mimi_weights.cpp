@@ -5,6 +5,7 @@
 #include "csm_context.h"
 #include "csm_log.h"
 
+#include <algorithm>
 #include <cmath>
 
 // ---------------------------------------------------------------------------------------------
@@ -237,6 +238,25 @@ struct prep_plan {
 
 } // namespace
 
+// dst = src with its three axes reordered: dst axis j is src axis perm[j] (host memory). The dst
+// rows are filled 16 elements at a time so that the strided reads of a tile share cache lines.
+template <typename T> static void permute_host(const T * src, T * dst, const int64_t ne[3], const int perm[3]) {
+    const int64_t sb[3] = {1, ne[0], ne[0] * ne[1]};                    // src strides per src axis
+    const int64_t dn[3] = {ne[perm[0]], ne[perm[1]], ne[perm[2]]};      // dst extents
+    const int64_t ds[3] = {sb[perm[0]], sb[perm[1]], sb[perm[2]]};      // src stride per dst axis
+    const int64_t TILE = 16;
+    for (int64_t b0 = 0; b0 < dn[0]; b0 += TILE) {
+        const int64_t e0 = std::min(dn[0], b0 + TILE);
+        for (int64_t i2 = 0; i2 < dn[2]; i2++) {
+            for (int64_t i1 = 0; i1 < dn[1]; i1++) {
+                const T * s = src + i2 * ds[2] + i1 * ds[1];
+                T * d = dst + (i2 * dn[1] + i1) * dn[0];
+                for (int64_t i0 = b0; i0 < e0; i0++) d[i0] = s[i0 * ds[0]];
+            }
+        }
+    }
+}
+
 static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols) {
     if (cols <= 0) return nullptr;
     return ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows, cols);
@@ -287,7 +307,24 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
         if (!ctx) csm_fail("out of memory");
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
         ggml_tensor * rows = nullptr;
+        const bool host = ggml_backend_buffer_is_host(buf_prep);
+        std::vector<char> tmp;
         for (const prep_item & it : plan.items) {
+            // kernel permutations of host weights: a plain loop (ggml copies such views element by element)
+            const bool conv_kind = it.kind == prep_item::CONV || it.kind == prep_item::CONVTR;
+            if (conv_kind && host && it.src->buffer && ggml_backend_buffer_is_host(it.src->buffer) &&
+                ggml_is_contiguous(it.src) && it.src->type == it.dst->type) {
+                static const int p_conv[3] = {1, 0, 2}, p_convtr[3] = {2, 1, 0};
+                tmp.resize(ggml_nbytes(it.dst));
+                const int * perm = it.kind == prep_item::CONV ? p_conv : p_convtr;
+                if (ggml_element_size(it.src) == 4) {
+                    permute_host((const uint32_t *) it.src->data, (uint32_t *) tmp.data(), it.src->ne, perm);
+                } else {
+                    permute_host((const uint16_t *) it.src->data, (uint16_t *) tmp.data(), it.src->ne, perm);
+                }
+                ggml_backend_tensor_set(it.dst, tmp.data(), 0, tmp.size());
+                continue;
+            }
             ggml_tensor * v = nullptr;
             switch (it.kind) {
                 case prep_item::CONV:     // [k, in, out] -> [in, k, out]
