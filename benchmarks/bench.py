@@ -58,16 +58,18 @@ def wait_until_idle(max_wait_s: float, log, busy_limit: float = 0.15, quiet_s: i
     """Wait (up to max_wait_s) until the machine is idle: busy < busy_limit cores for quiet_s
     consecutive seconds. Returns the seconds waited."""
     t0 = time.perf_counter()
-    quiet, told = 0, False
+    quiet, told, peak = 0, False, 0.0
     while time.perf_counter() - t0 < max_wait_s:
         b0, w0 = cpu_busy_seconds(), time.perf_counter()
         time.sleep(1.0)
         busy = (cpu_busy_seconds() - b0) / (time.perf_counter() - w0)
+        peak = max(peak, busy)
         quiet = quiet + 1 if busy < busy_limit else 0
         if quiet >= quiet_s:
             return time.perf_counter() - t0
         if not told and time.perf_counter() - t0 > 5:
-            log(f"[bench] machine busy ({busy:.1f} cores used by other processes): waiting up to {max_wait_s:.0f} s")
+            log(f"[bench] machine busy (up to {peak:.1f} cores used by other processes): "
+                f"waiting up to {max_wait_s:.0f} s")
             told = True
     log("[bench] still busy: measuring anyway (the row is flagged)")
     return time.perf_counter() - t0
@@ -192,39 +194,51 @@ def _pycsm_prompt(model):
 
 
 def _mimi_stream(model, codes, threads):
-    """Streaming Mimi decode through the C API (csm_mimi_codec_*), one frame at a time.
-    Returns (first frame ms, mean ms per frame, note)."""
-    import ctypes
-
+    """Streaming Mimi decode, one frame at a time: pycsm.codec.MimiStreamDecoder when pycsm has it,
+    else the C API (csm_mimi_codec_*) directly. Returns (first frame ms, mean ms per frame, note)."""
     import numpy as np
 
-    from pycsm import _native as N
-
     try:
-        import pycsm.codec  # noqa: F401  (only to say whether the Python wrapper exists)
-        note = "pycsm.codec present; timed through the C API"
+        from pycsm.codec import MimiStreamDecoder
     except ImportError:
-        note = "pycsm.codec missing; timed through the C API"
-    spf = model.hparams.samples_per_frame
-    codec = N.lib.csm_mimi_codec_new(model.handle, threads)
-    if not codec:
-        return None, None, "Mimi unavailable: " + N.lib.csm_last_error().decode(errors="replace")
+        MimiStreamDecoder = None
+    pcm_all, times = [], []
     try:
-        pcm = np.zeros(spf, dtype=np.float32)
-        times = []
-        for f in range(codes.shape[0]):
-            c = np.ascontiguousarray(codes[f:f + 1], dtype=np.int32)
-            t = time.perf_counter()
-            n = N.lib.csm_mimi_codec_decode(codec, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 1,
-                                            pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), spf)
-            times.append((time.perf_counter() - t) * 1e3)
-            if n < 0:
-                return None, None, "Mimi decode failed: " + N.lib.csm_last_error().decode(errors="replace")
-        if not np.isfinite(pcm).all():
-            note += "; non-finite PCM"
-        return times[0], float(np.mean(times)), note
-    finally:
-        N.lib.csm_mimi_codec_free(codec)
+        if MimiStreamDecoder is not None:
+            note = "pycsm.codec.MimiStreamDecoder, one frame per call"
+            with MimiStreamDecoder(model.handle, n_threads=threads) as dec:
+                for f in range(codes.shape[0]):
+                    t = time.perf_counter()
+                    pcm_all.append(dec.decode(codes[f:f + 1]))
+                    times.append((time.perf_counter() - t) * 1e3)
+        else:
+            import ctypes
+
+            from pycsm import _native as N
+
+            note = "pycsm.codec missing: C API csm_mimi_codec_decode, one frame per call"
+            spf = model.hparams.samples_per_frame
+            codec = N.lib.csm_mimi_codec_new(model.handle, threads)
+            if not codec:
+                raise RuntimeError(N.lib.csm_last_error().decode(errors="replace"))
+            try:
+                for f in range(codes.shape[0]):
+                    c = np.ascontiguousarray(codes[f:f + 1], dtype=np.int32)
+                    pcm = np.zeros(spf, dtype=np.float32)
+                    t = time.perf_counter()
+                    n = N.lib.csm_mimi_codec_decode(codec, c.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 1,
+                                                    pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), spf)
+                    times.append((time.perf_counter() - t) * 1e3)
+                    if n < 0:
+                        raise RuntimeError(N.lib.csm_last_error().decode(errors="replace"))
+                    pcm_all.append(pcm)
+            finally:
+                N.lib.csm_mimi_codec_free(codec)
+    except Exception as e:  # noqa: BLE001  (not implemented yet, or failing: report, go on)
+        return None, None, f"Mimi unavailable: {e}"
+    if not all(np.isfinite(p).all() for p in pcm_all):
+        note += "; non-finite PCM"
+    return times[0], float(np.mean(times)), note
 
 
 def worker_pycsm(args) -> dict:
@@ -638,6 +652,7 @@ def main(argv=None) -> int:
                     help="before each run, wait up to this many seconds for other processes to leave the CPU "
                          "alone (0: do not wait); ggml's spinning threads slow down badly when cores are shared")
     ap.add_argument("--json", type=Path, help="write all measurements to this JSON file")
+    ap.add_argument("--table-from", type=Path, help="print the table of a saved --json file and exit")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -645,6 +660,14 @@ def main(argv=None) -> int:
 
     if args.worker:
         emit(WORKERS[args.worker](args))
+        return 0
+    if args.table_from:
+        d = json.loads(args.table_from.read_text())
+        bw = d.get("bandwidth_bytes_per_s") or 0
+        method = next((r.get("method") for r in d["results"] if r.get("kind") == "bandwidth"), "?")
+        args.frames = int(d["args"]["frames"])
+        args.threads = int(d["args"]["threads"])
+        print_table(d["rows"], bw, method, args)
         return 0
 
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
@@ -674,17 +697,28 @@ def main(argv=None) -> int:
             have_crisp = True
         except ImportError:
             log("[bench] crispasr not installed (pip install crispasr): CrispASR skipped")
+    def save():  # after every configuration, so an interrupted run keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "reads": reads,
+                                             "bandwidth_bytes_per_s": bw, "results": results,
+                                             "rows": build_rows(results, reads, bw or 0, files)}, indent=1))
+
+    save()
     for f in files:
         results.append(run_worker("pycsm", args, log, file=f))
+        save()
         if args.batch > 1:
             results.append(run_worker("pycsm-batch", args, log, file=f))
+            save()
         if have_crisp:
             results.append(run_worker("crispasr", args, log, file=f))
+            save()
     if not args.no_peers and not args.no_transformers:
         try:
             import transformers  # noqa: F401
             for dt in [d for d in args.transformers_dtypes.split(",") if d]:
                 results.append(run_worker("transformers", args, log, file=files[0], dtype=dt))
+                save()
         except ImportError:
             log("[bench] transformers not installed: skipped")
 
@@ -706,10 +740,7 @@ def main(argv=None) -> int:
                 print(f"note: batch x{r['batch']} on {Path(r['file']).name}: {r['frames_per_s']:.2f} frames/s "
                       f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x)")
     log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "reads": reads,
-                                         "bandwidth_bytes_per_s": bw, "results": results, "rows": rows},
-                                        indent=1))
+    save()
     return 0
 
 

@@ -15,15 +15,15 @@ The model must outlive every call and every stream decoder made from it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from typing import Optional
 
 import numpy as np
 
 from ._native import CSM_N_CODEBOOKS, check_ptr, check_status, lib
 from .errors import CSMError
 
-__all__ = ["decode", "encode", "MimiStreamDecoder", "SAMPLE_RATE", "SAMPLES_PER_FRAME"]
+__all__ = ["SAMPLES_PER_FRAME", "SAMPLE_RATE", "MimiStreamDecoder", "decode", "encode"]
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920
@@ -47,7 +47,7 @@ def _handle(model) -> ctypes.c_void_p:
     raise TypeError(f"expected a csm_model* handle (int or ctypes.c_void_p), got {type(model).__name__}")
 
 
-def _threads(n_threads: Optional[int]) -> int:
+def _threads(n_threads: int | None) -> int:
     return 0 if n_threads is None else int(n_threads)
 
 
@@ -71,8 +71,12 @@ def _samples_per_frame(model) -> int:
     return int(lib.csm_model_hparams(model).samples_per_frame) or SAMPLES_PER_FRAME
 
 
-def decode(model, codes, n_threads: Optional[int] = None) -> np.ndarray:
-    """Decode codes [frames, 32] into float32 PCM at 24 kHz (frames * 1920 samples)."""
+def decode(model, codes, n_threads: int | None = None) -> np.ndarray:
+    """Decode codes [frames, 32] into float32 PCM at 24 kHz (frames * 1920 samples).
+
+    Each call prepares the codec afresh (tens of ms at full size); to decode piece by piece, keep a
+    MimiStreamDecoder instead.
+    """
     h = _handle(model)
     arr = _codes_array(codes)
     n_frames = arr.shape[0]
@@ -84,8 +88,8 @@ def decode(model, codes, n_threads: Optional[int] = None) -> np.ndarray:
     return out[:n]
 
 
-def encode(model, pcm, n_threads: Optional[int] = None) -> np.ndarray:
-    """Encode mono 24 kHz PCM (1-D, or [1, n] / [n, 1]) into int32 codes [frames, 32].
+def encode(model, pcm, n_threads: int | None = None) -> np.ndarray:
+    """Encode mono 24 kHz float PCM (1-D, or [1, n] / [n, 1]) into int32 codes [frames, 32].
 
     A partial last frame is padded as transformers' MimiModel.encode pads it: ceil(n / 1920) frames.
     """
@@ -95,8 +99,9 @@ def encode(model, pcm, n_threads: Optional[int] = None) -> np.ndarray:
         x = x.reshape(-1)
     if x.ndim != 1:
         raise CSMError(f"pcm must be mono (1-D), got shape {list(x.shape)}")
-    if x.dtype.kind not in "fiu":
-        raise CSMError(f"pcm must be numeric, got dtype {x.dtype}")
+    if x.dtype.kind != "f":
+        raise CSMError(f"pcm must be floating point samples (about [-1, 1]), got dtype {x.dtype}; "
+                       "scale integer PCM first, e.g. int16 / 32768")
     x = np.ascontiguousarray(x, dtype=np.float32)
     spf = _samples_per_frame(h)
     max_frames = -(-x.size // spf) + 1  # ceil(n / spf) frames, plus room
@@ -112,7 +117,7 @@ class MimiStreamDecoder:
     decode() of all frames. Holds native state (caches, thread pool): close() it, or use ``with``.
     """
 
-    def __init__(self, model, n_threads: Optional[int] = None):
+    def __init__(self, model, n_threads: int | None = None):
         self._model = _handle(model)
         self._spf = _samples_per_frame(self._model)
         self._codec = check_ptr(lib.csm_mimi_codec_new(self._model, _threads(n_threads)), "Mimi stream decoder")
@@ -150,7 +155,7 @@ class MimiStreamDecoder:
             lib.csm_mimi_codec_free(self._codec)
             self._codec = None
 
-    def __enter__(self) -> "MimiStreamDecoder":
+    def __enter__(self):
         self._live()
         return self
 
@@ -158,8 +163,6 @@ class MimiStreamDecoder:
         self.close()
 
     def __del__(self):
-        try:
+        with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
-        except Exception:  # interpreter shutdown
-            pass
 

@@ -347,10 +347,22 @@ def make_micro(tiny_f32: Path, dst: Path, dtype: str = "f32") -> Path:
 
 
 def find_tiny() -> Path:
-    """tiny-f32.gguf of the test fixture (tests/conftest.py), newest cache first."""
+    """tiny-f32.gguf of the test fixture (tests/conftest.py): the cache of the current sources,
+    else the newest cache."""
+    try:
+        import hashlib
+
+        sys.path.insert(0, str(REPO / "tests"))
+        import conftest
+
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in conftest.FIXTURE_SOURCES)).hexdigest()[:16]
+        p = REPO / ".fixture-cache" / f"tiny-{digest}" / "tiny-f32.gguf"
+        if p.exists():
+            return p
+    except Exception:  # noqa: BLE001 - fall back to whatever cache there is
+        pass
     cands = sorted((REPO / ".fixture-cache").glob("tiny-*/tiny-f32.gguf"), key=lambda p: p.stat().st_mtime,
                    reverse=True)
-    cands = [p for p in cands if (p.parent / "COMPLETE").exists() or (p.parent / "reference.npz").exists()]
     if not cands:
         raise SystemExit("no tiny test model in .fixture-cache/: run `pytest tests/test_load.py` once, or pass --model")
     return cands[0]
@@ -428,13 +440,6 @@ class Mutator:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             g = parse(buf)
             self.bases[name] = (Path(path), buf, g, f)
-
-    # --- helpers
-    def _raw_case(self, base, desc, data: bytes, tail_from=None):
-        parts = [data]
-        if tail_from is not None:
-            parts.append(("raw", tail_from, len(base[1]) - tail_from))
-        return Case(desc, parts)
 
     def build(self, base, g, desc, relayout=True, n_tensors=None, n_kv=None, fill=b"\0", truncate=None):
         head, layout = serialize_header(g, n_tensors, n_kv, relayout)
@@ -554,7 +559,7 @@ class Mutator:
             cut = len(buf) - rng.choice([1, 2, 16, 31, 32, 33])
         c = Case([f"truncate {cut}/{len(buf)}"], [("raw", 0, cut)])
         if rng.random() < 0.1:  # junk appended instead
-            c = Case([f"append junk"], [("raw", 0, len(buf)), bytes(rng.randrange(256) for _ in range(rng.randint(1, 999)))])
+            c = Case(["append junk"], [("raw", 0, len(buf)), bytes(rng.randrange(256) for _ in range(rng.randint(1, 999)))])
         return c
 
     def op_counts(self, rng, base, full):
@@ -710,7 +715,6 @@ class Mutator:
         g = base[2].copy()
         vt = rng.choice([T_U32, T_U32, T_U32, T_U64, T_U8, T_I32, T_STR, T_ARR, T_F32])
         v = rng.choice([0, 1, 2, 3, 8, 16, 24, 32, 64, 4096, 1 << 16, 1 << 20, 1 << 24, 1 << 31, (1 << 32) - 1])
-        payload = enc_arr = None
         if vt == T_STR:
             payload = enc_str(b"32")
         elif vt == T_ARR:
@@ -847,25 +851,36 @@ class Mutator:
 # ---------------------------------------------------------------------------------------------
 
 def run_file(path: Path, rng: random.Random, quantize_out: Path | None = None) -> dict:
-    """Loads `path` through csm_model_load and exercises a model that loads. Returns a result dict:
-    outcome 'rejected' (a clean error), 'ok', or 'bad' (a broken contract: an error without a
-    message, codes out of range, ...)."""
+    """Loads `path` through csm_model_load and exercises a model that loads; with quantize_out,
+    also runs csm_quantize on it (and loads its output). Returns a result dict: outcome
+    'rejected' (a clean error), 'ok', or 'bad' (a broken contract: an error without a message,
+    codes out of range, ...)."""
+    from pycsm import _native as N
+
+    res = {"outcome": "rejected"}
+    mp = N.lib.csm_model_default_params()
+    mp.device = N.CSM_DEVICE_CPU
+    mp.use_mmap = rng.random() < 0.7
+    mp.use_repack = rng.random() < 0.5
+    _load_and_run(path, rng, mp, res)
+    if quantize_out is not None:
+        _quantize(path, rng, mp, quantize_out, res)
+    return res
+
+
+def _load_and_run(path, rng, mp, res):
     from pycsm import _native as N
     import numpy as np
 
     lib = N.lib
-    res = {"outcome": "rejected"}
-    mp = lib.csm_model_default_params()
-    mp.device = N.CSM_DEVICE_CPU
-    mp.use_mmap = rng.random() < 0.7
-    mp.use_repack = rng.random() < 0.5
     m = lib.csm_model_load(os.fsencode(path), mp)
     if not m:
         msg = N.last_error()
         res["msg"] = msg[:300]
+        res["msg_len"] = len(msg)
         if not msg:
             res.update(outcome="bad", why="csm_model_load returned NULL without a message")
-        return res
+        return
     try:
         h = lib.csm_model_hparams(m)
         lib.csm_model_name(m), lib.csm_model_n_params(m), lib.csm_model_n_bytes(m), lib.csm_model_device(m)
@@ -923,24 +938,28 @@ def run_file(path: Path, rng: random.Random, quantize_out: Path | None = None) -
         res["steps"] = steps
     finally:
         lib.csm_model_free(m)
-    if quantize_out is not None:
-        qp = lib.csm_quantize_default_params()
-        qp.type = rng.choice([8, 2, 12, 1])
-        qp.n_threads = 1
-        st = lib.csm_quantize(os.fsencode(path), os.fsencode(quantize_out), qp)
-        if st != 0:
-            res["quantize"] = "error: " + N.last_error()[:120]
-            if not N.last_error():
-                res.update(outcome="bad", why="csm_quantize failed without a message")
-        else:
-            m2 = lib.csm_model_load(os.fsencode(quantize_out), mp)
-            res["quantize"] = "ok, reload " + ("ok" if m2 else "error: " + N.last_error()[:80])
-            lib.csm_model_free(m2)
-            try:
-                os.unlink(quantize_out)
-            except OSError:
-                pass
-    return res
+
+
+def _quantize(path, rng, mp, quantize_out, res):
+    from pycsm import _native as N
+
+    lib = N.lib
+    qp = lib.csm_quantize_default_params()
+    qp.type = rng.choice([8, 2, 12, 1])
+    qp.n_threads = 1
+    st = lib.csm_quantize(os.fsencode(path), os.fsencode(quantize_out), qp)
+    if st != 0:
+        res["quantize"] = "error: " + N.last_error()[:120]
+        if not N.last_error():
+            res.update(outcome="bad", why="csm_quantize failed without a message")
+        return
+    m2 = lib.csm_model_load(os.fsencode(quantize_out), mp)
+    res["quantize"] = "ok, reload " + ("ok" if m2 else "error: " + N.last_error()[:80])
+    lib.csm_model_free(m2)
+    try:
+        os.unlink(quantize_out)
+    except OSError:
+        pass
 
 
 def worker_main(args):
@@ -1008,6 +1027,7 @@ class Summary:
     findings: list = field(default_factory=list)     # crashes, hangs, bad results
     signatures: dict = field(default_factory=dict)   # rejection kinds -> count
     steps: dict = field(default_factory=dict)        # what ran on models that loaded -> count
+    results: list = field(default_factory=list)      # every result (runs over given files only)
     bases: dict = field(default_factory=dict)
     seconds: float = 0.0
     slowest: list = field(default_factory=list)
@@ -1154,6 +1174,8 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
                     s.cases += 1
                     o = res["outcome"]
                     s.outcomes[o] = s.outcomes.get(o, 0) + 1
+                    if files is not None:
+                        s.results.append(res)
                     base = res["desc"].split(" | ")[0]
                     s.bases[base] = s.bases.get(base, 0) + 1
                     s.slowest = sorted(s.slowest + [(res["ms"], res["i"])], reverse=True)[:10]

@@ -73,8 +73,8 @@ def test_regressions(bases, tmp_path):
             assert r["outcome"] == expect, (desc, r)
         if match:
             assert re.search(match, r.get("msg", "")), (desc, r)
-        if r["outcome"] == "rejected":
-            assert len(r["msg_len"]) if False else r["msg_len"] < 2000, (desc, r["msg_len"], r["msg"][:200])
+        if r["outcome"] == "rejected":  # strings quoted from the file are cut short
+            assert r["msg_len"] < 2000, (desc, r["msg_len"], r["msg"][:200])
         assert r["ms"] < 10_000 * (CASE_TIMEOUT / 30), (desc, r["ms"])
 
 
@@ -96,8 +96,8 @@ def f32p(a):
 
 
 def fails(value, *words):
-    """The call failed (negative / NULL) with a message containing one of `words`."""
-    failed = (not value) if not isinstance(value, int) or value is None else value < 0
+    """The call failed (a NULL handle or a negative status) with a message containing one of `words`."""
+    failed = value is None or value < 0
     assert failed, f"expected a failure, got {value}"
     msg = N.last_error()
     assert msg, "failed without a message"
@@ -195,9 +195,9 @@ def test_context_arguments(model, field, value, word):
     fails(lib.csm_context_new(model, p), word)
 
 
-@pytest.mark.parametrize("n_threads", [-7, 0, 3, 4096])
+@pytest.mark.parametrize("n_threads", [-7, 0, 1, 2])
 def test_context_thread_counts(model, n_threads):
-    """<= 0 means all cores; an absurd count is capped or refused, never a crash."""
+    """<= 0 means all cores."""
     p = lib.csm_context_default_params()
     p.n_threads = n_threads
     p.max_pos = 16
@@ -212,6 +212,51 @@ def test_context_thread_counts(model, n_threads):
         assert n == 1, N.last_error()
     finally:
         lib.csm_context_free(c)
+
+
+ABSURD_THREADS = """
+import ctypes, os, sys, time
+import numpy as np
+from pycsm import _native as N
+lib = N.lib
+m = lib.csm_model_load(os.fsencode(sys.argv[1]), lib.csm_model_default_params())
+assert m, N.last_error()
+for n in (3, 64, 4096, 1 << 20):
+    t0 = time.monotonic()
+    cp = lib.csm_context_default_params(); cp.n_threads = n; cp.max_pos = 16
+    c = lib.csm_context_new(m, cp)
+    if c:
+        p = np.full((3, 33), -1, np.int32); p[:, 32] = [1, 2, 3]
+        out = np.zeros((1, 32), np.int32)
+        gp = lib.csm_generate_default_params(); gp.max_frames = 1
+        r = lib.csm_generate(c, p.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 3, gp,
+                             out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 1, None)
+        assert r == 1, N.last_error()
+        lib.csm_context_free(c)
+    else:
+        assert N.last_error()
+    codes = np.zeros((1, 32), np.int32); pcm = np.zeros(1920, np.float32)
+    r = lib.csm_mimi_decode(m, codes.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), 1,
+                            pcm.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), pcm.size, n)
+    assert r == 1920 or N.last_error()
+    qp = lib.csm_quantize_default_params(); qp.type = 8; qp.n_threads = n
+    r = lib.csm_quantize(os.fsencode(sys.argv[1]), os.fsencode(sys.argv[2]), qp)
+    assert r == 0 or N.last_error()
+    print(n, round(time.monotonic() - t0, 2), flush=True)
+"""
+
+
+def test_absurd_thread_counts(bases, tmp_path):
+    """More threads than cores (up to a million) are capped or refused: with ggml's spinning thread
+    pool, 4096 threads took minutes to start on 2 cores, and a thread that could not be created
+    aborted the process (GGML_ASSERT in ggml_threadpool_new; std::terminate in csm_quantize)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GGML_NO_BACKTRACE="1", PYTHONPATH=str(F.REPO))
+    r = subprocess.run([sys.executable, "-c", ABSURD_THREADS, str(bases["micro-f32"]), str(tmp_path / "q.gguf")],
+                       capture_output=True, text=True, timeout=120 * (CASE_TIMEOUT / 30), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_generate_pointer_and_size_arguments(ctx):
@@ -336,7 +381,7 @@ def test_mimi_decode_arguments(mimi):
     fails(lib.csm_mimi_decode(mimi, i32p(codes), -1, f32p(pcm), pcm.size, 1), "frame")
     fails(lib.csm_mimi_decode(mimi, i32p(codes), 2, f32p(pcm), pcm.size - 1, 1), "max_samples", "small", "room")
     fails(lib.csm_mimi_decode(mimi, i32p(codes), 2, f32p(pcm), -1, 1), "max_samples", "small", "room")
-    fails(lib.csm_mimi_decode(mimi, i32p(codes), 1 << 30, f32p(pcm), pcm.size, 1), "max_samples", "small", "room")
+    fails(lib.csm_mimi_decode(mimi, i32p(codes), 1 << 30, f32p(pcm), pcm.size, 1), "max_samples", "small", "n_frames")
     n = lib.csm_mimi_decode(mimi, i32p(codes), 0, f32p(pcm), pcm.size, 1)
     assert n == 0 or fails(n, "frame")
     assert lib.csm_mimi_decode(mimi, i32p(codes), 2, f32p(pcm), pcm.size, -4) == 2 * spf, N.last_error()

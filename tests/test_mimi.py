@@ -254,7 +254,7 @@ def test_encode_matches_transformers(tiny, tiny_ref, ft, min_match):
     assert (codes == ref).mean() >= min_match
 
 
-@pytest.mark.parametrize("n", [1, 959, 1920, 1921, 5000, 3 * 1920 + 1])
+@pytest.mark.parametrize("n", [1, 959, 1920, 1921, 5000, 3 * 1920 + 1, 25 * 1920 + 1])  # the last: a 1-sample 2nd chunk
 def test_encode_framing(tiny, tiny_mimi, n):
     """Frame count and codes of short and partial inputs as transformers pads them."""
     sig = test_signal(n, seed=n)
@@ -275,12 +275,14 @@ def test_encode_long_crosses_window_and_chunks(tiny, tiny_mimi):
     assert (codes[-20:] == ref[-20:]).mean() >= 0.99
 
 
-def test_encode_accepts_column_and_int_input(tiny, tiny_ref):
+def test_encode_input_forms(tiny, tiny_ref):
     x = tiny_ref["mimi_enc_input"]
     a = codec.encode(tiny["f32"], x)
     b = codec.encode(tiny["f32"], x.astype(np.float64)[:, None])
     np.testing.assert_array_equal(a, b)
-    assert codec.encode(tiny["f32"], np.zeros(100, np.int16)).shape == (1, 32)
+    assert codec.encode(tiny["f32"], np.zeros(100, np.float32)).shape == (1, 32)
+    with pytest.raises(CSMError, match="int16 / 32768"):
+        codec.encode(tiny["f32"], np.zeros(100, np.int16))
 
 
 # ------------------------------------------------------------------------------------------

@@ -308,21 +308,18 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_nodes, false);
         ggml_tensor * rows = nullptr;
         const bool host = ggml_backend_buffer_is_host(buf_prep);
-        std::vector<char> tmp;
         for (const prep_item & it : plan.items) {
             // kernel permutations of host weights: a plain loop (ggml copies such views element by element)
             const bool conv_kind = it.kind == prep_item::CONV || it.kind == prep_item::CONVTR;
             if (conv_kind && host && it.src->buffer && ggml_backend_buffer_is_host(it.src->buffer) &&
                 ggml_is_contiguous(it.src) && it.src->type == it.dst->type) {
                 static const int p_conv[3] = {1, 0, 2}, p_convtr[3] = {2, 1, 0};
-                tmp.resize(ggml_nbytes(it.dst));
                 const int * perm = it.kind == prep_item::CONV ? p_conv : p_convtr;
                 if (ggml_element_size(it.src) == 4) {
-                    permute_host((const uint32_t *) it.src->data, (uint32_t *) tmp.data(), it.src->ne, perm);
+                    permute_host((const uint32_t *) it.src->data, (uint32_t *) it.dst->data, it.src->ne, perm);
                 } else {
-                    permute_host((const uint16_t *) it.src->data, (uint16_t *) tmp.data(), it.src->ne, perm);
+                    permute_host((const uint16_t *) it.src->data, (uint16_t *) it.dst->data, it.src->ne, perm);
                 }
-                ggml_backend_tensor_set(it.dst, tmp.data(), 0, tmp.size());
                 continue;
             }
             ggml_tensor * v = nullptr;
