@@ -431,15 +431,24 @@ class Case:
 
 
 class Mutator:
-    def __init__(self, bases: dict):
+    """Makes the cases. bases: {name: path of a valid GGUF}; in_memory: {name: bytes}."""
+
+    def __init__(self, bases: dict, in_memory: dict | None = None):
+        import mmap
+
         self.bases = {}
         for name, path in bases.items():
             f = open(path, "rb")
-            import mmap
-
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            g = parse(buf)
-            self.bases[name] = (Path(path), buf, g, f)
+            self.bases[name] = (Path(path), buf, parse(buf), f)
+        for name, data in (in_memory or {}).items():
+            self.bases[name] = (None, data, parse(data), None)
+
+    def op_any(self, rng, bname):
+        """One random mutation of base `bname` (for the atheris mode)."""
+        ops = [self.op_bitflip, self.op_bytepatch, self.op_span, self.op_truncate, self.op_kv, self.op_tensor,
+               self.op_counts, self.op_strings, self.op_alignment, self.op_data, self.op_multi]
+        return rng.choice(ops)(rng, self.bases[bname], False)
 
     def build(self, base, g, desc, relayout=True, n_tensors=None, n_kv=None, fill=b"\0", truncate=None):
         head, layout = serialize_header(g, n_tensors, n_kv, relayout)
@@ -822,28 +831,38 @@ class Mutator:
 
     # --- writing
     def write(self, bname, c: Case, path: Path):
+        with open(path, "wb") as f:
+            self._emit(bname, c, f, True)
+
+    def to_bytes(self, bname, c: Case) -> bytes:
+        import io
+
+        f = io.BytesIO()
+        self._emit(bname, c, f, False)
+        return f.getvalue()
+
+    def _emit(self, bname, c: Case, f, sendfile: bool):
         base = self.bases[bname]
         buf, g = base[1], base[2]
         fsrc = base[3]
-        with open(path, "wb") as f:
-            for p in c.parts:
-                if isinstance(p, (bytes, bytearray)):
-                    f.write(p)
-                elif p[0] == "truncate":
-                    f.truncate(p[1])
-                else:
-                    start = p[1] + (g.data_offset if p[0] == "data" else 0)
-                    length = max(0, min(p[2], len(buf) - start))
-                    if length > (4 << 20):
-                        f.flush()
-                        done = 0
-                        while done < length:
-                            n = os.sendfile(f.fileno(), fsrc.fileno(), start + done, length - done)
-                            if n <= 0:
-                                break
-                            done += n
-                    elif length:
-                        f.write(buf[start:start + length])
+        for p in c.parts:
+            if isinstance(p, (bytes, bytearray)):
+                f.write(p)
+            elif p[0] == "truncate":
+                f.truncate(p[1])
+            else:
+                start = p[1] + (g.data_offset if p[0] == "data" else 0)
+                length = max(0, min(p[2], len(buf) - start))
+                if length > (4 << 20) and fsrc is not None and sendfile:
+                    f.flush()
+                    done = 0
+                    while done < length:
+                        n = os.sendfile(f.fileno(), fsrc.fileno(), start + done, length - done)
+                        if n <= 0:
+                            break
+                        done += n
+                elif length:
+                    f.write(buf[start:start + length])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1386,6 +1405,43 @@ def dump(cases: int, seed: int, out_dir: Path, bases: dict, start: int = 0):
         mut.write(bname, c, out_dir / f"case-{seed}-{i:07d}.gguf")
 
 
+def atheris_main(bases: dict, argv: list):
+    """libFuzzer through atheris, in this process: the inputs are whole GGUF files (seeded with the
+    micro bases), mutated half by libFuzzer's byte mutations and half by this file's structural
+    ones. A crash or sanitizer report ends the run with libFuzzer's crash-<sha1> file."""
+    import atheris
+
+    from pycsm import _native as N
+
+    N.lib.csm_log_set(N.csm_log_callback(), None)
+    work = Path(tempfile.mkdtemp(prefix="pycsm-atheris-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    path = work / "input.gguf"
+    corpus = [a for a in argv if not a.startswith("-")]
+    if corpus and not any(Path(corpus[0]).iterdir()):
+        for name in ("micro-q4_k", "micro-f16"):
+            shutil.copy(bases[name], Path(corpus[0]) / f"{name}.gguf")
+
+    def test_one(data: bytes):
+        path.write_bytes(data)
+        res = run_file(path, random.Random(len(data)))
+        if res["outcome"] == "bad":
+            raise RuntimeError(res["why"])
+
+    def mutate(data: bytes, max_size: int, seed: int) -> bytes:
+        rng = random.Random(seed)
+        if rng.random() < 0.5:
+            return atheris.Mutate(data, max_size)
+        try:
+            mut = Mutator({}, {"input": data})
+            out = mut.to_bytes("input", mut.op_any(rng, "input"))
+        except Exception:  # noqa: BLE001 - not parseable any more: bytes only
+            return atheris.Mutate(data, max_size)
+        return out[:max_size]
+
+    atheris.Setup([sys.argv[0]] + argv, test_one, custom_mutator=mutate)
+    atheris.Fuzz()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=2000)
@@ -1401,6 +1457,9 @@ def main(argv=None):
     ap.add_argument("--replay", type=Path, help="run one file in this process")
     ap.add_argument("--case", type=int, help="with --replay: the case number (and --seed) it came from")
     ap.add_argument("--dump", type=Path, help="write the cases' files into this folder instead of running them")
+    ap.add_argument("--atheris", nargs=argparse.REMAINDER,
+                    help="run libFuzzer through atheris in this process; the rest goes to libFuzzer "
+                         "(e.g. CORPUS_DIR -max_len=4000000 -timeout=60 -rss_limit_mb=8192)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--bases", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -1421,6 +1480,8 @@ def main(argv=None):
     if args.dump:
         dump(args.cases, args.seed, args.dump, bases, args.start)
         return 0
+    if args.atheris is not None:
+        return atheris_main(bases, args.atheris)
     s = run(args.cases, args.seed, args.workers, bases, findings_dir=args.findings, timeout=args.timeout,
             quantize_rate=args.quantize_rate, start=args.start, rlimit_gb=args.rlimit_gb,
             progress=lambda s: print(f"... {s.cases} cases, {len(s.findings)} findings",
