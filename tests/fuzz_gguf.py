@@ -1438,6 +1438,7 @@ def atheris_main(bases: dict, argv: list):
             return atheris.Mutate(data, max_size)
         return out[:max_size]
 
+    atheris.instrument_all()  # Python coverage at least (outcomes, steps); see docs/hardening.md
     atheris.Setup([sys.argv[0]] + argv, test_one, custom_mutator=mutate)
     atheris.Fuzz()
 

@@ -405,7 +405,9 @@ def test_generate_long_joins_sentences(tts):  # codec
     np.testing.assert_array_equal(a.codes[N:2 * N], second.codes)
     # the streaming variant gives the same audio
     st = tts.stream_long(PARAGRAPH, seed=20, max_audio_length_ms=MS, pause_ms=150, chunk_frames=3)
-    np.testing.assert_allclose(np.concatenate(list(st)), a.samples, rtol=0, atol=1e-5)
+    # same codes; the audio agrees to F16 rounding (ggml picks other F16 matmul kernels for other
+    # chunk sizes; with the F32 file streamed and one-shot Mimi agree to 1e-6, see test_mimi.py)
+    np.testing.assert_allclose(np.concatenate(list(st)), a.samples, rtol=0, atol=2e-3)
     np.testing.assert_array_equal(st.codes, a.codes)
 
 

@@ -151,7 +151,8 @@ def test_stream_to_file(run, model, tmp_path):
     assert run(["Streaming.", "-m", model, "-o", a, "--seed", "6", "-q", *CAP])[0] == 0
     assert run(["Streaming.", "-m", model, "-o", b, "--seed", "6", "--stream", "-q", *CAP])[0] == 0
     x, y = pcm16(a), pcm16(b)
-    assert x.shape == y.shape and np.abs(x.astype(int) - y).max() <= 1
+    # F16 model: chunked and one-shot Mimi agree to F16 rounding (~1e-3), i.e. a few 16-bit steps
+    assert x.shape == y.shape and np.abs(x.astype(int) - y).max() <= 64
 
 
 def test_context_flags(run, model, tts, tmp_path):
