@@ -215,7 +215,30 @@ def _library_candidates() -> list[Path]:
     return found
 
 
+def _preload_ggml() -> None:
+    """Load the libggml package's libraries first (global symbols), so that a libcsm whose RUNPATH
+    does not point at them (a build-tree library) still finds libggml*.so.0 by soname."""
+    try:
+        import libggml
+    except ImportError:
+        return
+    root = Path(libggml.__file__).resolve().parent
+    for sub in ("lib64", "lib"):
+        d = root / sub
+        if not d.is_dir():
+            continue
+        for name in ("libggml-base.so.0", "libggml-cpu.so.0", "libggml.so.0"):
+            if (d / name).exists():
+                try:
+                    ctypes.CDLL(str(d / name), mode=ctypes.RTLD_GLOBAL)
+                except OSError:
+                    return
+        return
+
+
 def _load() -> ctypes.CDLL:
+    if sys.platform.startswith("linux"):
+        _preload_ggml()
     errors = []
     for path in _library_candidates():
         if not path.exists():
