@@ -576,6 +576,10 @@ def fmt(v, spec=".0f", dash="-"):
 def build_rows(results, reads, bandwidth, files):
     crisp = {r["file"]: r for r in results if r["kind"] == "crispasr" and "ms_per_frame" in r}
     rows = []
+    order = {"pycsm": 0, "pycsm-batch": 1, "crispasr": 2, "transformers": 3}
+    findex = {f: i for i, f in enumerate(files)}
+    results = sorted(results, key=lambda r: (r["kind"] == "transformers", findex.get(r.get("file"), 99),
+                                             order.get(r["kind"], 9), r.get("dtype") or ""))
     for r in results:
         kind = r["kind"]
         if kind == "bandwidth":
@@ -652,6 +656,9 @@ def main(argv=None) -> int:
                     help="before each run, wait up to this many seconds for other processes to leave the CPU "
                          "alone (0: do not wait); ggml's spinning threads slow down badly when cores are shared")
     ap.add_argument("--json", type=Path, help="write all measurements to this JSON file")
+    ap.add_argument("--only", help="comma-separated subset of pycsm,batch,crispasr,transformers")
+    ap.add_argument("--merge", type=Path, help="start from this earlier --json run: its results are kept for "
+                                               "the configurations this run does not measure again")
     ap.add_argument("--table-from", type=Path, help="print the table of a saved --json file and exit")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
@@ -703,17 +710,31 @@ def main(argv=None) -> int:
                                              "bandwidth_bytes_per_s": bw, "results": results,
                                              "rows": build_rows(results, reads, bw or 0, files)}, indent=1))
 
+    only = set(args.only.split(",")) if args.only else {"pycsm", "batch", "crispasr", "transformers"}
+    if args.merge:  # keep the earlier run's results for what this run does not measure again
+        prev = json.loads(args.merge.read_text())
+        key = lambda r: (r.get("kind"), r.get("file"), r.get("dtype"))  # noqa: E731
+        planned = {("pycsm", f, None) for f in files if "pycsm" in only}
+        planned |= {("pycsm-batch", f, None) for f in files if "batch" in only and args.batch > 1}
+        planned |= {("crispasr", f, None) for f in files if "crispasr" in only and have_crisp}
+        if "transformers" in only and not args.no_peers and not args.no_transformers:
+            planned |= {("transformers", files[0], d) for d in args.transformers_dtypes.split(",") if d}
+        results += [r for r in prev["results"] if r.get("kind") != "bandwidth" and key(r) not in planned]
+        for r in prev["results"]:
+            if r.get("kind") != "bandwidth" and key(r) not in planned:
+                r["merged_from"] = str(args.merge)
     save()
     for f in files:
-        results.append(run_worker("pycsm", args, log, file=f))
-        save()
-        if args.batch > 1:
+        if "pycsm" in only:
+            results.append(run_worker("pycsm", args, log, file=f))
+            save()
+        if args.batch > 1 and "batch" in only:
             results.append(run_worker("pycsm-batch", args, log, file=f))
             save()
-        if have_crisp:
+        if have_crisp and "crispasr" in only:
             results.append(run_worker("crispasr", args, log, file=f))
             save()
-    if not args.no_peers and not args.no_transformers:
+    if not args.no_peers and not args.no_transformers and "transformers" in only:
         try:
             import transformers  # noqa: F401
             for dt in [d for d in args.transformers_dtypes.split(",") if d]:

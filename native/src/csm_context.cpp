@@ -2,6 +2,7 @@
 #include "csm_context.h"
 #include "csm_log.h"
 
+#include <algorithm>
 #include <memory>
 #include <thread>
 
@@ -17,9 +18,10 @@ csm_context::~csm_context() {
 }
 
 int32_t csm_default_threads(int32_t n) {
-    if (n > 0) return n;
     unsigned hc = std::thread::hardware_concurrency();
-    return hc ? (int32_t) std::min(hc, 64u) : 4;
+    if (hc == 0) hc = 4;
+    if (n > 0) return (int32_t) std::min<unsigned>({(unsigned) n, hc, 512u}); // more threads than cores only spin
+    return (int32_t) std::min(hc, 64u);
 }
 
 // Backend on the model's device, with a persistent CPU thread pool when it is the CPU.

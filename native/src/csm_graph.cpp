@@ -7,7 +7,11 @@
 void csm_graph::reset() {
     if (alloc) ggml_gallocr_free(alloc);
     if (ctx) ggml_free(ctx);
-    *this = csm_graph{};
+    ctx = nullptr;
+    gf = nullptr;
+    alloc = nullptr;
+    key = -1;
+    text_ids = text_mask = audio_ids = audio_mask = pos = kv_idx = kq_mask = head_ids = logits = nullptr;
 }
 
 static const size_t GRAPH_NODES = 4096;

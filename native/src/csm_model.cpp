@@ -1,6 +1,7 @@
 // csm_model.cpp - loading a CSM GGUF: metadata, validation, weights into a backend buffer.
 #include "csm_model.h"
 
+#include "csm_gguf_check.h"
 #include "csm_log.h"
 #include "mimi.h"
 
@@ -86,6 +87,14 @@ static std::string get_str(const gguf_context * g, const char * key, bool requir
     return gguf_get_val_str(g, id);
 }
 
+// A file's string for an error message: at most 64 bytes, non-printable bytes as '?'.
+static std::string quoted(const std::string & v) {
+    std::string out;
+    for (size_t i = 0; i < v.size() && i < 64; i++) out += (v[i] >= 32 && v[i] < 127) ? v[i] : '?';
+    if (v.size() > 64) out += "...";
+    return out;
+}
+
 // ---------------------------------------------------------------------------------------------
 // tensors
 // ---------------------------------------------------------------------------------------------
@@ -112,8 +121,7 @@ ggml_tensor * csm_model::get(const std::string & tname, std::vector<int64_t> ne)
         }
     }
     // Matrices may be of any floating or quantised type ggml can multiply; integers are no weights.
-    if (ne.size() >= 2 && !(t->type == GGML_TYPE_F32 || t->type == GGML_TYPE_F16 || t->type == GGML_TYPE_BF16 ||
-                            ggml_is_quantized(t->type))) {
+    if (ne.size() >= 2 && !csm_weight_type_ok(t->type)) {
         csm_fail("tensor '%s' has type %s, which is not a weight type", tname.c_str(), ggml_type_name(t->type));
     }
     // 1-D tensors (norm weights, scales, biases) are added/multiplied element-wise: F32 only.
@@ -158,7 +166,7 @@ static void read_rope(const gguf_context * g, const std::string & pfx, csm_rope 
         r.llama3 = false;
         return;
     }
-    if (type != "llama3") csm_fail("unsupported RoPE scaling type '%s' in '%s'", type.c_str(), keys[0].c_str());
+    if (type != "llama3") csm_fail("unsupported RoPE scaling type '%s' in '%s'", quoted(type).c_str(), keys[0].c_str());
     r.llama3 = true;
     r.factor = get_f32(g, keys[1].c_str(), 1e-3f, 1e6f, 1, true);
     r.low_freq_factor = get_f32(g, keys[2].c_str(), 1e-9f, 1e6f, 1, true);
@@ -215,7 +223,7 @@ static void read_hparams(csm_model & m) {
     const gguf_context * g = m.gguf;
     std::string arch = get_str(g, "general.architecture", true);
     if (arch != "csm-tts" && arch != "csm" && arch != "csm_tts") {
-        csm_fail("unsupported architecture '%s' (expected 'csm-tts'): %s is not a CSM model", arch.c_str(), m.path.c_str());
+        csm_fail("unsupported architecture '%s' (expected 'csm-tts'): %s is not a CSM model", quoted(arch).c_str(), m.path.c_str());
     }
     m.name = get_str(g, "general.name", false);
     m.file_type = get_u32(g, "general.file_type", 0, 1 << 20, -1);
@@ -228,7 +236,7 @@ static void read_hparams(csm_model & m) {
     h.bb_n_kv_heads = get_u32(g, "csm.backbone.n_kv_heads", 1, 4096);
     h.bb_head_dim = get_u32(g, "csm.backbone.head_dim", 2, 4096);
     h.bb_ff_dim = get_u32(g, "csm.backbone.ff_dim", 1, 1 << 18);
-    h.bb_max_pos = get_u32(g, "csm.backbone.max_pos", 2, BIG);
+    h.bb_max_pos = get_u32(g, "csm.backbone.max_pos", 2, 65536);
     h.bb_rope_theta = get_f32(g, "csm.backbone.rope_theta", 1.0f, 1e12f, 500000.0f, true);
     h.rms_norm_eps = get_f32(g, "csm.backbone.rms_norm_eps", 0.0f, 1.0f, 1e-5f, true);
     h.dp_n_layers = get_u32(g, "csm.depth.n_layers", 1, 1024);
@@ -249,7 +257,7 @@ static void read_hparams(csm_model & m) {
     h.codebook_pad_token_id = get_u32(g, "csm.codebook_pad_token_id", 0, INT32_MAX);
     h.mimi_dim = get_u32(g, "csm.mimi.dim", 1, 65536);
     h.mimi_n_heads = get_u32(g, "csm.mimi.n_heads", 1, 4096);
-    h.mimi_n_layers = get_u32(g, "csm.mimi.n_layers", 0, 1024);
+    h.mimi_n_layers = get_u32(g, "csm.mimi.n_layers", 1, 1024);
     h.mimi_codebook_dim = get_u32(g, "csm.mimi.codebook_dim", 1, 65536);
     h.mimi_codebook_size = get_u32(g, "csm.mimi.codebook_size", 1, 1 << 20);
     h.mimi_n_quantizers = get_u32(g, "csm.mimi.n_quantizers", 1, 1024);
@@ -526,6 +534,7 @@ static csm_model * load(const char * path, const csm_model_params & p) {
         csm_fail("'%s' is not a GGUF file (bad magic or too short)", path);
     }
 
+    csm_gguf_precheck(fd.fd, file_size, path); // bounded scan first: ggml's parser is quadratic in counts
     gguf_init_params gp = {true, &m->ctx_w};
     m->gguf = gguf_init_from_file(path, gp);
     if (!m->gguf) csm_fail("'%s' is a corrupt or truncated GGUF file (%s)", path, csm_last_ggml_error().c_str());

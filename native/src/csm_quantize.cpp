@@ -5,6 +5,7 @@
 // of the block size (for Q4_K a row that is a multiple of 32 but not of 256 falls back to Q4_0).
 // Other 2-D and 3-D tensors are F16, 1-D tensors F32.
 #include "csm.h"
+#include "csm_gguf_check.h"
 #include "csm_log.h"
 
 #include "ggml.h"
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -83,7 +85,7 @@ static void quantize_rows(ggml_type type, const float * src, char * dst, int64_t
     std::vector<std::thread> pool;
     for (int i = 0; i < n_threads; i++) {
         int64_t r0 = nrows * i / n_threads, r1 = nrows * (i + 1) / n_threads;
-        pool.emplace_back([=] {
+        auto work = [=] {
             if (type == GGML_TYPE_F16) {
                 ggml_fp32_to_fp16_row(src + r0 * n_per_row, (ggml_fp16_t *) (dst + r0 * row_size), (r1 - r0) * n_per_row);
             } else if (type == GGML_TYPE_BF16) {
@@ -91,7 +93,12 @@ static void quantize_rows(ggml_type type, const float * src, char * dst, int64_t
             } else {
                 ggml_quantize_chunk(type, src, dst, r0 * n_per_row, r1 - r0, n_per_row, nullptr);
             }
-        });
+        };
+        try {
+            pool.emplace_back(work);
+        } catch (const std::system_error &) { // no thread to be had: do this chunk here
+            work();
+        }
     }
     for (auto & th : pool) th.join();
 }
@@ -104,8 +111,14 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
         csm_fail("unsupported target type %d", p.type);
     }
     if (ggml_quantize_requires_imatrix(q)) csm_fail("type %s needs an importance matrix, which is not supported", ggml_type_name(q));
-    const int n_threads = p.n_threads > 0 ? p.n_threads : (int) std::max(1u, std::thread::hardware_concurrency());
+    const int n_cores = (int) std::max(1u, std::thread::hardware_concurrency());
+    const int n_threads = p.n_threads > 0 ? std::min(p.n_threads, n_cores) : n_cores;
 
+    try {
+        csm_gguf_precheck_path(in_path);
+    } catch (const csm_error & e) {
+        csm_fail("cannot read '%s': not a valid GGUF file (%s)", in_path, e.msg.c_str());
+    }
     ggml_context * ctx_raw = nullptr;
     gguf_init_params gp = {true, &ctx_raw};
     std::unique_ptr<gguf_context, gguf_deleter> in(gguf_init_from_file(in_path, gp));
@@ -114,7 +127,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
     int64_t arch = gguf_find_key(in.get(), "general.architecture");
     if (arch < 0 || gguf_get_kv_type(in.get(), arch) != GGUF_TYPE_STRING) csm_fail("'%s' has no general.architecture", in_path);
     std::string a = gguf_get_val_str(in.get(), arch);
-    if (a != "csm-tts" && a != "csm" && a != "csm_tts") csm_fail("'%s' is not a CSM model (architecture '%s')", in_path, a.c_str());
+    if (a != "csm-tts" && a != "csm" && a != "csm_tts") csm_fail("'%s' is not a CSM model (architecture '%.64s')", in_path, a.c_str());
 
     file_ptr fin(fopen(in_path, "rb"));
     if (!fin) csm_fail("cannot open '%s'", in_path);
