@@ -532,7 +532,7 @@ def run_worker(kind: str, args, log, **extra) -> dict:
 
 
 def _run_worker_once(kind: str, args, log, **extra) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--frames", str(args.frames),
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--frames", str(args.frames),
            "--threads", str(args.threads), "--batch", str(args.batch)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
