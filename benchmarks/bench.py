@@ -13,6 +13,8 @@ See benchmarks/README.md for what each column means. Not a test: pytest does not
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -278,7 +280,7 @@ def worker_pycsm(args) -> dict:
     out["backbone_ms_per_frame"] = res.t_backbone_ms / n
     out["depth_ms_per_frame"] = res.t_depth_ms / n
     out["overhead_ms_per_frame"] = out["ms_per_frame"] - (res.t_backbone_ms + res.t_depth_ms) / n
-    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     out["frame_gap_ms"] = {"min": min(gaps), "median": sorted(gaps)[len(gaps) // 2], "max": max(gaps)} if gaps else {}
     first, mean, note = _mimi_stream(model, res.codes, args.threads)
     out["mimi_note"] = note
@@ -303,7 +305,7 @@ def worker_pycsm_batch(args) -> dict:
         t = time.perf_counter()
         results = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=2, max_frames=N, stop_at_eos=False)
         wall = (time.perf_counter() - t) * 1e3
-    except Exception as e:  # unimplemented or failing: report, do not abort the benchmark
+    except Exception as e:  # noqa: BLE001  (unimplemented or failing: report, do not abort the benchmark)
         out["error"] = f"{type(e).__name__}: {e}"
         return out
     total = sum(len(r.codes) for r in results)
@@ -379,7 +381,7 @@ def worker_crispasr(args) -> dict:
     N = args.frames
     out = {"kind": "crispasr", "file": str(args.file), "frames": N, "version": getattr(crispasr, "__version__", "?")}
     clock = _StderrClock()
-    lib, Params = _crispasr_lib()
+    lib, _ = _crispasr_lib()
     p = lib.csm_tts_context_default_params()
     p.n_threads = args.threads
     p.verbosity = 1
@@ -447,9 +449,7 @@ def _random_transformers_model(dtype):
         for name, buf in model.named_buffers():
             if name.endswith("embed_sum"):
                 buf.normal_(0.0, 0.3, generator=g)
-            elif name.endswith("cluster_usage"):
-                buf.fill_(1.0)
-            elif name.endswith("initialized"):
+            elif name.endswith(("cluster_usage", "initialized")):
                 buf.fill_(1.0)
         # codes 2048..2050 are not Mimi codes (as in make_model.py)
         model.lm_head.weight[2048:] *= 0.01
@@ -467,7 +467,7 @@ def worker_transformers(args) -> dict:
     N = args.frames
     out = {"kind": "transformers", "dtype": args.dtype, "frames": N, "version": transformers.__version__,
            "torch": torch.__version__}
-    cfg, model, build_ms = _random_transformers_model(dtype)
+    _, model, build_ms = _random_transformers_model(dtype)
     out["load_ms"] = build_ms
     out["load_note"] = "random init, not a file load"
     # The prompt pycsm uses (text rows only): the same token ids.
@@ -549,7 +549,7 @@ def _run_worker_once(kind: str, args, log, **extra) -> dict:
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0 = cpu_busy_seconds()
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, check=False)
     dt = time.perf_counter() - t
     ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     own = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
@@ -627,7 +627,7 @@ def print_table(rows, bandwidth, bw_method, args, out=print):
                       fmt(r["load"], ".0f"), fmt(r["rss"] / 1e9 if r["rss"] else None, ".2f") + " GB",
                       fmt(r["frames"], "d"), fmt(r["foreign"], ".2f")])
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *table)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
     out(line(hdr))
     out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in table:
@@ -677,7 +677,7 @@ def main(argv=None) -> int:
         print_table(d["rows"], bw, method, args)
         return 0
 
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr, flush=True)
     t_start = time.perf_counter()
     sys.path.insert(0, str(HERE))
     import make_model
@@ -699,10 +699,8 @@ def main(argv=None) -> int:
     bw = results[0].get("bytes_per_s")
     have_crisp = False
     if not args.no_peers and not args.no_crispasr:
-        try:
-            import crispasr  # noqa: F401
-            have_crisp = True
-        except ImportError:
+        have_crisp = importlib.util.find_spec("crispasr") is not None
+        if not have_crisp:
             log("[bench] crispasr not installed (pip install crispasr): CrispASR skipped")
     def save():  # after every configuration, so an interrupted run keeps what it measured
         if args.json:
@@ -713,7 +711,7 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else {"pycsm", "batch", "crispasr", "transformers"}
     if args.merge:  # keep the earlier run's results for what this run does not measure again
         prev = json.loads(args.merge.read_text())
-        key = lambda r: (r.get("kind"), r.get("file"), r.get("dtype"))  # noqa: E731
+        key = lambda r: (r.get("kind"), r.get("file"), r.get("dtype"))
         planned = {("pycsm", f, None) for f in files if "pycsm" in only}
         planned |= {("pycsm-batch", f, None) for f in files if "batch" in only and args.batch > 1}
         planned |= {("crispasr", f, None) for f in files if "crispasr" in only and have_crisp}
@@ -735,13 +733,12 @@ def main(argv=None) -> int:
             results.append(run_worker("crispasr", args, log, file=f))
             save()
     if not args.no_peers and not args.no_transformers and "transformers" in only:
-        try:
-            import transformers  # noqa: F401
+        if importlib.util.find_spec("transformers") is None:
+            log("[bench] transformers not installed: skipped")
+        else:
             for dt in [d for d in args.transformers_dtypes.split(",") if d]:
                 results.append(run_worker("transformers", args, log, file=files[0], dtype=dt))
                 save()
-        except ImportError:
-            log("[bench] transformers not installed: skipped")
 
     rows = build_rows(results, reads, bw or 0, files)
     print_table(rows, bw or 0, results[0].get("method", "?"), args)

@@ -37,11 +37,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import importlib  # noqa: E402
+import importlib
 
 # pycsm/__init__.py re-exports the function `convert`, which shadows the module attribute.
 C = importlib.import_module("pycsm.convert")
-from pycsm.gguf_writer import GGUFWriter  # noqa: E402
+from pycsm.gguf_writer import GGUFWriter
 
 DEFAULT_DIR = REPO / "benchmarks" / "models"
 OUTTYPES = ("f16", "q8_0", "q4_k")
@@ -305,7 +305,7 @@ def _looks_complete(path: Path, size: str) -> bool:
     try:
         from pycsm.tokenizer import read_gguf_metadata
         md = read_gguf_metadata(path, ["csm.backbone.d_model"])
-    except Exception:
+    except Exception:  # noqa: BLE001  (unreadable or partial: rebuild it)
         return False
     want = config(size)["hidden_size"]
     return md.get("csm.backbone.d_model") == want

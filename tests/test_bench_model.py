@@ -180,9 +180,8 @@ def prompt_ids(tiny_files):
 @pytest.mark.parametrize("outtype", list(QTYPES))
 def test_generates_frames(tiny_files, prompt_ids, outtype):
     ids = prompt_ids
-    with Model(tiny_files[outtype], device="cpu") as m:
-        with Generator(m, n_threads=2) as g:
-            res = g.generate(text_rows(ids), temperature=0, max_frames=2, stop_at_eos=False)
+    with Model(tiny_files[outtype], device="cpu") as m, Generator(m, n_threads=2) as g:
+        res = g.generate(text_rows(ids), temperature=0, max_frames=2, stop_at_eos=False)
     assert res.codes.shape == (2, 32)
     assert res.stop_reason == "max_frames"
     assert ((res.codes >= 0) & (res.codes < 2048)).all()
