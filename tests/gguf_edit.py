@@ -49,3 +49,22 @@ def rewrite(src, dst, *, drop_tensors=(), reshape=None, retype=None, set_kv=None
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+Q = gguf.GGMLQuantizationType
+
+
+def expected_type(name: str, n_dims: int, ne0: int, qtype):
+    """docs/gguf-schema.md: which ggml type a tensor has in a q8_0 / q4_k file."""
+    if n_dims <= 1:
+        return Q.F32
+    if qtype is None:
+        return Q.F16
+    eligible = n_dims == 2 and ("weight" in name or name.endswith("_w")) and "norm" not in name
+    if eligible:
+        block = gguf.GGML_QUANT_SIZES[qtype][0]
+        if ne0 % block == 0:
+            return qtype
+        if qtype == Q.Q4_K and ne0 % 32 == 0:
+            return Q.Q4_0
+    return Q.F16

@@ -19,6 +19,8 @@ from pycsm.generator import Generator
 from pycsm.model import Model
 from pycsm.prompt import text_rows
 
+from gguf_edit import expected_type
+
 REPO = Path(__file__).resolve().parents[1]
 MAKE_MODEL = REPO / "benchmarks" / "make_model.py"
 Q = gguf.GGMLQuantizationType
@@ -34,20 +36,6 @@ TINY_HPARAMS = dict(bb_n_layers=2, bb_d_model=128, bb_n_heads=4, bb_n_kv_heads=2
                     mimi_n_semantic=1, sample_rate=24000, samples_per_frame=1920)
 
 
-def expected_type(name: str, n_dims: int, ne0: int, qtype):
-    """docs/gguf-schema.md: which ggml type a tensor has in a q8_0 / q4_k file."""
-    if n_dims <= 1:
-        return Q.F32
-    if qtype is None:
-        return Q.F16
-    eligible = n_dims == 2 and ("weight" in name or name.endswith("_w")) and "norm" not in name
-    if eligible:
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if ne0 % block == 0:
-            return qtype
-        if qtype == Q.Q4_K and ne0 % 32 == 0:
-            return Q.Q4_0
-    return Q.F16
 
 
 def read_tensor_infos(path):

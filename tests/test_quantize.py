@@ -10,20 +10,11 @@ from pycsm.errors import CSMError
 from pycsm.generator import Generator
 from pycsm.model import Model, quantize
 
+from gguf_edit import expected_type
+
 Q = gguf.GGMLQuantizationType
 
 
-def expected_type(name: str, n_dims: int, ne0: int, qtype):
-    if n_dims <= 1:
-        return Q.F32
-    eligible = n_dims == 2 and ("weight" in name or name.endswith("_w")) and "norm" not in name
-    if eligible:
-        block = gguf.GGML_QUANT_SIZES[qtype][0]
-        if ne0 % block == 0:
-            return qtype
-        if qtype == Q.Q4_K and ne0 % 32 == 0:
-            return Q.Q4_0
-    return Q.F16
 
 
 def strip(shape):
