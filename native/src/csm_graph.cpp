@@ -1,6 +1,7 @@
 // csm_graph.cpp - ggml graphs of the backbone and the depth decoder (Llama blocks with KV caches).
 #include "csm_context.h"
 #include "csm_log.h"
+#include "csm_q8.h"
 
 #include <cmath>
 
@@ -49,7 +50,7 @@ static ggml_tensor * embed_rows(ggml_context * ctx, const csm_model & m, csm_gra
 
 // Llama blocks over x [d, T*B]: T new positions for each of B sequences. The caches hold n_seq
 // sequences of n_ctx rows; this graph reads rows [0, n_kv) of sequences [seq0, seq0 + B).
-static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const csm_llama & L, float eps,
+static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const csm_model & m, const csm_llama & L, float eps,
                                   std::vector<csm_kv_layer> & kv, int64_t n_ctx, int64_t seq0, ggml_tensor * x,
                                   int64_t T, int64_t B, int64_t n_kv, csm_graph & g) {
     const int64_t hd = L.head_dim, nh = L.n_heads, nkv = L.n_kv_heads, kvd = hd * nkv;
@@ -62,9 +63,9 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
     for (int il = 0; il < L.n_layers; il++) {
         const csm_layer & l = L.layers[il];
         ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.attn_norm);
-        ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wq, cur), hd, nh, T * B);
-        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, l.wk, cur), hd, nkv, T * B);
-        ggml_tensor * v = ggml_mul_mat(ctx, l.wv, cur);                        // [kvd, T*B]
+        ggml_tensor * q = ggml_reshape_3d(ctx, csm_mul_mat(ctx, m, l.wq, cur), hd, nh, T * B);
+        ggml_tensor * k = ggml_reshape_3d(ctx, csm_mul_mat(ctx, m, l.wk, cur), hd, nkv, T * B);
+        ggml_tensor * v = csm_mul_mat(ctx, m, l.wv, cur);                        // [kvd, T*B]
         q = ggml_rope_ext(ctx, q, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
                           L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
@@ -84,13 +85,13 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
         kq = ggml_soft_max_ext(ctx, kq, g.kq_mask, scale, 0.0f);
         ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                            // [hd, T, nh, B]
         o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                  // [hd, nh, T, B]
-        o = ggml_mul_mat(ctx, l.wo, ggml_reshape_2d(ctx, o, hd * nh, T * B));
+        o = csm_mul_mat(ctx, m, l.wo, ggml_reshape_2d(ctx, o, hd * nh, T * B));
         x = ggml_add(ctx, x, o);
 
         cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.ffn_norm);
-        ggml_tensor * gate = ggml_silu(ctx, ggml_mul_mat(ctx, l.w_gate, cur));
-        ggml_tensor * up = ggml_mul_mat(ctx, l.w_up, cur);
-        x = ggml_add(ctx, x, ggml_mul_mat(ctx, l.w_down, ggml_mul(ctx, gate, up)));
+        ggml_tensor * gate = ggml_silu(ctx, csm_mul_mat(ctx, m, l.w_gate, cur));
+        ggml_tensor * up = csm_mul_mat(ctx, m, l.w_up, cur);
+        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.w_down, ggml_mul(ctx, gate, up)));
     }
     return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), L.output_norm);
 }
@@ -109,7 +110,7 @@ static void backbone_head(csm_context & c, ggml_context * ctx, csm_graph & g, gg
     const int64_t d = m.hp.bb_d_model;
     ggml_tensor * dst = ggml_view_2d(ctx, c.h_buf, d, B, c.h_buf->nb[1], c.h_buf->nb[1] * seq0);
     ggml_build_forward_expand(g.gf, ggml_cpy(ctx, h, dst));
-    g.logits = ggml_mul_mat(ctx, m.codebook0_head, h);
+    g.logits = csm_mul_mat(ctx, m, m.codebook0_head, h);
     ggml_set_output(g.logits);
     ggml_build_forward_expand(g.gf, g.logits);
 }
@@ -125,7 +126,7 @@ void csm_build_prefill(csm_context & c, int32_t seq, int32_t T, int32_t n_kv) {
     g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
     g.key = ((int64_t) T << 32) | n_kv;
     ggml_tensor * x = embed_rows(g.ctx, m, g, T, true);
-    x = llama_blocks(g.ctx, g.gf, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, seq, x, T, 1, n_kv, g);
+    x = llama_blocks(g.ctx, g.gf, m, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, seq, x, T, 1, n_kv, g);
     ggml_tensor * last = ggml_view_2d(g.ctx, x, m.hp.bb_d_model, 1, x->nb[1], x->nb[1] * (T - 1));
     backbone_head(c, g.ctx, g, last, seq, 1);
     finish(c, g);
@@ -144,7 +145,7 @@ void csm_build_step(csm_context & c, int32_t n_kv) {
     g.key = n_kv;
     const int64_t B = c.n_seq;
     ggml_tensor * x = embed_rows(g.ctx, m, g, B, false);
-    x = llama_blocks(g.ctx, g.gf, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, 0, x, 1, B, n_kv, g);
+    x = llama_blocks(g.ctx, g.gf, m, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, 0, x, 1, B, n_kv, g);
     backbone_head(c, g.ctx, g, x, 0, B);
     finish(c, g);
 }
@@ -158,8 +159,8 @@ void csm_build_depth0(csm_context & c) {
     g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
     g.key = 0;
     const int64_t B = c.n_seq;
-    ggml_tensor * x = ggml_mul_mat(g.ctx, m.depth_proj, c.h_buf);              // [dp_d, B]
-    x = llama_blocks(g.ctx, g.gf, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
+    ggml_tensor * x = csm_mul_mat(g.ctx, m, m.depth_proj, c.h_buf);              // [dp_d, B]
+    x = llama_blocks(g.ctx, g.gf, m, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
     ggml_build_forward_expand(g.gf, x);
     finish(c, g);
 }
@@ -174,8 +175,8 @@ void csm_build_depthk(csm_context & c) {
     g.key = 1;
     const int64_t B = c.n_seq;
     g.audio_ids = input(g.ctx, GGML_TYPE_I32, B);
-    ggml_tensor * x = ggml_mul_mat(g.ctx, m.depth_proj, ggml_get_rows(g.ctx, m.depth_embd, g.audio_ids));
-    x = llama_blocks(g.ctx, g.gf, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
+    ggml_tensor * x = csm_mul_mat(g.ctx, m, m.depth_proj, ggml_get_rows(g.ctx, m.depth_embd, g.audio_ids));
+    x = llama_blocks(g.ctx, g.gf, m, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
     g.head_ids = input(g.ctx, GGML_TYPE_I32, 1, B);
     ggml_tensor * logits = ggml_mul_mat_id(g.ctx, m.depth_heads, ggml_reshape_3d(g.ctx, x, m.hp.dp_d_model, 1, B), g.head_ids);
     g.logits = ggml_reshape_2d(g.ctx, logits, m.hp.audio_vocab_size, B);

@@ -3,6 +3,7 @@
 
 #include "csm_gguf_check.h"
 #include "csm_log.h"
+#include "csm_q8.h"
 #include "mimi.h"
 
 #include "ggml-cpu.h"
@@ -11,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <thread>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -228,7 +230,6 @@ static void read_hparams(csm_model & m) {
     m.name = get_str(g, "general.name", false);
     m.file_type = get_u32(g, "general.file_type", 0, 1 << 20, -1);
 
-    const int32_t BIG = 1 << 20;
     csm_hparams & h = m.hp;
     h.bb_n_layers = get_u32(g, "csm.backbone.n_layers", 1, 1024);
     h.bb_d_model = get_u32(g, "csm.backbone.d_model", 1, 65536);
@@ -468,20 +469,68 @@ static bool matmul_supported(ggml_backend_dev_t dev, ggml_backend_buffer_type_t 
     return ok;
 }
 
-// Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their
-// type; the mapped originals are dropped from memory as they are copied.
-static void repack_weights(csm_model & m) {
-    ggml_backend_buffer_type_t buft = cpu_repack_buft(m.dev);
-    if (!buft) return;
+// The matrices of the matrix products (the slots that hold them, so a copy can replace them).
+static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
     std::vector<ggml_tensor **> slots = {&m.codebook0_head, &m.depth_proj};
     for (csm_llama * L : {&m.backbone, &m.depth}) {
         for (csm_layer & l : L->layers) {
             for (ggml_tensor ** t : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) slots.push_back(t);
         }
     }
+    return slots;
+}
+
+// Drops the mapped file pages of a tensor that has been copied (whole pages inside the tensor).
+static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
+    if (!m.mmap_addr) return;
+    const long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t) t->data + page - 1) / page * page;
+    uintptr_t e = ((uintptr_t) t->data + ggml_nbytes(t)) / page * page;
+    if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
+}
+
+// Packs the Q8_0 matrices for pycsm's AVX512-VNNI kernel (csm_q8), on as many threads as cores.
+static void pack_q8(csm_model & m) {
+    if (!csm_q8_available()) return;
+    std::vector<ggml_tensor *> todo;
+    for (ggml_tensor ** t : matmul_slots(m)) {
+        if ((*t)->type == GGML_TYPE_Q8_0 && (*t)->ne[2] == 1 && (*t)->ne[3] == 1) todo.push_back(*t);
+    }
+    if (todo.empty()) return;
+    std::vector<std::unique_ptr<csm_q8_matrix>> out(todo.size());
+    std::vector<std::string> errors(todo.size());
+    const unsigned n_thr = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+    auto work = [&](unsigned ith) {
+        for (size_t i = ith; i < todo.size(); i += n_thr) {
+            try {
+                out[i] = csm_q8_pack(todo[i]);
+                drop_mapped_pages(m, todo[i]);
+            } catch (const std::exception & e) {
+                errors[i] = e.what();
+            }
+        }
+    };
+    std::vector<std::thread> pool;
+    for (unsigned i = 1; i < n_thr; i++) pool.emplace_back(work, i);
+    work(0);
+    for (auto & th : pool) th.join();
+    size_t bytes = 0;
+    for (size_t i = 0; i < todo.size(); i++) {
+        if (!errors[i].empty()) csm_fail("%s", errors[i].c_str());
+        bytes += out[i]->mem_size;
+        m.q8[todo[i]] = std::move(out[i]);
+    }
+    csm_log(CSM_LOG_INFO, "packed %zu Q8_0 matrices (%.1f MiB) for the AVX512-VNNI kernel", todo.size(), bytes / 1048576.0);
+}
+
+// Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their
+// type; the mapped originals are dropped from memory as they are copied.
+static void repack_weights(csm_model & m) {
+    ggml_backend_buffer_type_t buft = cpu_repack_buft(m.dev);
+    if (!buft) return;
     std::vector<ggml_tensor **> chosen;
-    for (ggml_tensor ** t : slots) {
-        if (matmul_supported(m.dev, buft, *t)) chosen.push_back(t);
+    for (ggml_tensor ** t : matmul_slots(m)) {
+        if (!m.q8.count(*t) && matmul_supported(m.dev, buft, *t)) chosen.push_back(t);
     }
     if (chosen.empty()) return;
     ggml_init_params ip = {chosen.size() * ggml_tensor_overhead(), nullptr, true};
@@ -497,17 +546,12 @@ static void repack_weights(csm_model & m) {
     if (!buf) csm_fail("cannot allocate the repacked weights");
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
     m.bufs.push_back(buf);
-    const long page = sysconf(_SC_PAGESIZE);
     size_t bytes = 0;
     for (size_t i = 0; i < chosen.size(); i++) {
         ggml_tensor * src = *chosen[i];
         ggml_backend_tensor_set(copies[i], src->data, 0, ggml_nbytes(src));
         bytes += ggml_nbytes(src);
-        if (m.mmap_addr) { // release the mapped pages just read (whole pages inside the tensor)
-            uintptr_t a = ((uintptr_t) src->data + page - 1) / page * page;
-            uintptr_t e = ((uintptr_t) src->data + ggml_nbytes(src)) / page * page;
-            if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
-        }
+        drop_mapped_pages(m, src);
         *chosen[i] = copies[i];
     }
     csm_log(CSM_LOG_INFO, "repacked %zu matrices (%.1f MiB) for faster CPU matrix products", chosen.size(), bytes / 1048576.0);
@@ -552,7 +596,10 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     if (!m->dev) csm_fail("no ggml device available");
     load_weights(*m, p, fd.fd, file_size);
     make_extra(*m);
-    if (p.use_repack && csm_model_on_host(m.get())) repack_weights(*m);
+    if (p.use_repack && csm_model_on_host(m.get())) {
+        pack_q8(*m);
+        repack_weights(*m);
+    }
     csm_log(CSM_LOG_INFO, "loaded %s: %d tensors, %.1f MiB on %s", path, m->n_tensors, m->n_bytes / 1048576.0,
             ggml_backend_dev_name(m->dev));
     return m.release();

@@ -7,8 +7,12 @@
 #include "ggml-backend.h"
 #include "gguf.h"
 
+#include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
+
+struct csm_q8_matrix; // csm_q8.h
 
 // One Llama block (backbone and depth decoder share the shape).
 struct csm_layer {
@@ -61,6 +65,7 @@ struct csm_model {
     ggml_context * ctx_w = nullptr;          // tensor metadata of the file's weights
     ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors, transposed depth heads)
     ggml_context * ctx_repack = nullptr;     // matrices moved to the CPU repack buffer
+    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_matrix>> q8; // Q8_0 matrices packed for csm_q8
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers
     void * mmap_addr = nullptr;

@@ -1,0 +1,28 @@
+// csm_q8.h - Q8_0 matrices re-laid out for pycsm's own CPU kernel (AVX512-VNNI), and the matrix
+// product that picks it or ggml's mul_mat.
+#pragma once
+
+#include "csm_model.h"
+
+#include <cstdint>
+#include <memory>
+
+// A Q8_0 matrix of `rows` x `cols` (ggml's ne1 x ne0) in the kernel's tiled layout (csm_q8_kernel.h):
+// nbp blocks of 32 per row (cols / 32 rounded up to a multiple of 8), rows * nbp * 34 bytes.
+struct csm_q8_matrix {
+    int64_t rows = 0, cols = 0, nbp = 0;
+    uint8_t * w = nullptr;
+    void * mem = nullptr;
+    size_t mem_size = 0;
+    ~csm_q8_matrix();
+};
+
+// True when the CPU and this build run the kernel.
+bool csm_q8_available();
+
+// Packs a 2-D Q8_0 tensor held in host memory. Throws csm_error on allocation failure.
+std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w);
+
+// w x for a weight of the model: the packed kernel when the model holds a packed copy of w, else
+// ggml_mul_mat. x: f32 [w->ne[0], n] (2-D); result f32 [w->ne[1], n].
+ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x);

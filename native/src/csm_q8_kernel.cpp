@@ -1,0 +1,160 @@
+// csm_q8_kernel.cpp - AVX512-VNNI kernels for Q8_0 weights (see csm_q8_kernel.h).
+//
+// Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mf16c -mfma where the compiler targets
+// x86-64; elsewhere only the stubs below are compiled. Keep this file free of C++ library headers:
+// inline library code compiled here with AVX512 enabled could be picked by the linker for other files.
+#include "csm_q8_kernel.h"
+
+void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
+    const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8, full = rows / 4 * 4;
+    for (int64_t i = 0; i < rows * nbp * 34; i++) out[i] = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        uint8_t * tile = out + r0 * nbp * 34;
+        const uint8_t * row = src + r * row_stride;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t * blk = row + b * 34; // block_q8_0: fp16 scale, 32 int8 quants
+            uint8_t * grp = tile + (b / 8) * R * 272;
+            grp[(ri * 8 + b % 8) * 2] = blk[0];
+            grp[(ri * 8 + b % 8) * 2 + 1] = blk[1];
+            uint8_t * q = grp + R * 16 + ri * 256;
+            for (int i = 0; i < 32; i++) q[((i / 4) * 8 + b % 8) * 4 + i % 4] = (uint8_t) (blk[2 + i] ^ 0x80);
+        }
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
+    defined(__F16C__) && defined(__FMA__)
+
+#include <immintrin.h>
+
+bool csm_q8_kernel_available() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
+                     int8_t * y, float * dy, int32_t * sb) {
+    const int64_t nb = K / 32;
+    for (int64_t c = 0; c < n_col; c++) {
+        const float * xc = x + c * x_stride;
+        int8_t * yc = y + c * nbp * 32;
+        float * dc = dy + c * nbp;
+        int32_t * sc = sb + c * nbp;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 v0 = _mm512_loadu_ps(xc + b * 32), v1 = _mm512_loadu_ps(xc + b * 32 + 16);
+            const __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+            const float amax = _mm512_reduce_max_ps(a);
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512 vid = _mm512_set1_ps(id);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)); // round to nearest even
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+            alignas(32) int32_t chunk[8]; // the block's 32 quants as 8 groups of 4 bytes
+            _mm_store_si128((__m128i *) chunk, _mm512_cvtsepi32_epi8(q0));
+            _mm_store_si128((__m128i *) (chunk + 4), _mm512_cvtsepi32_epi8(q1));
+            int32_t * grp = (int32_t *) (yc + (b / 8) * 256);
+            for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = chunk[m];
+            dc[b] = amax / 127.0f;
+            sc[b] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
+        for (int64_t b = nb; b < nbp; b++) {
+            int32_t * grp = (int32_t *) (yc + (b / 8) * 256);
+            for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
+            dc[b] = 0.0f;
+            sc[b] = 0;
+        }
+    }
+}
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// R rows x NC columns from one tile (see csm_q8_kernel.h); y, dy, sb: the first column. Lane l of
+// the eight dot-product accumulators of a group collects block l, so one conversion and one FMA
+// per group apply the eight blocks' scales.
+template <int R, int NC>
+static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                        float * dst, int64_t dst_stride) {
+    __m256 acc[R][NC];
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+    const int64_t group = R * (16 + 8 * 32);
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        _mm_prefetch((const char *) t + 4 * group, _MM_HINT_T0);
+        const uint8_t * qt = t + R * 16;
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
+            // two chains of dot products per column (even and odd m) halve the dependency latency
+            __m256i dot[NC], dot2[NC];
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                dot[n] = _mm256_loadu_si256((const __m256i *) (sb + n * nbp + g * 8));
+                dot2[n] = _mm256_setzero_si256();
+            }
+            _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    const int8_t * yn = y + (n * nbp + g * 8) * 32 + m * 32;
+                    dot[n] = _mm256_dpbusd_epi32(dot[n], x0, _mm256_loadu_si256((const __m256i *) yn));
+                    dot2[n] = _mm256_dpbusd_epi32(dot2[n], x1, _mm256_loadu_si256((const __m256i *) (yn + 32)));
+                }
+            }
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[n] = _mm256_add_epi32(dot[n], dot2[n]);
+            const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16)));
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + n * nbp + g * 8));
+                acc[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[n]), sc, acc[r][n]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
+}
+
+template <int R>
+static inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                             int64_t n_col, float * dst, int64_t dst_stride) {
+    for (int64_t c = 0; c < n_col; c += 4) {
+        const int8_t * yc = y + c * nbp * 32;
+        const float * dc = dy + c * nbp;
+        const int32_t * sc = sb + c * nbp;
+        float * oc = dst + c * dst_stride;
+        switch (n_col - c < 4 ? n_col - c : 4) {
+            case 1: tile<R, 1>(t, nbp, yc, dc, sc, oc, dst_stride); break;
+            case 2: tile<R, 2>(t, nbp, yc, dc, sc, oc, dst_stride); break;
+            case 3: tile<R, 3>(t, nbp, yc, dc, sc, oc, dst_stride); break;
+            default: tile<R, 4>(t, nbp, yc, dc, sc, oc, dst_stride); break;
+        }
+    }
+}
+
+void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t n_col,
+                 float * dst, int64_t dst_stride) {
+    const int64_t full = rows / 4 * 4;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
+        tile_cols<4>(w + r * nbp * 34, nbp, y, dy, sb, n_col, dst + r, dst_stride);
+    }
+    for (; r < r1; r++) tile_cols<1>(w + r * nbp * 34, nbp, y, dy, sb, n_col, dst + r, dst_stride);
+}
+
+#else // no AVX512-VNNI in this build
+
+bool csm_q8_kernel_available() { return false; }
+
+void csm_q8_quantize(const float *, int64_t, int64_t, int64_t, int64_t, int8_t *, float *, int32_t *) {
+    __builtin_trap();
+}
+
+void csm_q8_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *, const int32_t *,
+                 int64_t, float *, int64_t) {
+    __builtin_trap();
+}
+
+#endif

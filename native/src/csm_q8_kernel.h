@@ -1,0 +1,34 @@
+// csm_q8_kernel.h - pycsm's int8 matrix kernels for Q8_0 weights (x86 AVX512-VNNI).
+//
+// Layout of a packed matrix of `rows` rows and nbp blocks of 32 columns per row (the row's blocks
+// zero-padded to a multiple of 8): rows are grouped in tiles of 4 (the last rows % 4 rows alone, as
+// tiles of 1). A tile of R rows is nbp / 8 groups of 8 blocks; a group holds R x 8 fp16 scales
+// ([row][block]) and then, per row, the 8 blocks' 256 unsigned quants (quant + 128) as [m][l][4]:
+// bytes 4m..4m+3 of block l, so that 32-bit lane l of a vector always belongs to block l. Row r
+// starts at byte r * nbp * 34 (its tile's start when r % 4 == 0), the same size as Q8_0.
+// Activations are quantised per 32 values as in Q8_0: y (int8, groups of 8 blocks in the [m][l][4]
+// order of the weights), dy (scale), sb = -128 * sum(y) (removes the +128 offset of q inside vpdpbusd).
+//
+// This file is compiled with AVX512 flags; call nothing here unless csm_q8_kernel_available().
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+// True when this build has the kernels and the CPU runs them (AVX512 F/BW/VL/VNNI, F16C, FMA).
+bool csm_q8_kernel_available();
+
+// Packs rows x cols of Q8_0 blocks (row r at q8_0 + r * row_stride bytes) into out, which holds
+// rows * nbp * 34 bytes. Plain C: safe to call on any CPU.
+void csm_q8_pack_rows(const uint8_t * q8_0, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
+
+// Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32.
+// Column c's outputs start at y + c * nbp * 32, dy + c * nbp, sb + c * nbp; blocks past K are zero.
+void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
+                     int8_t * y, float * dy, int32_t * sb);
+
+// dst[c * dst_stride + r] = sum_k W[r, k] * x[k, c] for rows [r0, r1) and columns [0, n_col);
+// r0 is a multiple of 4, r1 a multiple of 4 or `rows`.
+void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t n_col,
+                 float * dst, int64_t dst_stride);

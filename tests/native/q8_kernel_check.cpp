@@ -1,0 +1,61 @@
+// q8_kernel_check.cpp - drives pycsm's Q8_0 int8 kernel (native/src/csm_q8_kernel.cpp) for
+// tests/test_q8_kernel.py: packs a Q8_0 matrix, quantises activations, multiplies, in row ranges
+// split like the ggml op does for n_split threads.
+//
+// stdin:  int64 rows, cols, n_col, n_split; rows * cols / 32 * 34 bytes of Q8_0 blocks;
+//         n_col * cols float32 activations (column-major: column c at c * cols)
+// stdout: int32 available (0: this CPU or build lacks the kernel, nothing follows);
+//         n_col * rows float32 results (column c at c * rows);
+//         n_col * cols int8 quantised activations and n_col * cols / 32 float32 scales, in natural order
+#include "csm_q8_kernel.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+static void read_all(void * p, size_t n) {
+    if (fread(p, 1, n, stdin) != n) { fprintf(stderr, "short input\n"); std::exit(2); }
+}
+
+int main() {
+    int64_t h[4];
+    read_all(h, sizeof h);
+    const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3];
+    const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8;
+    std::vector<uint8_t> q8((size_t) (rows * nb * 34));
+    std::vector<float> x((size_t) (n_col * cols));
+    read_all(q8.data(), q8.size());
+    read_all(x.data(), x.size() * sizeof(float));
+    int32_t avail = csm_q8_kernel_available() ? 1 : 0;
+    fwrite(&avail, sizeof avail, 1, stdout);
+    if (!avail) return 0;
+
+    std::vector<uint8_t> w((size_t) (rows * nbp * 34));
+    csm_q8_pack_rows(q8.data(), (size_t) (nb * 34), rows, cols, w.data());
+    std::vector<int8_t> y((size_t) (n_col * nbp * 32));
+    std::vector<float> dy((size_t) (n_col * nbp));
+    std::vector<int32_t> sb((size_t) (n_col * nbp));
+    csm_q8_quantize(x.data(), cols, n_col, cols, nbp, y.data(), dy.data(), sb.data());
+    std::vector<float> out((size_t) (n_col * rows), -12345.0f);
+    const int64_t tiles = (rows + 3) / 4;
+    for (int64_t i = 0; i < n_split; i++) {
+        const int64_t t0 = tiles * i / n_split, t1 = tiles * (i + 1) / n_split;
+        const int64_t r0 = t0 * 4, r1 = t1 * 4 < rows ? t1 * 4 : rows;
+        if (r0 < r1) csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data(), dy.data(), sb.data(), n_col, out.data(), rows);
+    }
+    fwrite(out.data(), sizeof(float), out.size(), stdout);
+    // the quantised activations back in natural order (groups of 8 blocks are stored as [m][l][4])
+    std::vector<int8_t> yq((size_t) (n_col * cols));
+    std::vector<float> dq((size_t) (n_col * nb));
+    for (int64_t c = 0; c < n_col; c++) {
+        for (int64_t b = 0; b < nb; b++) {
+            for (int i = 0; i < 32; i++) {
+                yq[c * cols + b * 32 + i] = y[c * nbp * 32 + (b / 8) * 256 + ((i / 4) * 8 + b % 8) * 4 + i % 4];
+            }
+            dq[c * nb + b] = dy[c * nbp + b];
+        }
+    }
+    fwrite(yq.data(), 1, yq.size(), stdout);
+    fwrite(dq.data(), sizeof(float), dq.size(), stdout);
+    return 0;
+}
