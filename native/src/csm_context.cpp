@@ -62,7 +62,9 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
         kv.resize(L.n_layers);
         for (auto & l : kv) {
             l.k = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, (int64_t) L.head_dim * L.n_kv_heads, rows);
-            l.v = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, (int64_t) L.head_dim * L.n_kv_heads, rows);
+            // V is stored transposed ([position][channel][sequence], written one value at a time) so
+            // that attention reads it as [n_kv, head_dim] rows without a copy
+            l.v = ggml_new_tensor_2d(c->ctx_state, GGML_TYPE_F32, 1, (int64_t) L.head_dim * L.n_kv_heads * rows);
         }
     };
     make_kv(B, (int64_t) c->n_ctx * c->n_seq, c->kv_bb);

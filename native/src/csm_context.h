@@ -23,7 +23,8 @@ struct csm_graph {
     ggml_tensor * audio_ids = nullptr;  // i32 [32*T*B] audio embedding rows (cb * vocab + code)
     ggml_tensor * audio_mask = nullptr; // f32 [1, 32*T*B]
     ggml_tensor * pos = nullptr;        // i32 [T*B] RoPE positions
-    ggml_tensor * kv_idx = nullptr;     // i64 [T*B] KV cache rows written
+    ggml_tensor * kv_idx = nullptr;     // i64 [T*B] K cache rows written (seq * n_ctx + pos)
+    ggml_tensor * v_idx = nullptr;      // i64 [kvd*T*B] V cache values written ((seq * kvd + c) * n_ctx + pos)
     ggml_tensor * kq_mask = nullptr;    // f32 [n_kv, T, 1, B]
     ggml_tensor * head_ids = nullptr;   // i32 [1, B] depth head per sequence
     // outputs
@@ -35,7 +36,7 @@ struct csm_graph {
 
 struct csm_kv_layer {
     ggml_tensor * k = nullptr; // f32 [head_dim * n_kv_heads, n_ctx * n_seq]
-    ggml_tensor * v = nullptr;
+    ggml_tensor * v = nullptr; // f32 [1, n_ctx * head_dim * n_kv_heads * n_seq]: position fastest
 };
 
 struct csm_context {

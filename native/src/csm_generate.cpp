@@ -65,17 +65,30 @@ void causal_mask(std::vector<float> & mask, int32_t n_kv, int32_t T, int32_t B, 
     }
 }
 
+// K cache rows (seq * n_ctx + pos) and the V cache values they imply ((seq * kvd + c) * n_ctx + pos).
+void set_kv_idx(csm_graph & g, const std::vector<int64_t> & kv_idx, int64_t kvd, int64_t n_ctx, std::vector<int64_t> & v_idx) {
+    set_input(g.kv_idx, kv_idx);
+    v_idx.resize(kv_idx.size() * kvd);
+    for (size_t i = 0; i < kv_idx.size(); i++) {
+        const int64_t seq = kv_idx[i] / n_ctx, pos = kv_idx[i] % n_ctx;
+        for (int64_t c = 0; c < kvd; c++) v_idx[i * kvd + c] = (seq * kvd + c) * n_ctx + pos;
+    }
+    set_input(g.v_idx, v_idx);
+}
+
 struct runner {
     csm_context & c;
     const csm_model & m;
     const int32_t V, ncb;
     std::vector<int32_t> ids, pos, text_ids;
-    std::vector<int64_t> kv_idx;
+    std::vector<int64_t> kv_idx, v_idx;
     std::vector<float> amask, tmask, kq;
     std::vector<float> logits;   // [V * n_seq]
 
     explicit runner(csm_context & ctx)
         : c(ctx), m(*ctx.model), V(ctx.model->hp.audio_vocab_size), ncb(ctx.model->hp.n_codebooks) {}
+
+    int64_t bb_kvd() const { return (int64_t) m.backbone.head_dim * m.backbone.n_kv_heads; }
 
     // Prefills rows of sequence `seq` from position 0; leaves codebook-0 logits in logits[seq].
     void prefill(int32_t seq, const int32_t * prompt, int32_t n_pos) {
@@ -112,7 +125,7 @@ struct runner {
             set_input(g.text_ids, text_ids);
             set_input(g.text_mask, tmask);
             set_input(g.pos, pos);
-            set_input(g.kv_idx, kv_idx);
+            set_kv_idx(g, kv_idx, bb_kvd(), c.n_ctx, v_idx);
             set_input(g.kq_mask, kq);
             csm_compute(c, g);
             c.n_past[seq] = n_past + T;
@@ -145,7 +158,7 @@ struct runner {
         set_input(g.audio_ids, ids);
         set_input(g.audio_mask, amask);
         set_input(g.pos, pos);
-        set_input(g.kv_idx, kv_idx);
+        set_kv_idx(g, kv_idx, bb_kvd(), c.n_ctx, v_idx);
         set_input(g.kq_mask, kq);
         csm_compute(c, g);
         for (int32_t b = 0; b < B; b++) c.n_past[b] = std::min(c.n_past[b] + 1, c.n_ctx);
@@ -160,7 +173,7 @@ struct runner {
         for (int32_t b = 0; b < B; b++) kv_idx[b] = (int64_t) b * c.n_dctx + k;
         causal_mask(kq, c.n_dctx, 1, B, std::vector<int32_t>(B, k));
         set_input(g.pos, pos);
-        set_input(g.kv_idx, kv_idx);
+        set_kv_idx(g, kv_idx, (int64_t) m.depth.head_dim * m.depth.n_kv_heads, c.n_dctx, v_idx);
         set_input(g.kq_mask, kq);
     }
 

@@ -12,7 +12,7 @@ void csm_graph::reset() {
     gf = nullptr;
     alloc = nullptr;
     key = -1;
-    text_ids = text_mask = audio_ids = audio_mask = pos = kv_idx = kq_mask = head_ids = logits = nullptr;
+    text_ids = text_mask = audio_ids = audio_mask = pos = kv_idx = v_idx = kq_mask = head_ids = logits = nullptr;
 }
 
 static const size_t GRAPH_NODES = 4096;
@@ -56,6 +56,7 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
     const int64_t hd = L.head_dim, nh = L.n_heads, nkv = L.n_kv_heads, kvd = hd * nkv;
     g.pos = input(ctx, GGML_TYPE_I32, T * B);
     g.kv_idx = input(ctx, GGML_TYPE_I64, T * B);
+    g.v_idx = input(ctx, GGML_TYPE_I64, kvd * T * B);
     g.kq_mask = input(ctx, GGML_TYPE_F32, n_kv, T, 1, B);
     const float scale = 1.0f / std::sqrt((float) hd);
     const int n_ctx_orig = L.rope.llama3 ? L.rope.orig_max_pos : 0;
@@ -71,15 +72,14 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
         k = ggml_rope_ext(ctx, k, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
                           L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].k, ggml_reshape_2d(ctx, k, kvd, T * B), g.kv_idx));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].v, v, g.kv_idx));
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].v, ggml_reshape_2d(ctx, v, 1, kvd * T * B), g.v_idx));
 
         const size_t es = ggml_element_size(kv[il].k);
         ggml_tensor * K = ggml_view_4d(ctx, kv[il].k, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx,
                                        kvd * es * n_ctx * seq0);
-        ggml_tensor * V = ggml_view_4d(ctx, kv[il].v, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx,
-                                       kvd * es * n_ctx * seq0);
+        ggml_tensor * V = ggml_view_4d(ctx, kv[il].v, n_kv, hd, nkv, B, n_ctx * es, hd * n_ctx * es, kvd * n_ctx * es,
+                                       kvd * n_ctx * es * seq0);                // [n_kv, hd, nkv, B]
         K = ggml_permute(ctx, K, 0, 2, 1, 3);                                  // [hd, n_kv, nkv, B]
-        V = ggml_cont(ctx, ggml_permute(ctx, V, 1, 2, 0, 3));                  // [n_kv, hd, nkv, B]
         q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3); // [hd, T, nh, B]
         ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                            // [n_kv, T, nh, B]
         kq = ggml_soft_max_ext(ctx, kq, g.kq_mask, scale, 0.0f);
@@ -178,8 +178,7 @@ void csm_build_depthk(csm_context & c) {
     ggml_tensor * x = csm_mul_mat(g.ctx, m, m.depth_proj, ggml_get_rows(g.ctx, m.depth_embd, g.audio_ids));
     x = llama_blocks(g.ctx, g.gf, m, m.depth, m.hp.rms_norm_eps, c.kv_dp, c.n_dctx, 0, x, 1, B, c.n_dctx, g);
     g.head_ids = input(g.ctx, GGML_TYPE_I32, 1, B);
-    ggml_tensor * logits = ggml_mul_mat_id(g.ctx, m.depth_heads, ggml_reshape_3d(g.ctx, x, m.hp.dp_d_model, 1, B), g.head_ids);
-    g.logits = ggml_reshape_2d(g.ctx, logits, m.hp.audio_vocab_size, B);
+    g.logits = csm_depth_heads(g.ctx, m, x, g.head_ids);
     ggml_set_output(g.logits);
     ggml_build_forward_expand(g.gf, g.logits);
     finish(c, g);

@@ -356,8 +356,9 @@ static ggml_backend_dev_t pick_device(const csm_model_params & p) {
     return gpus.empty() ? cpu : gpus[std::max(0, std::min<int>(p.gpu_index, (int) gpus.size() - 1))];
 }
 
-// RoPE factor tensors live in a small buffer on the weights' device.
-static void make_extra(csm_model & m) {
+// RoPE factor tensors live in a small buffer on the weights' device. With pack_heads the depth heads
+// are also packed as Q8_0 for the int8 kernel.
+static void make_extra(csm_model & m, bool pack_heads) {
     ggml_init_params ip = {3 * ggml_tensor_overhead(), nullptr, true};
     m.ctx_extra = ggml_init(ip);
     if (!m.ctx_extra) csm_fail("out of memory");
@@ -391,6 +392,7 @@ static void make_extra(csm_model & m) {
         else for (int64_t r = 0; r < d; r++) tr->to_float(raw.data() + r * hf->nb[1], src.data() + r * V, V);
         for (int64_t r = 0; r < d; r++)
             for (int64_t v = 0; v < V; v++) dst[(size_t) v * d + r] = src[(size_t) r * V + v];
+        if (pack_heads) m.q8_heads.push_back(csm_q8_pack_f32(dst.data(), V, d));
         const size_t off = (size_t) k * m.depth_heads->nb[2];
         if (ht == GGML_TYPE_F32) {
             ggml_backend_tensor_set(m.depth_heads, dst.data(), off, dst.size() * sizeof(float));
@@ -595,11 +597,14 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     m->dev = pick_device(p);
     if (!m->dev) csm_fail("no ggml device available");
     load_weights(*m, p, fd.fd, file_size);
-    make_extra(*m);
-    if (p.use_repack && csm_model_on_host(m.get())) {
-        pack_q8(*m);
-        repack_weights(*m);
-    }
+    // In a quantised file (its matrices neither F32 nor F16) the depth heads, which converters keep
+    // in F16, join the int8 kernel as Q8_0: 31 of them are read per frame.
+    const ggml_type wt = m->backbone.layers[0].w_up->type;
+    const bool quantised = wt != GGML_TYPE_F32 && wt != GGML_TYPE_F16 && wt != GGML_TYPE_BF16;
+    const bool pack = p.use_repack && csm_model_on_host(m.get()) && csm_q8_available();
+    make_extra(*m, pack && quantised && m->hp.dp_d_model % 32 == 0);
+    if (pack) pack_q8(*m);
+    if (p.use_repack && csm_model_on_host(m.get())) repack_weights(*m);
     csm_log(CSM_LOG_INFO, "loaded %s: %d tensors, %.1f MiB on %s", path, m->n_tensors, m->n_bytes / 1048576.0,
             ggml_backend_dev_name(m->dev));
     return m.release();

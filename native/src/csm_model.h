@@ -66,6 +66,7 @@ struct csm_model {
     ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors, transposed depth heads)
     ggml_context * ctx_repack = nullptr;     // matrices moved to the CPU repack buffer
     std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_matrix>> q8; // Q8_0 matrices packed for csm_q8
+    std::vector<std::unique_ptr<csm_q8_matrix>> q8_heads; // depth heads as packed Q8_0 (quantised files only)
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers
     void * mmap_addr = nullptr;

@@ -40,9 +40,6 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
     const int64_t nb = K / 32;
     for (int64_t c = 0; c < n_col; c++) {
         const float * xc = x + c * x_stride;
-        int8_t * yc = y + c * nbp * 32;
-        float * dc = dy + c * nbp;
-        int32_t * sc = sb + c * nbp;
         for (int64_t b = 0; b < nb; b++) {
             const __m512 v0 = _mm512_loadu_ps(xc + b * 32), v1 = _mm512_loadu_ps(xc + b * 32 + 16);
             const __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
@@ -54,16 +51,18 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
             alignas(32) int32_t chunk[8]; // the block's 32 quants as 8 groups of 4 bytes
             _mm_store_si128((__m128i *) chunk, _mm512_cvtsepi32_epi8(q0));
             _mm_store_si128((__m128i *) (chunk + 4), _mm512_cvtsepi32_epi8(q1));
-            int32_t * grp = (int32_t *) (yc + (b / 8) * 256);
+            const int64_t gi = (b / 8) * n_col + c;
+            int32_t * grp = (int32_t *) (y + gi * 256);
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = chunk[m];
-            dc[b] = amax / 127.0f;
-            sc[b] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+            dy[gi * 8 + b % 8] = amax / 127.0f;
+            sb[gi * 8 + b % 8] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }
         for (int64_t b = nb; b < nbp; b++) {
-            int32_t * grp = (int32_t *) (yc + (b / 8) * 256);
+            const int64_t gi = (b / 8) * n_col + c;
+            int32_t * grp = (int32_t *) (y + gi * 256);
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
-            dc[b] = 0.0f;
-            sc[b] = 0;
+            dy[gi * 8 + b % 8] = 0.0f;
+            sb[gi * 8 + b % 8] = 0;
         }
     }
 }
@@ -80,26 +79,25 @@ static inline float hsum(__m256 v) {
 // per group apply the eight blocks' scales.
 template <int R, int NC>
 static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                        float * dst, int64_t dst_stride) {
+                        int64_t col_stride, float * dst, int64_t dst_stride) {
     __m256 acc[R][NC];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
     const int64_t group = R * (16 + 8 * 32);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        _mm_prefetch((const char *) t + 4 * group, _MM_HINT_T0);
         const uint8_t * qt = t + R * 16;
         _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
             // two chains of dot products per column (even and odd m) halve the dependency latency
             __m256i dot[NC], dot2[NC];
             _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                dot[n] = _mm256_loadu_si256((const __m256i *) (sb + n * nbp + g * 8));
+                dot[n] = _mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8));
                 dot2[n] = _mm256_setzero_si256();
             }
             _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
                 const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
                 const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
                 _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                    const int8_t * yn = y + (n * nbp + g * 8) * 32 + m * 32;
+                    const int8_t * yn = y + (g * col_stride + n) * 256 + m * 32;
                     dot[n] = _mm256_dpbusd_epi32(dot[n], x0, _mm256_loadu_si256((const __m256i *) yn));
                     dot2[n] = _mm256_dpbusd_epi32(dot2[n], x1, _mm256_loadu_si256((const __m256i *) (yn + 32)));
                 }
@@ -107,7 +105,7 @@ static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const 
             _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[n] = _mm256_add_epi32(dot[n], dot2[n]);
             const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16)));
             _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + n * nbp + g * 8));
+                const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
                 acc[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[n]), sc, acc[r][n]);
             }
         }
@@ -118,30 +116,30 @@ static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const 
 
 template <int R>
 static inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                             int64_t n_col, float * dst, int64_t dst_stride) {
+                             int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
     for (int64_t c = 0; c < n_col; c += 4) {
-        const int8_t * yc = y + c * nbp * 32;
-        const float * dc = dy + c * nbp;
-        const int32_t * sc = sb + c * nbp;
+        const int8_t * yc = y + c * 256;
+        const float * dc = dy + c * 8;
+        const int32_t * sc = sb + c * 8;
         float * oc = dst + c * dst_stride;
         switch (n_col - c < 4 ? n_col - c : 4) {
-            case 1: tile<R, 1>(t, nbp, yc, dc, sc, oc, dst_stride); break;
-            case 2: tile<R, 2>(t, nbp, yc, dc, sc, oc, dst_stride); break;
-            case 3: tile<R, 3>(t, nbp, yc, dc, sc, oc, dst_stride); break;
-            default: tile<R, 4>(t, nbp, yc, dc, sc, oc, dst_stride); break;
+            case 1: tile<R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 2: tile<R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 3: tile<R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            default: tile<R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
         }
     }
 }
 
 void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
-                 const int8_t * y, const float * dy, const int32_t * sb, int64_t n_col,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                  float * dst, int64_t dst_stride) {
     const int64_t full = rows / 4 * 4;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
-        tile_cols<4>(w + r * nbp * 34, nbp, y, dy, sb, n_col, dst + r, dst_stride);
+        tile_cols<4>(w + r * nbp * 34, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
     }
-    for (; r < r1; r++) tile_cols<1>(w + r * nbp * 34, nbp, y, dy, sb, n_col, dst + r, dst_stride);
+    for (; r < r1; r++) tile_cols<1>(w + r * nbp * 34, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
 }
 
 #else // no AVX512-VNNI in this build
@@ -153,7 +151,7 @@ void csm_q8_quantize(const float *, int64_t, int64_t, int64_t, int64_t, int8_t *
 }
 
 void csm_q8_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *, const int32_t *,
-                 int64_t, float *, int64_t) {
+                 int64_t, int64_t, float *, int64_t) {
     __builtin_trap();
 }
 

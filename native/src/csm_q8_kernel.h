@@ -8,6 +8,8 @@
 // starts at byte r * nbp * 34 (its tile's start when r % 4 == 0), the same size as Q8_0.
 // Activations are quantised per 32 values as in Q8_0: y (int8, groups of 8 blocks in the [m][l][4]
 // order of the weights), dy (scale), sb = -128 * sum(y) (removes the +128 offset of q inside vpdpbusd).
+// The columns' groups are interleaved, [group][column]: group g of column c is at y + (g * n_col + c)
+// * 256 and at dy, sb + (g * n_col + c) * 8, so the columns a tile reads lie together.
 //
 // This file is compiled with AVX512 flags; call nothing here unless csm_q8_kernel_available().
 #pragma once
@@ -22,13 +24,14 @@ bool csm_q8_kernel_available();
 // rows * nbp * 34 bytes. Plain C: safe to call on any CPU.
 void csm_q8_pack_rows(const uint8_t * q8_0, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
 
-// Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32.
-// Column c's outputs start at y + c * nbp * 32, dy + c * nbp, sb + c * nbp; blocks past K are zero.
+// Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32, laid
+// out as above (n_col * nbp * 32 bytes of y, n_col * nbp dy and sb); blocks past K are zero.
 void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
                      int8_t * y, float * dy, int32_t * sb);
 
-// dst[c * dst_stride + r] = sum_k W[r, k] * x[k, c] for rows [r0, r1) and columns [0, n_col);
-// r0 is a multiple of 4, r1 a multiple of 4 or `rows`.
+// dst[c * dst_stride + r] = sum_k W[r, k] * x[k, c] for rows [r0, r1) and n_col columns; y, dy, sb
+// point at the first column's group 0 (csm_q8_quantize's output + c0 * 256 / 8), col_stride is the
+// number of columns quantised together. r0 is a multiple of 4, r1 a multiple of 4 or `rows`.
 void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
-                 const int8_t * y, const float * dy, const int32_t * sb, int64_t n_col,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                  float * dst, int64_t dst_stride);

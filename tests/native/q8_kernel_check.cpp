@@ -41,18 +41,23 @@ int main() {
     for (int64_t i = 0; i < n_split; i++) {
         const int64_t t0 = tiles * i / n_split, t1 = tiles * (i + 1) / n_split;
         const int64_t r0 = t0 * 4, r1 = t1 * 4 < rows ? t1 * 4 : rows;
-        if (r0 < r1) csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data(), dy.data(), sb.data(), n_col, out.data(), rows);
+        // columns in two calls (the first one, then the rest) as csm_q8 does for runs of heads
+        if (r0 < r1) csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data(), dy.data(), sb.data(), n_col, 1, out.data(), rows);
+        if (r0 < r1 && n_col > 1) {
+            csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data() + 256, dy.data() + 8, sb.data() + 8, n_col, n_col - 1,
+                        out.data() + rows, rows);
+        }
     }
     fwrite(out.data(), sizeof(float), out.size(), stdout);
-    // the quantised activations back in natural order (groups of 8 blocks are stored as [m][l][4])
+    // the quantised activations back in natural order (groups of 8 blocks, [group][column], [m][l][4])
     std::vector<int8_t> yq((size_t) (n_col * cols));
     std::vector<float> dq((size_t) (n_col * nb));
     for (int64_t c = 0; c < n_col; c++) {
         for (int64_t b = 0; b < nb; b++) {
             for (int i = 0; i < 32; i++) {
-                yq[c * cols + b * 32 + i] = y[c * nbp * 32 + (b / 8) * 256 + ((i / 4) * 8 + b % 8) * 4 + i % 4];
+                yq[c * cols + b * 32 + i] = y[((b / 8) * n_col + c) * 256 + ((i / 4) * 8 + b % 8) * 4 + i % 4];
             }
-            dq[c * nb + b] = dy[c * nbp + b];
+            dq[c * nb + b] = dy[((b / 8) * n_col + c) * 8 + b % 8];
         }
     }
     fwrite(yq.data(), 1, yq.size(), stdout);
