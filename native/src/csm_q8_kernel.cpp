@@ -7,10 +7,16 @@
 
 void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
     const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8, full = rows / 4 * 4;
-    for (int64_t i = 0; i < rows * nbp * 34; i++) out[i] = 0;
     for (int64_t r = 0; r < rows; r++) {
         const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
         uint8_t * tile = out + r0 * nbp * 34;
+        if (nb < nbp) { // zero the padding blocks of the last group (scales and quants)
+            uint8_t * grp = tile + (nbp / 8 - 1) * R * 272;
+            for (int64_t b = nb % 8; b < 8; b++) {
+                grp[(ri * 8 + b) * 2] = grp[(ri * 8 + b) * 2 + 1] = 0;
+                for (int i = 0; i < 32; i++) grp[R * 16 + ri * 256 + ((i / 4) * 8 + b) * 4 + i % 4] = 0;
+            }
+        }
         const uint8_t * row = src + r * row_stride;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t * blk = row + b * 34; // block_q8_0: fp16 scale, 32 int8 quants

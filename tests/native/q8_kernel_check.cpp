@@ -30,7 +30,7 @@ int main() {
     fwrite(&avail, sizeof avail, 1, stdout);
     if (!avail) return 0;
 
-    std::vector<uint8_t> w((size_t) (rows * nbp * 34));
+    std::vector<uint8_t> w((size_t) (rows * nbp * 34), 0xAB); // garbage: packing must write every byte
     csm_q8_pack_rows(q8.data(), (size_t) (nb * 34), rows, cols, w.data());
     std::vector<int8_t> y((size_t) (n_col * nbp * 32));
     std::vector<float> dy((size_t) (n_col * nbp));
