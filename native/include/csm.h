@@ -98,7 +98,8 @@ struct csm_model_params {
     int32_t device;        // enum csm_device
     int32_t gpu_index;     // which GPU device when several (0 = first)
     bool    use_mmap;      // map the file instead of reading it (CPU weights only)
-    bool    use_repack;    // let ggml's CPU backend repack weights into faster layouts (copies them)
+    bool    use_repack;    // CPU: copy matrices into faster layouts (Q8_0: pycsm's AVX512-VNNI kernel, with
+                           // the depth heads as Q8_0 in quantised files; Q4_K/Q4_0: ggml's repack)
 };
 
 // Hyper-parameters as stored in the GGUF (csm.* keys).

@@ -23,8 +23,13 @@ void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int6
             uint8_t * grp = tile + (b / 8) * R * 272;
             grp[(ri * 8 + b % 8) * 2] = blk[0];
             grp[(ri * 8 + b % 8) * 2 + 1] = blk[1];
-            uint8_t * q = grp + R * 16 + ri * 256;
-            for (int i = 0; i < 32; i++) q[((i / 4) * 8 + b % 8) * 4 + i % 4] = (uint8_t) (blk[2 + i] ^ 0x80);
+            uint8_t * q = grp + R * 16 + ri * 256 + (b % 8) * 4;
+            for (int m = 0; m < 8; m++) { // bytes 4m..4m+3 of the block to lane b % 8 of vector m, + 128
+                uint32_t v;
+                __builtin_memcpy(&v, blk + 2 + 4 * m, 4);
+                v ^= 0x80808080u;
+                __builtin_memcpy(q + m * 32, &v, 4);
+            }
         }
     }
 }
