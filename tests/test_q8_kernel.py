@@ -1,4 +1,4 @@
-"""pycsm's int8 kernel for Q8_0 weights (native/src/csm_q8_kernel.cpp) against numpy.
+"""pycsm's int8 kernels for Q8_0 and Q4_K weights (native/src/csm_q8_kernel.cpp) against numpy.
 
 The kernel is compiled here with a small driver (tests/native/q8_kernel_check.cpp). Its products
 must equal the exact products of the dequantised weights with its own quantised activations, and
@@ -51,17 +51,31 @@ def _q8_0_blocks(rng, rows, cols):
     return blocks, d.astype(np.float64), q.astype(np.float64)
 
 
-def _run(driver, blocks, x, n_split):
-    rows, nb, _ = blocks.shape
-    cols, n_col = nb * 32, x.shape[0]
-    inp = np.array([rows, cols, n_col, n_split], np.int64).tobytes() + blocks.tobytes() + x.astype(np.float32).tobytes()
+def _q4_k_blocks(rng, rows, cols):
+    """Random Q4_K data (every byte random but the scales: fp16 d and dmin of varied magnitude);
+    returns the blocks and their values dequantised by gguf-py."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    ns = cols // 256
+    blocks = rng.integers(0, 256, size=(rows, ns, 144), dtype=np.uint8)
+    d = rng.lognormal(-7, 1.0, size=(rows, ns, 2)).astype(np.float16)
+    blocks[:, :, :4] = d.view(np.uint8).reshape(rows, ns, 4)
+    w = dequantize(blocks.reshape(-1), GGMLQuantizationType.Q4_K).reshape(rows, cols).astype(np.float64)
+    return blocks, w
+
+
+def _run(driver, blocks, x, n_split, q4k=False):
+    rows, n_col = blocks.shape[0], x.shape[0]
+    cols = x.shape[1]
+    inp = (np.array([rows, cols, n_col, n_split, int(q4k)], np.int64).tobytes() + blocks.tobytes()
+           + x.astype(np.float32).tobytes())
     out = subprocess.run([str(driver)], input=inp, capture_output=True, check=True).stdout
     if np.frombuffer(out[:4], np.int32)[0] == 0:
         return None
     o = 4
     res = np.frombuffer(out[o:o + 4 * n_col * rows], np.float32).reshape(n_col, rows); o += 4 * n_col * rows
     yq = np.frombuffer(out[o:o + n_col * cols], np.int8).reshape(n_col, cols); o += n_col * cols
-    dy = np.frombuffer(out[o:], np.float32).reshape(n_col, nb)
+    dy = np.frombuffer(out[o:], np.float32).reshape(n_col, cols // 32)
     return res, yq, dy
 
 
@@ -95,3 +109,24 @@ def test_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
     want = np.einsum("crb,rb,cb->cr", dots, d, dy.astype(np.float64))
     scale = np.abs(np.einsum("crb,rb,cb->cr", np.abs(dots), d, dy.astype(np.float64))) + 1e-30
     assert np.all(np.abs(res - want) <= 1e-5 * scale), np.max(np.abs(res - want) / scale)
+
+
+@pytest.mark.parametrize("rows,cols,n_col,n_split", [
+    (4, 256, 1, 1), (5, 512, 2, 2), (61, 1024, 4, 2), (130, 768, 7, 3), (2051, 256, 1, 2), (8, 8192, 4, 1),
+])
+def test_q4_k_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
+    """Q4_K weights (d * scale * q - dmin * min per 32 values) times the kernel's Q8 activations."""
+    rng = np.random.default_rng(rows * 131 + cols + n_col)
+    blocks, w = _q4_k_blocks(rng, rows, cols)
+    x = rng.standard_normal((n_col, cols)).astype(np.float32)
+    x[:, :32] *= 50
+    got = _run(driver, blocks, x, n_split, q4k=True)
+    if got is None:
+        assert not _cpu_has_vnni(), "the CPU has AVX512-VNNI but the kernel says it is unavailable"
+        pytest.skip("this CPU lacks AVX512-VNNI; ggml's kernels are used instead")
+    res, yq, dy = got
+    nb = cols // 32
+    xq = yq.reshape(n_col, nb, 32).astype(np.float64) * dy.astype(np.float64)[:, :, None]
+    want = xq.reshape(n_col, cols) @ w.T
+    scale = np.abs(xq.reshape(n_col, cols)) @ np.abs(w.T) + 1e-30
+    assert np.all(np.abs(res - want) <= 2e-5 * scale), np.max(np.abs(res - want) / scale)

@@ -491,12 +491,13 @@ static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
     if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
 }
 
-// Packs the Q8_0 matrices for pycsm's AVX512-VNNI kernel (csm_q8), on as many threads as cores.
+// Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8), on as many threads
+// as cores.
 static void pack_q8(csm_model & m) {
     if (!csm_q8_available()) return;
     std::vector<ggml_tensor *> todo;
     for (ggml_tensor ** t : matmul_slots(m)) {
-        if ((*t)->type == GGML_TYPE_Q8_0 && (*t)->ne[2] == 1 && (*t)->ne[3] == 1) todo.push_back(*t);
+        if (csm_q8_packable(*t)) todo.push_back(*t);
     }
     if (todo.empty()) return;
     std::vector<std::unique_ptr<csm_q8_matrix>> out(todo.size());
@@ -522,7 +523,7 @@ static void pack_q8(csm_model & m) {
         bytes += out[i]->mem_size;
         m.q8[todo[i]] = std::move(out[i]);
     }
-    csm_log(CSM_LOG_INFO, "packed %zu Q8_0 matrices (%.1f MiB) for the AVX512-VNNI kernel", todo.size(), bytes / 1048576.0);
+    csm_log(CSM_LOG_INFO, "packed %zu matrices (%.1f MiB) for the AVX512-VNNI kernels", todo.size(), bytes / 1048576.0);
 }
 
 // Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their

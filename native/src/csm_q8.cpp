@@ -17,12 +17,13 @@ bool csm_q8_available() {
     return ok;
 }
 
-static std::unique_ptr<csm_q8_matrix> alloc_packed(int64_t rows, int64_t cols) {
+static std::unique_ptr<csm_q8_matrix> alloc_packed(ggml_type type, int64_t rows, int64_t cols) {
     auto m = std::make_unique<csm_q8_matrix>();
+    m->type = type;
     m->rows = rows;
     m->cols = cols;
     m->nbp = (cols / 32 + 7) / 8 * 8;
-    const size_t bytes = (size_t) (rows * m->nbp * 34);
+    const size_t bytes = type == GGML_TYPE_Q4_K ? (size_t) (rows * (cols / 256) * 148) : (size_t) (rows * m->nbp * 34);
     const size_t align = 2u << 20; // 2 MiB: lets the kernel use transparent huge pages
     m->mem_size = (bytes + align - 1) / align * align;
     m->mem = aligned_alloc(align, m->mem_size);
@@ -34,12 +35,18 @@ static std::unique_ptr<csm_q8_matrix> alloc_packed(int64_t rows, int64_t cols) {
     return m;
 }
 
+bool csm_q8_packable(const ggml_tensor * w) {
+    if (w->ne[2] != 1 || w->ne[3] != 1) return false;
+    if (w->type == GGML_TYPE_Q8_0) return w->ne[0] % 32 == 0;
+    if (w->type == GGML_TYPE_Q4_K) return w->ne[0] % 256 == 0;
+    return false;
+}
+
 std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w) {
-    if (w->type != GGML_TYPE_Q8_0 || w->ne[2] != 1 || w->ne[3] != 1 || w->ne[0] % 32 != 0) {
-        csm_fail("internal: cannot pack tensor '%s' for the int8 kernel", w->name);
-    }
-    auto m = alloc_packed(w->ne[1], w->ne[0]);
-    csm_q8_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
+    if (!csm_q8_packable(w)) csm_fail("internal: cannot pack tensor '%s' for the int8 kernel", w->name);
+    auto m = alloc_packed(w->type, w->ne[1], w->ne[0]);
+    if (w->type == GGML_TYPE_Q4_K) csm_q4k_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
+    else csm_q8_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
     return m;
 }
 
@@ -48,7 +55,7 @@ std::unique_ptr<csm_q8_matrix> csm_q8_pack_f32(const float * data, int64_t rows,
     const size_t row_bytes = ggml_row_size(GGML_TYPE_Q8_0, cols);
     std::vector<uint8_t> q8((size_t) rows * row_bytes);
     ggml_quantize_chunk(GGML_TYPE_Q8_0, data, q8.data(), 0, rows, cols, nullptr);
-    auto m = alloc_packed(rows, cols);
+    auto m = alloc_packed(GGML_TYPE_Q8_0, rows, cols);
     csm_q8_pack_rows(q8.data(), row_bytes, rows, cols, m->w);
     return m;
 }
@@ -81,8 +88,9 @@ void gemm_share(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, 
     const int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
     const int64_t r0 = t0 * 4, r1 = t1 * 4 < W.rows ? t1 * 4 : W.rows;
     if (r0 >= r1) return;
-    csm_q8_gemm(W.w, W.rows, W.nbp, r0, r1, s.y.data() + c0 * 256, s.dy.data() + c0 * 8, s.sb.data() + c0 * 8, n_total,
-                n, out, out_stride);
+    auto gemm = W.type == GGML_TYPE_Q4_K ? csm_q4k_gemm : csm_q8_gemm;
+    gemm(W.w, W.rows, W.nbp, r0, r1, s.y.data() + c0 * 256, s.dy.data() + c0 * 8, s.sb.data() + c0 * 8, n_total, n, out,
+         out_stride);
 }
 
 // dst = W x, W = userdata; every thread quantises x itself (cheap next to its share of W).

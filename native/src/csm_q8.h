@@ -7,9 +7,10 @@
 #include <cstdint>
 #include <memory>
 
-// A Q8_0 matrix of `rows` x `cols` (ggml's ne1 x ne0) in the kernel's tiled layout (csm_q8_kernel.h):
-// nbp blocks of 32 per row (cols / 32 rounded up to a multiple of 8), rows * nbp * 34 bytes.
+// A Q8_0 or Q4_K matrix of `rows` x `cols` (ggml's ne1 x ne0) in the kernels' tiled layouts
+// (csm_q8_kernel.h): nbp blocks of 32 per row (cols / 32 rounded up to a multiple of 8).
 struct csm_q8_matrix {
+    ggml_type type = GGML_TYPE_Q8_0; // GGML_TYPE_Q8_0 or GGML_TYPE_Q4_K
     int64_t rows = 0, cols = 0, nbp = 0;
     uint8_t * w = nullptr;
     void * mem = nullptr;
@@ -20,12 +21,14 @@ struct csm_q8_matrix {
 // True when the CPU and this build run the kernel.
 bool csm_q8_available();
 
-// Packs a 2-D Q8_0 tensor held in host memory. Throws csm_error on allocation failure.
+// Can csm_q8_pack take this tensor (2-D Q8_0, or Q4_K with rows of whole super-blocks)?
+bool csm_q8_packable(const ggml_tensor * w);
+// Packs such a tensor held in host memory. Throws csm_error on allocation failure.
 std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w);
 // Quantises rows x cols floats (row-major) to Q8_0 and packs them. cols % 32 == 0. Throws.
 std::unique_ptr<csm_q8_matrix> csm_q8_pack_f32(const float * data, int64_t rows, int64_t cols);
 
-// w x for a weight of the model: the packed kernel when the model holds a packed copy of w, else
+// w x for a weight of the model: pycsm's kernel when the model holds a packed copy of w, else
 // ggml_mul_mat. x: f32 [w->ne[0], n] (2-D); result f32 [w->ne[1], n].
 ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x);
 

@@ -34,6 +34,40 @@ void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int6
     }
 }
 
+
+void csm_q4k_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
+    const int64_t ns = cols / 256, full = rows / 4 * 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        uint8_t * tile = out + r0 * ns * 148;
+        const uint8_t * row = src + r * row_stride;
+        for (int64_t s = 0; s < ns; s++) {
+            // block_q4_K: fp16 d, fp16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+            const uint8_t * blk = row + s * 144;
+            const uint8_t * sm = blk + 4;
+            const uint8_t * qs = blk + 16;
+            uint8_t * grp = tile + s * R * 148;
+            uint8_t * hdr = grp + ri * 20;
+            for (int i = 0; i < 4; i++) hdr[i] = blk[i];
+            for (int j = 0; j < 8; j++) {
+                const uint8_t sc = j < 4 ? (uint8_t) (sm[j] & 63) : (uint8_t) ((sm[j + 4] & 0xF) | ((sm[j - 4] >> 6) << 4));
+                const uint8_t mn = j < 4 ? (uint8_t) (sm[j + 4] & 63) : (uint8_t) ((sm[j + 4] >> 4) | ((sm[j] >> 6) << 4));
+                hdr[4 + j] = sc;
+                hdr[12 + j] = mn;
+            }
+            uint8_t * q = grp + R * 20 + ri * 128;
+            for (int i = 0; i < 128; i++) q[i] = 0;
+            for (int j = 0; j < 8; j++) {          // sub-block j = lane j
+                for (int e = 0; e < 32; e++) {     // its value e
+                    const uint8_t v = (uint8_t) (j % 2 == 0 ? qs[32 * (j / 2) + e] & 0xF : qs[32 * (j / 2) + e] >> 4);
+                    const int m = e / 4, k = m / 2;
+                    q[k * 32 + j * 4 + e % 4] |= (uint8_t) (v << (4 * (m % 2)));
+                }
+            }
+        }
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__F16C__) && defined(__FMA__)
 
@@ -153,6 +187,85 @@ void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64
     for (; r < r1; r++) tile_cols<1>(w + r * nbp * 34, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
 }
 
+// Q4_K tile: lane l of the dot products collects sub-block l (unsigned 4-bit quants, so no offset);
+// value = d * sc_l * q - dmin * m_l, hence per group: acc += d sc dy . dot - dmin m . (dy sum(y)).
+template <int R, int NC>
+static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                            int64_t col_stride, float * dst, int64_t dst_stride) {
+    __m256 acc[R][NC];
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+    const int64_t group = R * 148;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256 neg128 = _mm256_set1_ps(-1.0f / 128.0f);
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        __m256 ysum[NC]; // dy * sum(y) per block (sb = -128 * sum(y))
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+            const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8)));
+            ysum[n] = _mm256_mul_ps(_mm256_mul_ps(s, neg128), _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
+        }
+        const uint8_t * qt = t + R * 20;
+        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
+            __m256i dot[NC], dot2[NC];
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[n] = dot2[n] = _mm256_setzero_si256();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                const __m256i p = _mm256_loadu_si256((const __m256i *) (qt + r * 128 + k * 32));
+                const __m256i x0 = _mm256_and_si256(p, low);
+                const __m256i x1 = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    const int8_t * yn = y + (g * col_stride + n) * 256 + k * 64;
+                    dot[n] = _mm256_dpbusd_epi32(dot[n], x0, _mm256_loadu_si256((const __m256i *) yn));
+                    dot2[n] = _mm256_dpbusd_epi32(dot2[n], x1, _mm256_loadu_si256((const __m256i *) (yn + 32)));
+                }
+            }
+            const uint8_t * h = t + r * 20;
+            uint16_t d16, m16;
+            __builtin_memcpy(&d16, h, 2);
+            __builtin_memcpy(&m16, h + 2, 2);
+            const __m256 dsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(d16)),
+                                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (h + 4)))));
+            const __m256 dmn = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(m16)),
+                                             _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (h + 12)))));
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                const __m256i dt = _mm256_add_epi32(dot[n], dot2[n]);
+                const __m256 sc = _mm256_mul_ps(dsc, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
+                acc[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dt), sc, acc[r][n]);
+                acc[r][n] = _mm256_fnmadd_ps(dmn, ysum[n], acc[r][n]);
+            }
+        }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
+}
+
+template <int R>
+static inline void tile_q4k_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                                 int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+    for (int64_t c = 0; c < n_col; c += 4) {
+        const int8_t * yc = y + c * 256;
+        const float * dc = dy + c * 8;
+        const int32_t * sc = sb + c * 8;
+        float * oc = dst + c * dst_stride;
+        switch (n_col - c < 4 ? n_col - c : 4) {
+            case 1: tile_q4k<R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 2: tile_q4k<R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 3: tile_q4k<R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            default: tile_q4k<R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+        }
+    }
+}
+
+void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
+                  const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
+                  float * dst, int64_t dst_stride) {
+    const int64_t full = rows / 4 * 4, row_bytes = nbp / 8 * 148;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
+        tile_q4k_cols<4>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+    }
+    for (; r < r1; r++) tile_q4k_cols<1>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+}
+
 #else // no AVX512-VNNI in this build
 
 bool csm_q8_kernel_available() { return false; }
@@ -163,6 +276,11 @@ void csm_q8_quantize(const float *, int64_t, int64_t, int64_t, int64_t, int8_t *
 
 void csm_q8_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *, const int32_t *,
                  int64_t, int64_t, float *, int64_t) {
+    __builtin_trap();
+}
+
+void csm_q4k_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *, const int32_t *,
+                  int64_t, int64_t, float *, int64_t) {
     __builtin_trap();
 }
 

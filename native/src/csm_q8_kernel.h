@@ -24,6 +24,13 @@ bool csm_q8_kernel_available();
 // rows * nbp * 34 bytes. Plain C: safe to call on any CPU.
 void csm_q8_pack_rows(const uint8_t * q8_0, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
 
+// Q4_K: rows x cols (cols % 256 == 0) of ggml block_q4_K (144 bytes per 256 values) packed for
+// csm_q4k_gemm: tiles of 4 rows as above; a group (one super-block of 256) holds, per row, 20
+// bytes (fp16 d, fp16 dmin, 8 scales, 8 mins) and then, per row, 128 bytes of quants: 4 vectors,
+// vector k's lane l holds sub-block l's values 8k..8k+3 in its low nibbles and 8k+4..8k+7 in its
+// high nibbles. Row r starts at byte r * (cols / 256) * 148. Plain C.
+void csm_q4k_pack_rows(const uint8_t * q4_k, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
+
 // Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32, laid
 // out as above (n_col * nbp * 32 bytes of y, n_col * nbp dy and sb); blocks past K are zero.
 void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
@@ -35,3 +42,8 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
 void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
                  const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                  float * dst, int64_t dst_stride);
+
+// The same product for a matrix packed by csm_q4k_pack_rows (nbp = cols / 32).
+void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
+                  const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
+                  float * dst, int64_t dst_stride);

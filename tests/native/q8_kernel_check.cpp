@@ -1,8 +1,9 @@
-// q8_kernel_check.cpp - drives pycsm's Q8_0 int8 kernel (native/src/csm_q8_kernel.cpp) for
-// tests/test_q8_kernel.py: packs a Q8_0 matrix, quantises activations, multiplies, in row ranges
+// q8_kernel_check.cpp - drives pycsm's Q8_0 / Q4_K int8 kernels (native/src/csm_q8_kernel.cpp) for
+// tests/test_q8_kernel.py: packs a matrix, quantises activations, multiplies, in row ranges
 // split like the ggml op does for n_split threads.
 //
-// stdin:  int64 rows, cols, n_col, n_split; rows * cols / 32 * 34 bytes of Q8_0 blocks;
+// stdin:  int64 rows, cols, n_col, n_split, type (0: Q8_0, 1: Q4_K); the rows' blocks (Q8_0: 34
+//         bytes per 32 values, Q4_K: 144 bytes per 256);
 //         n_col * cols float32 activations (column-major: column c at c * cols)
 // stdout: int32 available (0: this CPU or build lacks the kernel, nothing follows);
 //         n_col * rows float32 results (column c at c * rows);
@@ -18,11 +19,13 @@ static void read_all(void * p, size_t n) {
 }
 
 int main() {
-    int64_t h[4];
+    int64_t h[5];
     read_all(h, sizeof h);
-    const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3];
+    const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3], q4k = h[4];
     const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8;
-    std::vector<uint8_t> q8((size_t) (rows * nb * 34));
+    const size_t row_in = q4k ? (size_t) (cols / 256 * 144) : (size_t) (nb * 34);
+    const size_t row_out = q4k ? (size_t) (cols / 256 * 148) : (size_t) (nbp * 34);
+    std::vector<uint8_t> q8(rows * row_in);
     std::vector<float> x((size_t) (n_col * cols));
     read_all(q8.data(), q8.size());
     read_all(x.data(), x.size() * sizeof(float));
@@ -30,8 +33,10 @@ int main() {
     fwrite(&avail, sizeof avail, 1, stdout);
     if (!avail) return 0;
 
-    std::vector<uint8_t> w((size_t) (rows * nbp * 34), 0xAB); // garbage: packing must write every byte
-    csm_q8_pack_rows(q8.data(), (size_t) (nb * 34), rows, cols, w.data());
+    std::vector<uint8_t> w(rows * row_out, 0xAB); // garbage: packing must write every byte
+    if (q4k) csm_q4k_pack_rows(q8.data(), row_in, rows, cols, w.data());
+    else csm_q8_pack_rows(q8.data(), row_in, rows, cols, w.data());
+    auto gemm = q4k ? csm_q4k_gemm : csm_q8_gemm;
     std::vector<int8_t> y((size_t) (n_col * nbp * 32));
     std::vector<float> dy((size_t) (n_col * nbp));
     std::vector<int32_t> sb((size_t) (n_col * nbp));
@@ -42,9 +47,9 @@ int main() {
         const int64_t t0 = tiles * i / n_split, t1 = tiles * (i + 1) / n_split;
         const int64_t r0 = t0 * 4, r1 = t1 * 4 < rows ? t1 * 4 : rows;
         // columns in two calls (the first one, then the rest) as csm_q8 does for runs of heads
-        if (r0 < r1) csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data(), dy.data(), sb.data(), n_col, 1, out.data(), rows);
+        if (r0 < r1) gemm(w.data(), rows, nbp, r0, r1, y.data(), dy.data(), sb.data(), n_col, 1, out.data(), rows);
         if (r0 < r1 && n_col > 1) {
-            csm_q8_gemm(w.data(), rows, nbp, r0, r1, y.data() + 256, dy.data() + 8, sb.data() + 8, n_col, n_col - 1,
+            gemm(w.data(), rows, nbp, r0, r1, y.data() + 256, dy.data() + 8, sb.data() + 8, n_col, n_col - 1,
                         out.data() + rows, rows);
         }
     }
