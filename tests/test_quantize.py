@@ -111,8 +111,9 @@ def test_quantize_abort_leaves_no_file(tiny_dir, tmp_path):
 
 
 def test_repacked_weights_give_the_same_logits(quantized):
-    """ggml's CPU repack layout (q4_k) changes speed, not results; pycsm's int8 kernel (q8_0 on
-    AVX512-VNNI CPUs) gives the same logits whether the weights were mapped or read."""
+    """ggml's CPU repack layout (q4_0) changes speed, not results; pycsm's int8 kernels (q8_0, q4_k
+    and the depth heads of quantised files, on AVX512-VNNI CPUs) give the same logits whether the
+    weights were mapped or read."""
     qname, path = quantized
     prompt = np.array([[-1] * 32 + [128000], [-1] * 32 + [9906], [-1] * 32 + [128001]], np.int32)
     logits = {}
@@ -121,7 +122,7 @@ def test_repacked_weights_give_the_same_logits(quantized):
             logits[repack, mmap], _ = g.frame_logits(prompt)
     np.testing.assert_array_equal(logits[True, True], logits[True, False])
     ref = logits[False, True]
-    if qname == "q8_0" and _int8_kernel_used():
+    if _int8_kernel_used():
         # the kernel quantises activations itself (round half to even, fp32 scales): the result
         # differs from ggml's by activation rounding, within the quantisation error (see below)
         assert np.corrcoef(logits[True, True], ref)[0, 1] > 0.9999
@@ -134,10 +135,12 @@ def _int8_kernel_used():
     return b"q8_0 kernel: pycsm" in _native.lib.csm_system_info()
 
 
-def test_int8_kernel_is_as_accurate_as_ggml(tiny_dir, tmp_path):
-    """q8_0 through pycsm's int8 kernel is as close to the F32 model as ggml's q8_0 path is."""
-    path = tmp_path / "q8_0.gguf"
-    quantize(tiny_dir / "tiny-f32.gguf", path, "q8_0")
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])
+def test_int8_kernel_is_as_accurate_as_ggml(tiny_dir, tmp_path, qtype):
+    """Quantised files through pycsm's int8 kernels are as close to the F32 model as through ggml's
+    kernels (q4_k: the tiny model's 256-wide matrices are Q4_K, the others Q4_0)."""
+    path = tmp_path / f"{qtype}.gguf"
+    quantize(tiny_dir / "tiny-f32.gguf", path, qtype)
     if not _int8_kernel_used():
         pytest.skip("this CPU lacks AVX512-VNNI: ggml's kernel runs q8_0 (covered by the test above)")
     ref = np.load(tiny_dir / "reference.npz")
