@@ -14,9 +14,9 @@ from .api import CSM, AudioStream, Segment
 from .audio import Audio
 from .convert import convert
 from .errors import CSMError
-from .model import Model, quantize, set_log_callback
+from .model import Model, quantize, set_log_callback, system_info
 
 __version__ = _native.lib.csm_version().decode()
 
 __all__ = ["CSM", "Audio", "AudioStream", "Segment", "CSMError", "Model", "quantize", "convert",
-           "set_log_callback", "__version__"]
+           "set_log_callback", "system_info", "__version__"]

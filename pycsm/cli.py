@@ -353,7 +353,7 @@ def _human(n: float, unit: str = "B") -> str:
 
 def _info(argv) -> int:
     from .hub import DEFAULT_REPO, QUANTS, download
-    from .model import Model
+    from .model import Model, system_info
 
     p = _Parser(prog=f"{PROG} info", allow_abbrev=False,
                 description="Show a CSM GGUF's hyper-parameters, quantisation and size.")
@@ -367,6 +367,7 @@ def _info(argv) -> int:
     with Model(path, device="cpu") as m:
         info = m.info()
     info["file_bytes"] = path.stat().st_size
+    info["system"] = system_info()
     if args.json:
         import json
 

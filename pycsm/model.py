@@ -86,6 +86,11 @@ def set_log_callback(callback) -> None:
         N.lib.csm_log_set(_log_ref, None)
 
 
+def system_info() -> str:
+    """One line: ggml version, backends, CPU features and which kernel runs Q8_0/Q4_K matrices."""
+    return N.lib.csm_system_info().decode()
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer_for(path: str, mtime_ns: int, size: int):
     """The tokenizer of a GGUF, built once per file version (building it takes ~0.7 s)."""
@@ -96,6 +101,11 @@ def _tokenizer_for(path: str, mtime_ns: int, size: int):
 
 class Model:
     """A CSM GGUF loaded by the native library.
+
+    device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU).
+    use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0 and Q4_K go to
+    pycsm's AVX512-VNNI kernels where the CPU has them (then the depth heads of a quantised file run
+    as Q8_0 too), Q4_0 to ggml's repacked layout. False keeps ggml's plain kernels.
 
     >>> m = Model("csm-1b-q8_0.gguf")
     >>> m.hparams.bb_d_model
