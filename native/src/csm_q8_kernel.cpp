@@ -112,6 +112,11 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
     }
 }
 
+// With several columns a tile is compute-heavy enough that the core stops running ahead of memory:
+// fetch the weights this many bytes ahead into L2. (Measured on Zen 4: B=4 steps 18 % faster with
+// 4-8 KiB; one column is better left to the hardware prefetcher.)
+static const int64_t PREFETCH_BYTES = 6144;
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -130,6 +135,10 @@ static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const 
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
     const int64_t group = R * (16 + 8 * 32);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        if (NC > 1) {
+            _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+                _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        }
         const uint8_t * qt = t + R * 16;
         _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
             // two chains of dot products per column (even and odd m) halve the dependency latency
@@ -199,6 +208,10 @@ static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, co
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256 neg128 = _mm256_set1_ps(-1.0f / 128.0f);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        if (NC > 1) {
+            _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+                _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        }
         __m256 ysum[NC]; // dy * sum(y) per block (sb = -128 * sum(y))
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
             const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8)));
