@@ -140,27 +140,53 @@ static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const 
                 _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
         }
         const uint8_t * qt = t + R * 16;
-        _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
-            // two chains of dot products per column (even and odd m) halve the dependency latency
-            __m256i dot[NC], dot2[NC];
-            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                dot[n] = _mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8));
-                dot2[n] = _mm256_setzero_si256();
-            }
-            _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
-                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                    const int8_t * yn = y + (g * col_stride + n) * 256 + m * 32;
-                    dot[n] = _mm256_dpbusd_epi32(dot[n], x0, _mm256_loadu_si256((const __m256i *) yn));
-                    dot2[n] = _mm256_dpbusd_epi32(dot2[n], x1, _mm256_loadu_si256((const __m256i *) (yn + 32)));
+        if constexpr (NC >= 3 && R % 2 == 0) {
+            // many columns: rows in pairs with m outer, so each activation vector loaded serves
+            // two rows (the loads, not the dot products, limit this case)
+            _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += 2) {
+                __m256i dot[2][NC];
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+                    dot[0][n] = dot[1][n] = _mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8));
+                _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {
+                    __m256i yv[NC];
+                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+                        yv[n] = _mm256_loadu_si256((const __m256i *) (y + (g * col_stride + n) * 256 + m * 32));
+                    _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {
+                        const __m256i xv = _mm256_loadu_si256((const __m256i *) (qt + (r0 + r) * 256 + m * 32));
+                        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm256_dpbusd_epi32(dot[r][n], xv, yv[n]);
+                    }
+                }
+                _Pragma("GCC unroll 2") for (int r = 0; r < 2; r++) {
+                    const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + (r0 + r) * 16)));
+                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                        const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
+                        acc[r0 + r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][n]), sc, acc[r0 + r][n]);
+                    }
                 }
             }
-            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[n] = _mm256_add_epi32(dot[n], dot2[n]);
-            const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16)));
-            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
-                acc[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[n]), sc, acc[r][n]);
+        } else {
+            _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
+                // two chains of dot products per column (even and odd m) halve the dependency latency
+                __m256i dot[NC], dot2[NC];
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    dot[n] = _mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8));
+                    dot2[n] = _mm256_setzero_si256();
+                }
+                _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
+                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                        const int8_t * yn = y + (g * col_stride + n) * 256 + m * 32;
+                        dot[n] = _mm256_dpbusd_epi32(dot[n], x0, _mm256_loadu_si256((const __m256i *) yn));
+                        dot2[n] = _mm256_dpbusd_epi32(dot2[n], x1, _mm256_loadu_si256((const __m256i *) (yn + 32)));
+                    }
+                }
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[n] = _mm256_add_epi32(dot[n], dot2[n]);
+                const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16)));
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    const __m256 sc = _mm256_mul_ps(dx, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
+                    acc[r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[n]), sc, acc[r][n]);
+                }
             }
         }
     }
