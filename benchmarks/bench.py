@@ -514,7 +514,31 @@ WORKERS = {"bandwidth": worker_bandwidth, "pycsm": worker_pycsm, "pycsm-batch": 
 # Parent
 # ------------------------------------------------------------------------------------------
 
+def _speed(r: dict) -> float:
+    """Higher is faster: frames per second of a run (batch), else 1 / ms per frame."""
+    if "error" in r:
+        return -1.0
+    if r.get("frames_per_s"):
+        return r["frames_per_s"]
+    ms = r.get("ms_per_frame")
+    return 1e3 / ms if ms else 0.0
+
+
 def run_worker(kind: str, args, log, **extra) -> dict:
+    """Runs one configuration --repeat times (each as below) and keeps the fastest run: memory
+    bandwidth on a shared host drifts by tens of percent over minutes, invisibly to the CPU check,
+    and every system gets the same best-of-N treatment. The speeds of all runs are kept in the JSON."""
+    if kind == "bandwidth" or args.repeat <= 1:
+        return _run_worker_undisturbed(kind, args, log, **extra)
+    runs = []
+    for i in range(args.repeat):
+        runs.append(_run_worker_undisturbed(kind, args, log, **extra))
+    best = max(runs, key=_speed)
+    best["repeats"] = [round(1e3 / _speed(r), 2) if _speed(r) > 0 else None for r in runs]
+    return best
+
+
+def _run_worker_undisturbed(kind: str, args, log, **extra) -> dict:
     """Runs one configuration; re-runs it (up to --retries times) when other processes used more than
     0.15 cores meanwhile, and keeps the least disturbed run."""
     best = None
@@ -613,7 +637,8 @@ def print_table(rows, bandwidth, bw_method, args, out=print):
     out("")
     out(f"CSM-1B random weights, {args.frames} frames ({args.frames * FRAME_MS / 1000:.2f} s of audio), "
         f"{args.threads} threads, {platform.processor() or platform.machine()}; memory read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s ({bw_method})")
+        f"{bandwidth / 1e9:.1f} GB/s ({bw_method})"
+        + (f"; each row the fastest of {args.repeat} runs" if int(getattr(args, "repeat", 1) or 1) > 1 else ""))
     hdr = ["system", "file", "ms/frame", "backbone", "depth", "Mimi", "RTF", "bound", "x bound",
            "vs CrispASR", "TTFA ms", "load ms", "peak RSS", "frames", "busy"]
     table = []
@@ -652,6 +677,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
     ap.add_argument("--retries", type=int, default=2,
                     help="re-run a configuration disturbed by other processes up to this many times")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run each configuration this many times and keep the fastest (all systems alike)")
     ap.add_argument("--wait-idle", type=float, default=300,
                     help="before each run, wait up to this many seconds for other processes to leave the CPU "
                          "alone (0: do not wait); ggml's spinning threads slow down badly when cores are shared")
@@ -674,6 +701,7 @@ def main(argv=None) -> int:
         method = next((r.get("method") for r in d["results"] if r.get("kind") == "bandwidth"), "?")
         args.frames = int(d["args"]["frames"])
         args.threads = int(d["args"]["threads"])
+        args.repeat = int(d["args"].get("repeat", 1))
         print_table(d["rows"], bw, method, args)
         return 0
 
