@@ -356,8 +356,19 @@ static ggml_backend_dev_t pick_device(const csm_model_params & p) {
     return gpus.empty() ? cpu : gpus[std::max(0, std::min<int>(p.gpu_index, (int) gpus.size() - 1))];
 }
 
-// RoPE factor tensors live in a small buffer on the weights' device. With pack_heads the depth heads
-// are also packed as Q8_0 for the int8 kernel.
+// Drops the mapped file pages of a tensor that has been copied (whole pages inside the tensor).
+static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
+    if (!m.mmap_addr) return;
+    const long page = sysconf(_SC_PAGESIZE);
+    uintptr_t a = ((uintptr_t) t->data + page - 1) / page * page;
+    uintptr_t e = ((uintptr_t) t->data + ggml_nbytes(t)) / page * page;
+    if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
+}
+
+// RoPE factor tensors live in a small buffer on the weights' device. The depth heads, stored as
+// [vocab, d, k] (transformers' layout), are transposed for the matrix products: with pack_heads
+// into packed Q8_0 matrices for the int8 kernel, else into a [d, vocab, k] copy (F32 when the file
+// is F32, else F16). Either way the file's copy is not read again.
 static void make_extra(csm_model & m, bool pack_heads) {
     ggml_init_params ip = {3 * ggml_tensor_overhead(), nullptr, true};
     m.ctx_extra = ggml_init(ip);
@@ -369,14 +380,14 @@ static void make_extra(csm_model & m, bool pack_heads) {
         ff[i] = llama3_freq_factors(L[i]->rope, L[i]->head_dim);
         L[i]->rope.freq_factors = ggml_new_tensor_1d(m.ctx_extra, GGML_TYPE_F32, L[i]->head_dim / 2);
     }
-    // The file stores the depth heads as [vocab, d, k] (transformers' layout); matrix products want
-    // [d, vocab, k]: keep one transposed copy (F32 when the file is F32, else F16).
     const ggml_tensor * hf = m.depth_heads_file;
     const ggml_type ht = hf->type == GGML_TYPE_F32 ? GGML_TYPE_F32 : GGML_TYPE_F16;
-    m.depth_heads = ggml_new_tensor_3d(m.ctx_extra, ht, hf->ne[1], hf->ne[0], hf->ne[2]);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(m.ctx_extra, ggml_backend_dev_buffer_type(m.dev));
-    if (!buf) csm_fail("failed to allocate the RoPE factor buffer");
-    m.bufs.push_back(buf);
+    if (!pack_heads) m.depth_heads = ggml_new_tensor_3d(m.ctx_extra, ht, hf->ne[1], hf->ne[0], hf->ne[2]);
+    if (ggml_get_first_tensor(m.ctx_extra)) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(m.ctx_extra, ggml_backend_dev_buffer_type(m.dev));
+        if (!buf) csm_fail("failed to allocate the RoPE factor and depth head buffer");
+        m.bufs.push_back(buf);
+    }
     for (int i = 0; i < 2; i++) {
         if (L[i]->rope.freq_factors) ggml_backend_tensor_set(L[i]->rope.freq_factors, ff[i].data(), 0, ff[i].size() * sizeof(float));
     }
@@ -385,14 +396,17 @@ static void make_extra(csm_model & m, bool pack_heads) {
     if (hf->type != GGML_TYPE_F32 && (!tr || !tr->to_float)) csm_fail("depth.codebooks_head.weight: unsupported type %s", ggml_type_name(hf->type));
     std::vector<char> raw(hf->nb[2]);
     std::vector<float> src((size_t) V * d), dst((size_t) V * d);
-    std::vector<ggml_fp16_t> h16(ht == GGML_TYPE_F16 ? (size_t) V * d : 0);
+    std::vector<ggml_fp16_t> h16(ht == GGML_TYPE_F16 && !pack_heads ? (size_t) V * d : 0);
     for (int64_t k = 0; k < hf->ne[2]; k++) {
         ggml_backend_tensor_get(hf, raw.data(), k * hf->nb[2], hf->nb[2]);
         if (hf->type == GGML_TYPE_F32) memcpy(src.data(), raw.data(), src.size() * sizeof(float));
         else for (int64_t r = 0; r < d; r++) tr->to_float(raw.data() + r * hf->nb[1], src.data() + r * V, V);
         for (int64_t r = 0; r < d; r++)
             for (int64_t v = 0; v < V; v++) dst[(size_t) v * d + r] = src[(size_t) r * V + v];
-        if (pack_heads) m.q8_heads.push_back(csm_q8_pack_f32(dst.data(), V, d));
+        if (pack_heads) {
+            m.q8_heads.push_back(csm_q8_pack_f32(dst.data(), V, d));
+            continue;
+        }
         const size_t off = (size_t) k * m.depth_heads->nb[2];
         if (ht == GGML_TYPE_F32) {
             ggml_backend_tensor_set(m.depth_heads, dst.data(), off, dst.size() * sizeof(float));
@@ -401,6 +415,7 @@ static void make_extra(csm_model & m, bool pack_heads) {
             ggml_backend_tensor_set(m.depth_heads, h16.data(), off, h16.size() * sizeof(ggml_fp16_t));
         }
     }
+    drop_mapped_pages(m, hf);
 }
 
 static void load_weights(csm_model & m, const csm_model_params & p, int fd, size_t file_size) {
@@ -482,14 +497,6 @@ static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
     return slots;
 }
 
-// Drops the mapped file pages of a tensor that has been copied (whole pages inside the tensor).
-static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
-    if (!m.mmap_addr) return;
-    const long page = sysconf(_SC_PAGESIZE);
-    uintptr_t a = ((uintptr_t) t->data + page - 1) / page * page;
-    uintptr_t e = ((uintptr_t) t->data + ggml_nbytes(t)) / page * page;
-    if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
-}
 
 // Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8), on as many threads
 // as cores.

@@ -134,9 +134,12 @@ ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor *
 
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids) {
     const int64_t V = m.hp.audio_vocab_size, B = x->ne[1];
-    if (m.q8_heads.empty() || x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || x->ne[2] != 1) {
+    if (m.q8_heads.empty()) {
         ggml_tensor * l = ggml_mul_mat_id(ctx, m.depth_heads, ggml_reshape_3d(ctx, x, x->ne[0], 1, B), ids);
         return ggml_reshape_2d(ctx, l, V, B);
+    }
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || x->ne[2] != 1 || x->ne[3] != 1) {
+        csm_fail("internal: depth heads need f32 rows of hidden states");
     }
     ggml_tensor * args[2] = {x, ids};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, V, B, 1, 1, args, 2, heads_op, GGML_N_TASKS_MAX, (void *) &m);
