@@ -124,6 +124,19 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+template <int R, int NC>
+static inline void zero(__m256 (&acc)[R][NC]) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+}
+
+// dst[n * dst_stride + r] = the sum of acc[r][n]'s lanes.
+template <int R, int NC>
+static inline void store(__m256 (&acc)[R][NC], float * dst, int64_t dst_stride) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
+}
+
 // R rows x NC columns from one tile (see csm_q8_kernel.h); y, dy, sb: the first column. Lane l of
 // the eight dot-product accumulators of a group collects block l, so one conversion and one FMA
 // per group apply the eight blocks' scales.
@@ -131,8 +144,7 @@ template <int R, int NC>
 static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                         int64_t col_stride, float * dst, int64_t dst_stride) {
     __m256 acc[R][NC];
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+    zero<R, NC>(acc);
     const int64_t group = R * (16 + 8 * 32);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
         if (NC > 1) {
@@ -190,36 +202,7 @@ static inline void tile(const uint8_t * t, int64_t nbp, const int8_t * y, const 
             }
         }
     }
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
-}
-
-template <int R>
-static inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                             int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
-    for (int64_t c = 0; c < n_col; c += 4) {
-        const int8_t * yc = y + c * 256;
-        const float * dc = dy + c * 8;
-        const int32_t * sc = sb + c * 8;
-        float * oc = dst + c * dst_stride;
-        switch (n_col - c < 4 ? n_col - c : 4) {
-            case 1: tile<R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 2: tile<R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 3: tile<R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            default: tile<R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-        }
-    }
-}
-
-void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
-                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
-                 float * dst, int64_t dst_stride) {
-    const int64_t full = rows / 4 * 4;
-    int64_t r = r0;
-    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
-        tile_cols<4>(w + r * nbp * 34, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
-    }
-    for (; r < r1; r++) tile_cols<1>(w + r * nbp * 34, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+    store<R, NC>(acc, dst, dst_stride);
 }
 
 // Q4_K tile: lane l of the dot products collects sub-block l (unsigned 4-bit quants, so no offset);
@@ -228,8 +211,7 @@ template <int R, int NC>
 static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                             int64_t col_stride, float * dst, int64_t dst_stride) {
     __m256 acc[R][NC];
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+    zero<R, NC>(acc);
     const int64_t group = R * 148;
     const __m256i low = _mm256_set1_epi8(0x0F);
     const __m256 neg128 = _mm256_set1_ps(-1.0f / 128.0f);
@@ -273,36 +255,57 @@ static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, co
             }
         }
     }
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
+    store<R, NC>(acc, dst, dst_stride);
 }
 
-template <int R>
-static inline void tile_q4k_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                                 int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+template <bool Q4K, int R, int NC>
+static inline void tile_any(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                            int64_t col_stride, float * dst, int64_t dst_stride) {
+    if constexpr (Q4K) tile_q4k<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+    else tile<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+}
+
+// All columns of one tile, four at a time.
+template <bool Q4K, int R>
+static inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                             int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
     for (int64_t c = 0; c < n_col; c += 4) {
         const int8_t * yc = y + c * 256;
         const float * dc = dy + c * 8;
         const int32_t * sc = sb + c * 8;
         float * oc = dst + c * dst_stride;
         switch (n_col - c < 4 ? n_col - c : 4) {
-            case 1: tile_q4k<R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 2: tile_q4k<R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 3: tile_q4k<R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            default: tile_q4k<R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 1: tile_any<Q4K, R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 2: tile_any<Q4K, R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 3: tile_any<Q4K, R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            default: tile_any<Q4K, R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
         }
     }
+}
+
+// Rows [r0, r1): whole 4-row tiles, then the last rows % 4 rows one by one.
+template <bool Q4K>
+static void gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t row_bytes, int64_t r0, int64_t r1,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
+                 float * dst, int64_t dst_stride) {
+    const int64_t full = rows / 4 * 4;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
+        tile_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+    }
+    for (; r < r1; r++) tile_cols<Q4K, 1>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+}
+
+void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
+                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
+                 float * dst, int64_t dst_stride) {
+    gemm<false>(w, rows, nbp, nbp * 34, r0, r1, y, dy, sb, col_stride, n_col, dst, dst_stride);
 }
 
 void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
                   const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                   float * dst, int64_t dst_stride) {
-    const int64_t full = rows / 4 * 4, row_bytes = nbp / 8 * 148;
-    int64_t r = r0;
-    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
-        tile_q4k_cols<4>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
-    }
-    for (; r < r1; r++) tile_q4k_cols<1>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+    gemm<true>(w, rows, nbp, nbp / 8 * 148, r0, r1, y, dy, sb, col_stride, n_col, dst, dst_stride);
 }
 
 #else // no AVX512-VNNI in this build
