@@ -1,5 +1,5 @@
-// csm_q8.h - Q8_0 matrices re-laid out for pycsm's own CPU kernel (AVX512-VNNI), and the matrix
-// product that picks it or ggml's mul_mat.
+// csm_q8.h - Q8_0 / Q4_K matrices re-laid out for pycsm's own CPU kernels (AVX512-VNNI), and the
+// matrix products that pick them or ggml's mul_mat.
 #pragma once
 
 #include "csm_model.h"
@@ -18,7 +18,7 @@ struct csm_q8_matrix {
     ~csm_q8_matrix();
 };
 
-// True when the CPU and this build run the kernel.
+// True when the CPU and this build run the kernels.
 bool csm_q8_available();
 
 // Can csm_q8_pack take this tensor (2-D Q8_0, or Q4_K with rows of whole super-blocks)?

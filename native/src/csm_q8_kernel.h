@@ -1,6 +1,6 @@
-// csm_q8_kernel.h - pycsm's int8 matrix kernels for Q8_0 weights (x86 AVX512-VNNI).
+// csm_q8_kernel.h - pycsm's int8 matrix kernels for Q8_0 and Q4_K weights (x86 AVX512-VNNI).
 //
-// Layout of a packed matrix of `rows` rows and nbp blocks of 32 columns per row (the row's blocks
+// Layout of a packed Q8_0 matrix of `rows` rows and nbp blocks of 32 columns per row (the row's blocks
 // zero-padded to a multiple of 8): rows are grouped in tiles of 4 (the last rows % 4 rows alone, as
 // tiles of 1). A tile of R rows is nbp / 8 groups of 8 blocks; a group holds R x 8 fp16 scales
 // ([row][block]) and then, per row, the 8 blocks' 256 unsigned quants (quant + 128) as [m][l][4]:
@@ -37,7 +37,7 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
                      int8_t * y, float * dy, int32_t * sb);
 
 // dst[c * dst_stride + r] = sum_k W[r, k] * x[k, c] for rows [r0, r1) and n_col columns; y, dy, sb
-// point at the first column's group 0 (csm_q8_quantize's output + c0 * 256 / 8), col_stride is the
+// point at the first column's group 0 (csm_q8_quantize's outputs + c0 * 256, c0 * 8, c0 * 8), col_stride is the
 // number of columns quantised together. r0 is a multiple of 4, r1 a multiple of 4 or `rows`.
 void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
                  const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
