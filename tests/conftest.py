@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
+from fixture_cache import cached_build
 
 REPO = Path(__file__).resolve().parents[1]
 MAKE_TINY = REPO / "tests" / "reference" / "make_tiny.py"
@@ -32,24 +31,14 @@ def tiny_dir() -> Path:
     renamed into place, so a cache folder that exists is complete.
     """
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in FIXTURE_SOURCES)).hexdigest()[:16]
-    cache = REPO / ".fixture-cache"
-    final = cache / f"tiny-{digest}"
-    if final.exists():
-        return final
-    cache.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"tmp-tiny-{digest}-", dir=cache))
-    tmp.chmod(0o755)
-    try:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        _load_make_tiny().build(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another session finished first: use its copy
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for stale in cache.glob("tiny-*"):  # fixtures of older sources (~0.4 GB each)
-        if stale != final and not stale.name.startswith("tmp-"):
-            shutil.rmtree(stale, ignore_errors=True)
-    return final
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # older sources' fixtures are removed (~0.4 GB each)
+    return cached_build("tiny", digest, _load_make_tiny().build, prune=True)
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_dir):
+    """The tiny model's transformers reference outputs (reference.npz)."""
+    import numpy as np
+
+    return dict(np.load(tiny_dir / "reference.npz"))

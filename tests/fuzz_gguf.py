@@ -1160,6 +1160,17 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
             (findings_dir / f"{kind}-seed{seed}-case{i}.txt").write_text(json.dumps(f, indent=1))
         s.findings.append(f)
 
+    def replace_lost(w, kind, detail):
+        """A worker that crashed or hung: count its case as a finding, start another worker."""
+        task = w.task
+        retire(w)
+        s.cases += 1
+        s.outcomes[kind] = s.outcomes.get(kind, 0) + 1
+        record_finding(kind, task, detail)
+        w2 = spawn()
+        if todo:
+            w2.send(todo.pop())
+
     try:
         for _ in range(max(1, min(workers, cases))):
             w = spawn()
@@ -1171,16 +1182,8 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
                 w = key.data
                 chunk = os.read(w.p.stdout.fileno(), 1 << 16)
                 if not chunk:  # the worker died
-                    task = w.task
                     rc = w.p.wait()
-                    tail = w.stderr_tail()
-                    retire(w)
-                    s.cases += 1
-                    s.outcomes["crash"] = s.outcomes.get("crash", 0) + 1
-                    record_finding("crash", task, f"exit status {rc}; stderr: {tail}")
-                    w2 = spawn()
-                    if todo:
-                        w2.send(todo.pop())
+                    replace_lost(w, "crash", f"exit status {rc}; stderr: {w.stderr_tail()}")
                     continue
                 w.buf += chunk
                 while b"\n" in w.buf:
@@ -1214,15 +1217,7 @@ def run(cases: int, seed: int = 0, workers: int = 2, bases: dict | None = None, 
             now = time.monotonic()
             for w in list(pool):
                 if w.case is not None and now - w.t0 > timeout:
-                    task = w.task
-                    tail = w.stderr_tail()
-                    retire(w)
-                    s.cases += 1
-                    s.outcomes["hang"] = s.outcomes.get("hang", 0) + 1
-                    record_finding("hang", task, f"no answer in {timeout:.0f} s; stderr: {tail}")
-                    w2 = spawn()
-                    if todo:
-                        w2.send(todo.pop())
+                    replace_lost(w, "hang", f"no answer in {timeout:.0f} s; stderr: {w.stderr_tail()}")
     finally:
         for w in list(pool):
             try:

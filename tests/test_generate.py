@@ -16,11 +16,6 @@ PROMPTS = ["plain", "ctx"]
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_dir):
-    return dict(np.load(tiny_dir / "reference.npz"))
-
-
-@pytest.fixture(scope="module")
 def f32(tiny_dir):
     with Model(tiny_dir / "tiny-f32.gguf") as m:
         yield m

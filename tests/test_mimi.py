@@ -12,11 +12,11 @@ import hashlib
 import importlib.util
 import inspect
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixture_cache import cached_build
 
 from pycsm import codec
 from pycsm._native import lib
@@ -61,11 +61,6 @@ test_signal.__test__ = False  # a helper, not a test
 # ------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_ref(tiny_dir):
-    return np.load(tiny_dir / "reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -137,22 +132,7 @@ def full_dir(tiny_dir):
     sources = [FULL_VERSION] + [inspect.getsource(f).encode() for f in (_build_full, _ref_decode, _ref_encode, test_signal)]
     sources += [p.read_bytes() for p in (MAKE_TINY, REPO / "pycsm" / "convert.py", REPO / "pycsm" / "gguf_writer.py")]
     digest = hashlib.sha256(b"".join(sources)).hexdigest()[:16]
-    cache = REPO / ".fixture-cache"
-    final = cache / f"mimi-full-{digest}"
-    if final.exists():
-        return final
-    cache.mkdir(exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"tmp-mimi-full-{digest}-", dir=cache))
-    try:
-        _build_full(tmp, tiny_dir / "checkpoint" / "tokenizer.json")
-        try:
-            tmp.rename(final)
-        except OSError:  # another session finished first
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_build("mimi-full", digest, lambda tmp: _build_full(tmp, tiny_dir / "checkpoint" / "tokenizer.json"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -161,10 +141,10 @@ def full_dir(tiny_dir):
 
 
 @pytest.mark.parametrize("ft,min_snr", [("f32", 60.0), ("f16", 35.0)])
-def test_decode_matches_transformers(tiny, tiny_ref, ft, min_snr):
-    pcm = codec.decode(tiny[ft], tiny_ref["mimi_codes"], n_threads=2)
-    assert pcm.dtype == np.float32 and pcm.shape == tiny_ref["mimi_pcm"].shape
-    assert snr_db(tiny_ref["mimi_pcm"], pcm) >= min_snr
+def test_decode_matches_transformers(tiny, ref, ft, min_snr):
+    pcm = codec.decode(tiny[ft], ref["mimi_codes"], n_threads=2)
+    assert pcm.dtype == np.float32 and pcm.shape == ref["mimi_pcm"].shape
+    assert snr_db(ref["mimi_pcm"], pcm) >= min_snr
 
 
 def test_decode_long_crosses_window_and_chunks(tiny, tiny_mimi):
@@ -210,15 +190,15 @@ def test_stream_mixed_chunks_and_single_frame(tiny):
         dec.decode(codes[:1])
 
 
-def test_threads_agree(tiny, tiny_ref):
-    one = codec.decode(tiny["f32"], tiny_ref["mimi_codes"], n_threads=1)
-    two = codec.decode(tiny["f32"], tiny_ref["mimi_codes"], n_threads=2)
-    default = codec.decode(tiny["f32"], tiny_ref["mimi_codes"])
+def test_threads_agree(tiny, ref):
+    one = codec.decode(tiny["f32"], ref["mimi_codes"], n_threads=1)
+    two = codec.decode(tiny["f32"], ref["mimi_codes"], n_threads=2)
+    default = codec.decode(tiny["f32"], ref["mimi_codes"])
     np.testing.assert_allclose(one, two, rtol=0, atol=1e-6)
     np.testing.assert_allclose(one, default, rtol=0, atol=1e-6)
 
 
-def test_other_weight_types(tiny_dir, tiny_ref, tmp_path):
+def test_other_weight_types(tiny_dir, ref, tmp_path):
     """bf16 GGUF (convolutions in bf16) and a q8_0 file (quantised transformer matrices)."""
     from pycsm.convert import convert
 
@@ -230,13 +210,13 @@ def test_other_weight_types(tiny_dir, tiny_ref, tmp_path):
     for name in ("tiny-bf16.gguf", "tiny-q8_0.gguf"):
         h = load_model(tmp_path / name)
         try:
-            pcm = codec.decode(h, tiny_ref["mimi_codes"])
-            assert snr_db(tiny_ref["mimi_pcm"], pcm) >= 30.0, name  # measured: bf16 43 dB, q8_0 46 dB
+            pcm = codec.decode(h, ref["mimi_codes"])
+            assert snr_db(ref["mimi_pcm"], pcm) >= 30.0, name  # measured: bf16 43 dB, q8_0 46 dB
             # rounded weights are another model: the residual codebooks drift apart level by level
             # (measured: codebook 0 matches 94 % / 75 %, codebook 31 19 % / 0 %)
-            codes = codec.encode(h, tiny_ref["mimi_enc_input"])
-            assert codes.shape == tiny_ref["mimi_enc_codes"].shape
-            assert (codes[:, :4] == tiny_ref["mimi_enc_codes"][:, :4]).mean() >= 0.6, name
+            codes = codec.encode(h, ref["mimi_enc_input"])
+            assert codes.shape == ref["mimi_enc_codes"].shape
+            assert (codes[:, :4] == ref["mimi_enc_codes"][:, :4]).mean() >= 0.6, name
         finally:
             lib.csm_model_free(h)
 
@@ -247,11 +227,11 @@ def test_other_weight_types(tiny_dir, tiny_ref, tmp_path):
 
 
 @pytest.mark.parametrize("ft,min_match", [("f32", 0.99), ("f16", 0.9)])
-def test_encode_matches_transformers(tiny, tiny_ref, ft, min_match):
-    codes = codec.encode(tiny[ft], tiny_ref["mimi_enc_input"], n_threads=2)
-    ref = tiny_ref["mimi_enc_codes"]
-    assert codes.dtype == np.int32 and codes.shape == ref.shape
-    assert (codes == ref).mean() >= min_match
+def test_encode_matches_transformers(tiny, ref, ft, min_match):
+    codes = codec.encode(tiny[ft], ref["mimi_enc_input"], n_threads=2)
+    want = ref["mimi_enc_codes"]
+    assert codes.dtype == np.int32 and codes.shape == want.shape
+    assert (codes == want).mean() >= min_match
 
 
 @pytest.mark.parametrize("n", [1, 959, 1920, 1921, 5000, 3 * 1920 + 1, 25 * 1920 + 1])  # the last: a 1-sample 2nd chunk
@@ -275,8 +255,8 @@ def test_encode_long_crosses_window_and_chunks(tiny, tiny_mimi):
     assert (codes[-20:] == ref[-20:]).mean() >= 0.99
 
 
-def test_encode_input_forms(tiny, tiny_ref):
-    x = tiny_ref["mimi_enc_input"]
+def test_encode_input_forms(tiny, ref):
+    x = ref["mimi_enc_input"]
     a = codec.encode(tiny["f32"], x)
     b = codec.encode(tiny["f32"], x.astype(np.float64)[:, None])
     np.testing.assert_array_equal(a, b)

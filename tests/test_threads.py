@@ -23,11 +23,6 @@ SEEDS = [11, 12, 13]
 
 
 @pytest.fixture(scope="module")
-def ref(tiny_dir):
-    return dict(np.load(tiny_dir / "reference.npz"))
-
-
-@pytest.fixture(scope="module")
 def model(tiny_dir):
     with Model(tiny_dir / "tiny-f32.gguf") as m:
         yield m

@@ -498,10 +498,9 @@ static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
 }
 
 
-// Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8), on as many threads
-// as cores.
+// Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8; the caller checked
+// csm_q8_available), on as many threads as cores.
 static void pack_q8(csm_model & m) {
-    if (!csm_q8_available()) return;
     std::vector<ggml_tensor *> todo;
     for (ggml_tensor ** t : matmul_slots(m)) {
         if (csm_q8_packable(*t)) todo.push_back(*t);

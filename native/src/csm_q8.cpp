@@ -5,7 +5,6 @@
 #include "csm_q8_kernel.h"
 
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include <sys/mman.h>
@@ -126,7 +125,7 @@ ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor *
     if (it == m.q8.end()) return ggml_mul_mat(ctx, w, x);
     const csm_q8_matrix * W = it->second.get();
     if (x->type != GGML_TYPE_F32 || x->ne[0] != W->cols || x->ne[2] != 1 || x->ne[3] != 1 || x->nb[0] != sizeof(float)) {
-        return ggml_mul_mat(ctx, w, x);
+        csm_fail("internal: '%s' is packed but its input is not f32 rows of %lld", w->name, (long long) W->cols);
     }
     ggml_tensor * args[1] = {x};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 1, q8_op, GGML_N_TASKS_MAX, (void *) W);

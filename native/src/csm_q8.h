@@ -28,8 +28,8 @@ std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w);
 // Quantises rows x cols floats (row-major) to Q8_0 and packs them. cols % 32 == 0. Throws.
 std::unique_ptr<csm_q8_matrix> csm_q8_pack_f32(const float * data, int64_t rows, int64_t cols);
 
-// w x for a weight of the model: pycsm's kernel when the model holds a packed copy of w, else
-// ggml_mul_mat. x: f32 [w->ne[0], n] (2-D); result f32 [w->ne[1], n].
+// w x for a weight of the model: pycsm's kernel when the model holds a packed copy of w (then x must
+// be f32 [w->ne[0], n], 2-D; its mapped pages are gone), else ggml_mul_mat. Result f32 [w->ne[1], n].
 ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x);
 
 // The depth heads: column b of x [dp_d, B] times head ids[b] (i32 [1, B]); result f32 [vocab, B].
