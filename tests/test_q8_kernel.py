@@ -130,3 +130,24 @@ def test_q4_k_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
     want = xq.reshape(n_col, cols) @ w.T
     scale = np.abs(xq.reshape(n_col, cols)) @ np.abs(w.T) + 1e-30
     assert np.all(np.abs(res - want) <= 2e-5 * scale), np.max(np.abs(res - want) / scale)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
+def test_silu_mul_matches_numpy(driver, n):
+    """The fused feed-forward's silu(g) * u: within 4 ulp-ish (2e-6 relative) of float64, over the
+    whole range (the exp argument saturates past +-88 without inf/nan), and no write past n."""
+    rng = np.random.default_rng(n)
+    g = np.concatenate([rng.standard_normal(n) * 4, [-200.0, -88.5, -20.0, 0.0, 1e-8, 30.0, 95.0, 300.0]])[:n]
+    u = rng.standard_normal(n) * 3
+    inp = (np.array([n, 0, 0, 0, 2], np.int64).tobytes() + g.astype(np.float32).tobytes()
+           + u.astype(np.float32).tobytes())
+    out = subprocess.run([str(driver)], input=inp, capture_output=True, check=True).stdout
+    if np.frombuffer(out[:4], np.int32)[0] == 0:
+        assert not _cpu_has_vnni(), "the CPU has AVX512-VNNI but the kernel says it is unavailable"
+        pytest.skip("this CPU lacks AVX512-VNNI; ggml's kernels are used instead")
+    res = np.frombuffer(out[4:], np.float32)
+    assert res[n] == np.float32(-12345.0)
+    g64, u64 = g.astype(np.float32).astype(np.float64), u.astype(np.float32).astype(np.float64)
+    want = g64 / (1.0 + np.exp(np.minimum(-g64, 700.0))) * u64
+    assert np.all(np.isfinite(res[:n]))
+    assert np.all(np.abs(res[:n] - want) <= 2e-6 * np.abs(want) + 1e-30), np.max(np.abs(res[:n] - want) / (np.abs(want) + 1e-30))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import gguf
 import numpy as np
 import pytest
 
 from pycsm.errors import CSMError
 from pycsm.generator import Generator
-from pycsm.model import Model, quantize
+from pycsm.model import Model, quantize, set_log_callback
 
 from gguf_edit import expected_type
 
@@ -148,6 +150,17 @@ def test_int8_kernel_is_as_accurate_as_ggml(tiny_dir, tmp_path, qtype):
     with Model(tiny_dir / "tiny-f32.gguf") as m, Generator(m, n_threads=2) as g:
         f0, fd = g.frame_logits(prompt, codes)
     err = {}
+    logs = []
+    set_log_callback(lambda level, msg: logs.append(msg))
+    try:
+        with Model(path) as m:
+            pass
+    finally:
+        set_log_callback(None)
+    fused = [int(x[1]) for x in (re.search(r"packed \d+ matrices .*, (\d+) fused", s) for s in logs) if x]
+    assert len(fused) == 1, logs
+    if qtype == "q8_0":  # q, k, v and gate, up of every layer run as fused ops (q4_k: only some are Q4_K)
+        assert fused[0] >= 4, logs
     for repack in (False, True):
         with Model(path, use_repack=repack) as m, Generator(m, n_threads=2) as g:
             l0, dl = g.frame_logits(prompt, codes)

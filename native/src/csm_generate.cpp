@@ -16,7 +16,7 @@ double ms_since(clock_type::time_point t0) {
 }
 
 const int32_t PREFILL_CHUNK = 256; // prompt rows per prefill graph (bounds the attention scratch)
-const int32_t KV_PAD = 256;        // backbone attention spans n_past rounded up to this
+const int32_t KV_PAD = 32;         // backbone attention spans n_past rounded up to this
 
 int32_t pad_kv(int32_t n, int32_t n_ctx) {
     int32_t p = (n + KV_PAD - 1) / KV_PAD * KV_PAD;

@@ -48,6 +48,25 @@ static ggml_tensor * embed_rows(ggml_context * ctx, const csm_model & m, csm_gra
     return ggml_add(ctx, a, t);
 }
 
+// Attention of q [hd, nh, T*B] (after RoPE) over cache rows [0, n_kv) of sequences [seq0, seq0 + B),
+// the caches as written by this step (k_all, v_all); result [hd * nh, T*B].
+static ggml_tensor * attention(ggml_context * ctx, const csm_llama & L, const csm_kv_layer & kv,
+                               ggml_tensor * k_all, ggml_tensor * v_all, ggml_tensor * q, ggml_tensor * kq_mask,
+                               int64_t n_ctx, int64_t seq0, int64_t T, int64_t B, int64_t n_kv) {
+    const int64_t hd = L.head_dim, nh = L.n_heads, nkv = L.n_kv_heads, kvd = hd * nkv;
+    const size_t es = ggml_element_size(kv.k);
+    ggml_tensor * K = ggml_view_4d(ctx, k_all, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx, kvd * es * n_ctx * seq0);
+    ggml_tensor * V = ggml_view_4d(ctx, v_all, n_kv, hd, nkv, B, n_ctx * es, hd * n_ctx * es, kvd * n_ctx * es,
+                                   kvd * n_ctx * es * seq0);                    // [n_kv, hd, nkv, B]
+    K = ggml_permute(ctx, K, 0, 2, 1, 3);                                      // [hd, n_kv, nkv, B]
+    q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3);  // [hd, T, nh, B]
+    ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                                // [n_kv, T, nh, B]
+    kq = ggml_soft_max_ext(ctx, kq, kq_mask, 1.0f / std::sqrt((float) hd), 0.0f);
+    ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                                // [hd, T, nh, B]
+    if (T > 1) o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));          // [hd, nh, T, B] (T = 1: already)
+    return ggml_reshape_2d(ctx, o, hd * nh, T * B);
+}
+
 // Llama blocks over x [d, T*B]: T new positions for each of B sequences. The caches hold n_seq
 // sequences of n_ctx rows; this graph reads rows [0, n_kv) of sequences [seq0, seq0 + B).
 static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const csm_model & m, const csm_llama & L, float eps,
@@ -58,40 +77,28 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
     g.kv_idx = input(ctx, GGML_TYPE_I64, T * B);
     g.v_idx = input(ctx, GGML_TYPE_I64, kvd * T * B);
     g.kq_mask = input(ctx, GGML_TYPE_F32, n_kv, T, 1, B);
-    const float scale = 1.0f / std::sqrt((float) hd);
     const int n_ctx_orig = L.rope.llama3 ? L.rope.orig_max_pos : 0;
 
     for (int il = 0; il < L.n_layers; il++) {
         const csm_layer & l = L.layers[il];
         ggml_tensor * cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.attn_norm);
-        ggml_tensor * q = ggml_reshape_3d(ctx, csm_mul_mat(ctx, m, l.wq, cur), hd, nh, T * B);
-        ggml_tensor * k = ggml_reshape_3d(ctx, csm_mul_mat(ctx, m, l.wk, cur), hd, nkv, T * B);
-        ggml_tensor * v = csm_mul_mat(ctx, m, l.wv, cur);                        // [kvd, T*B]
+        ggml_tensor * q, * k, * v;
+        csm_mul_mat_qkv(ctx, m, l.wq, l.wk, l.wv, cur, &q, &k, &v);             // v: [kvd, T*B]
+        q = ggml_reshape_3d(ctx, q, hd, nh, T * B);
+        k = ggml_reshape_3d(ctx, k, hd, nkv, T * B);
         q = ggml_rope_ext(ctx, q, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
                           L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, g.pos, L.rope.freq_factors, (int) hd, GGML_ROPE_TYPE_NEOX, n_ctx_orig,
                           L.rope.theta, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].k, ggml_reshape_2d(ctx, k, kvd, T * B), g.kv_idx));
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, kv[il].v, ggml_reshape_2d(ctx, v, 1, kvd * T * B), g.v_idx));
-
-        const size_t es = ggml_element_size(kv[il].k);
-        ggml_tensor * K = ggml_view_4d(ctx, kv[il].k, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx,
-                                       kvd * es * n_ctx * seq0);
-        ggml_tensor * V = ggml_view_4d(ctx, kv[il].v, n_kv, hd, nkv, B, n_ctx * es, hd * n_ctx * es, kvd * n_ctx * es,
-                                       kvd * n_ctx * es * seq0);                // [n_kv, hd, nkv, B]
-        K = ggml_permute(ctx, K, 0, 2, 1, 3);                                  // [hd, n_kv, nkv, B]
-        q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3); // [hd, T, nh, B]
-        ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                            // [n_kv, T, nh, B]
-        kq = ggml_soft_max_ext(ctx, kq, g.kq_mask, scale, 0.0f);
-        ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                            // [hd, T, nh, B]
-        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                  // [hd, nh, T, B]
-        o = csm_mul_mat(ctx, m, l.wo, ggml_reshape_2d(ctx, o, hd * nh, T * B));
-        x = ggml_add(ctx, x, o);
+        ggml_tensor * k_all = ggml_set_rows(ctx, kv[il].k, ggml_reshape_2d(ctx, k, kvd, T * B), g.kv_idx);
+        ggml_tensor * v_all = ggml_set_rows(ctx, kv[il].v, ggml_reshape_2d(ctx, v, 1, kvd * T * B), g.v_idx);
+        ggml_build_forward_expand(gf, k_all);
+        ggml_build_forward_expand(gf, v_all);
+        ggml_tensor * o = attention(ctx, L, kv[il], k_all, v_all, q, g.kq_mask, n_ctx, seq0, T, B, n_kv);
+        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.wo, o));
 
         cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.ffn_norm);
-        ggml_tensor * gate = ggml_silu(ctx, csm_mul_mat(ctx, m, l.w_gate, cur));
-        ggml_tensor * up = csm_mul_mat(ctx, m, l.w_up, cur);
-        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.w_down, ggml_mul(ctx, gate, up)));
+        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.w_down, csm_ffn_gate_up(ctx, m, l.w_gate, l.w_up, cur)));
     }
     return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), L.output_norm);
 }

@@ -529,7 +529,9 @@ static void pack_q8(csm_model & m) {
         bytes += out[i]->mem_size;
         m.q8[todo[i]] = std::move(out[i]);
     }
-    csm_log(CSM_LOG_INFO, "packed %zu matrices (%.1f MiB) for the AVX512-VNNI kernels", todo.size(), bytes / 1048576.0);
+    csm_q8_make_groups(m);
+    csm_log(CSM_LOG_INFO, "packed %zu matrices (%.1f MiB) for the AVX512-VNNI kernels, %zu fused q/k/v or gate/up groups",
+            todo.size(), bytes / 1048576.0, m.q8_groups.size());
 }
 
 // Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their

@@ -13,6 +13,7 @@
 #include <vector>
 
 struct csm_q8_matrix; // csm_q8.h
+struct csm_q8_group;
 
 // One Llama block (backbone and depth decoder share the shape).
 struct csm_layer {
@@ -66,6 +67,7 @@ struct csm_model {
     ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors, transposed depth heads)
     ggml_context * ctx_repack = nullptr;     // matrices moved to the CPU repack buffer
     std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_matrix>> q8; // Q8_0 matrices packed for csm_q8
+    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_group>> q8_groups; // by first member (wq, w_gate)
     std::vector<std::unique_ptr<csm_q8_matrix>> q8_heads; // depth heads as packed Q8_0 (quantised files only)
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers

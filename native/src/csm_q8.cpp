@@ -4,6 +4,7 @@
 #include "csm_log.h"
 #include "csm_q8_kernel.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <vector>
 
@@ -79,17 +80,33 @@ q8_scratch & quantize_input(const ggml_tensor * x, int64_t nbp) {
     return s;
 }
 
-// This thread's share of W times columns [c0, c0 + n) of the quantised input: a contiguous range of
-// 4-row tiles, so each thread streams its own part of W once.
-void gemm_share(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, int64_t c0, int64_t n, float * out,
-                int64_t out_stride, int ith, int nth) {
-    const int64_t tiles = (W.rows + 3) / 4;
-    const int64_t t0 = tiles * ith / nth, t1 = tiles * (ith + 1) / nth;
-    const int64_t r0 = t0 * 4, r1 = t1 * 4 < W.rows ? t1 * 4 : W.rows;
+int64_t row_bytes(const csm_q8_matrix & W) {
+    return W.type == GGML_TYPE_Q4_K ? W.nbp / 8 * 148 : W.nbp * 34;
+}
+
+// Rows [r0, r1) of W (r0 % 4 == 0; r1 % 4 == 0 or W.rows) times columns [c0, c0 + n) of the
+// quantised input (n_total columns), written to out[c * out_stride + r - r0]: the rows from r0 on
+// are themselves a packed matrix of W.rows - r0 rows.
+void gemm_rows(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, int64_t c0, int64_t n, int64_t r0,
+               int64_t r1, float * out, int64_t out_stride) {
     if (r0 >= r1) return;
     auto gemm = W.type == GGML_TYPE_Q4_K ? csm_q4k_gemm : csm_q8_gemm;
-    gemm(W.w, W.rows, W.nbp, r0, r1, s.y.data() + c0 * 256, s.dy.data() + c0 * 8, s.sb.data() + c0 * 8, n_total, n, out,
-         out_stride);
+    gemm(W.w + r0 * row_bytes(W), W.rows - r0, W.nbp, 0, r1 - r0, s.y.data() + c0 * 256, s.dy.data() + c0 * 8,
+         s.sb.data() + c0 * 8, n_total, n, out, out_stride);
+}
+
+// Thread ith's share [t0, t1) of n_tiles 4-row tiles: contiguous, so each thread streams its part once.
+void tile_share(int64_t n_tiles, int ith, int nth, int64_t & t0, int64_t & t1) {
+    t0 = n_tiles * ith / nth;
+    t1 = n_tiles * (ith + 1) / nth;
+}
+
+// This thread's share of W times columns [c0, c0 + n) of the quantised input.
+void gemm_share(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, int64_t c0, int64_t n, float * out,
+                int64_t out_stride, int ith, int nth) {
+    int64_t t0, t1;
+    tile_share((W.rows + 3) / 4, ith, nth, t0, t1);
+    gemm_rows(W, s, n_total, c0, n, t0 * 4, std::min(t1 * 4, W.rows), out + t0 * 4, out_stride);
 }
 
 // dst = W x, W = userdata; every thread quantises x itself (cheap next to its share of W).
@@ -118,15 +135,125 @@ void heads_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// The group's products one after another in dst: matrix i's [rows_i, n] at the sum of the earlier
+// rows_i * n. The threads split the tiles of all matrices together.
+void group_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_q8_group & G = *(const csm_q8_group *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n = x->ne[1];
+    const q8_scratch & s = quantize_input(x, G.mats[0]->nbp);
+    int64_t n_tiles = 0;
+    for (const csm_q8_matrix * W : G.mats) n_tiles += (W->rows + 3) / 4;
+    int64_t t0, t1;
+    tile_share(n_tiles, ith, nth, t0, t1);
+    float * out = (float *) dst->data;
+    int64_t first = 0; // the current matrix's first tile in the common numbering
+    for (const csm_q8_matrix * W : G.mats) {
+        const int64_t nt = (W->rows + 3) / 4, a = std::max(t0 - first, (int64_t) 0), b = std::min(t1 - first, nt);
+        if (a < b) gemm_rows(*W, s, n, 0, n, a * 4, std::min(b * 4, W->rows), out + a * 4, W->rows);
+        out += W->rows * n;
+        first += nt;
+    }
+}
+
+// dst [ff, n] = silu(gate x) * (up x) for the group {gate, up}: this thread's tiles in chunks of
+// rows, both products of a chunk into scratch, then combined.
+void gate_up_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_q8_group & G = *(const csm_q8_group *) userdata;
+    const csm_q8_matrix & gate = *G.mats[0], & up = *G.mats[1];
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n = x->ne[1], ff = gate.rows, stride = (int64_t) (dst->nb[1] / sizeof(float));
+    const q8_scratch & s = quantize_input(x, gate.nbp);
+    const int64_t CHUNK = 128; // rows per chunk (a multiple of 4)
+    thread_local std::vector<float> g, u;
+    if (g.size() < (size_t) (CHUNK * n)) {
+        g.resize((size_t) (CHUNK * n));
+        u.resize((size_t) (CHUNK * n));
+    }
+    int64_t t0, t1;
+    tile_share((ff + 3) / 4, ith, nth, t0, t1);
+    const int64_t r_end = std::min(t1 * 4, ff);
+    for (int64_t r0 = t0 * 4; r0 < r_end; r0 += CHUNK) {
+        const int64_t r1 = std::min(r0 + CHUNK, r_end);
+        gemm_rows(gate, s, n, 0, n, r0, r1, g.data(), CHUNK);
+        gemm_rows(up, s, n, 0, n, r0, r1, u.data(), CHUNK);
+        for (int64_t c = 0; c < n; c++) {
+            csm_silu_mul(g.data() + c * CHUNK, u.data() + c * CHUNK, (float *) dst->data + c * stride + r0, r1 - r0);
+        }
+    }
+}
+
+const csm_q8_group * find_group(const csm_model & m, const ggml_tensor * first) {
+    auto it = m.q8_groups.find(first);
+    return it == m.q8_groups.end() ? nullptr : it->second.get();
+}
+
+void check_input(const csm_q8_matrix & W, const ggml_tensor * x, const char * what) {
+    if (x->type != GGML_TYPE_F32 || x->ne[0] != W.cols || x->ne[2] != 1 || x->ne[3] != 1 || x->nb[0] != sizeof(float)) {
+        csm_fail("internal: '%s' is packed but its input is not f32 rows of %lld", what, (long long) W.cols);
+    }
+}
+
 } // namespace
+
+void csm_q8_make_groups(csm_model & m) {
+    auto packed = [&](const ggml_tensor * t) -> const csm_q8_matrix * {
+        auto it = m.q8.find(t);
+        return it == m.q8.end() ? nullptr : it->second.get();
+    };
+    for (const csm_llama * L : {&m.backbone, &m.depth}) {
+        for (const csm_layer & l : L->layers) {
+            const csm_q8_matrix * q = packed(l.wq), * k = packed(l.wk), * v = packed(l.wv);
+            if (q && k && v && q->cols == k->cols && q->cols == v->cols && q->nbp == k->nbp && q->nbp == v->nbp) {
+                m.q8_groups[l.wq] = std::make_unique<csm_q8_group>(csm_q8_group{{q, k, v}});
+            }
+            const csm_q8_matrix * g = packed(l.w_gate), * u = packed(l.w_up);
+            if (g && u && g->rows == u->rows && g->cols == u->cols && g->nbp == u->nbp) {
+                m.q8_groups[l.w_gate] = std::make_unique<csm_q8_group>(csm_q8_group{{g, u}});
+            }
+        }
+    }
+}
+
+void csm_mul_mat_qkv(ggml_context * ctx, const csm_model & m, ggml_tensor * wq, ggml_tensor * wk, ggml_tensor * wv,
+                     ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v) {
+    const csm_q8_group * G = find_group(m, wq);
+    if (!G) {
+        *q = csm_mul_mat(ctx, m, wq, x);
+        *k = csm_mul_mat(ctx, m, wk, x);
+        *v = csm_mul_mat(ctx, m, wv, x);
+        return;
+    }
+    check_input(*G->mats[0], x, wq->name);
+    const int64_t n = x->ne[1];
+    int64_t rows = 0;
+    for (const csm_q8_matrix * W : G->mats) rows += W->rows;
+    ggml_tensor * args[1] = {x};
+    ggml_tensor * all = ggml_custom_4d(ctx, GGML_TYPE_F32, rows * n, 1, 1, 1, args, 1, group_op, GGML_N_TASKS_MAX, (void *) G);
+    ggml_tensor ** outs[3] = {q, k, v};
+    size_t offset = 0;
+    for (int i = 0; i < 3; i++) {
+        const int64_t r = G->mats[i]->rows;
+        *outs[i] = ggml_view_2d(ctx, all, r, n, r * sizeof(float), offset);
+        offset += (size_t) (r * n) * sizeof(float);
+    }
+}
+
+ggml_tensor * csm_ffn_gate_up(ggml_context * ctx, const csm_model & m, ggml_tensor * w_gate, ggml_tensor * w_up,
+                              ggml_tensor * x) {
+    const csm_q8_group * G = find_group(m, w_gate);
+    if (!G) return ggml_mul(ctx, ggml_silu(ctx, csm_mul_mat(ctx, m, w_gate, x)), csm_mul_mat(ctx, m, w_up, x));
+    check_input(*G->mats[0], x, w_gate->name);
+    ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, G->mats[0]->rows, x->ne[1], 1, 1, args, 1, gate_up_op, GGML_N_TASKS_MAX,
+                          (void *) G);
+}
 
 ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x) {
     auto it = m.q8.find(w);
     if (it == m.q8.end()) return ggml_mul_mat(ctx, w, x);
     const csm_q8_matrix * W = it->second.get();
-    if (x->type != GGML_TYPE_F32 || x->ne[0] != W->cols || x->ne[2] != 1 || x->ne[3] != 1 || x->nb[0] != sizeof(float)) {
-        csm_fail("internal: '%s' is packed but its input is not f32 rows of %lld", w->name, (long long) W->cols);
-    }
+    check_input(*W, x, w->name);
     ggml_tensor * args[1] = {x};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 1, q8_op, GGML_N_TASKS_MAX, (void *) W);
 }

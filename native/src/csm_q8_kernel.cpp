@@ -112,6 +112,35 @@ void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K
     }
 }
 
+// exp(x) for x in [-88, 88]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error below 1e-8 there), times 2^n.
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); // ln2 = 0.693359375 - 2.12194440e-4
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+void csm_silu_mul(const float * g, const float * u, float * out, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (n - i)) - 1);
+        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), uv = _mm512_maskz_loadu_ps(k, u + i);
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(s, uv));
+    }
+}
+
 // With several columns a tile is compute-heavy enough that the core stops running ahead of memory:
 // fetch the weights this many bytes ahead into L2. (Measured on Zen 4: B=4 steps 18 % faster with
 // 4-8 KiB; one column is better left to the hardware prefetcher.)
@@ -309,6 +338,8 @@ void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int6
 }
 
 #else // no AVX512-VNNI in this build
+
+void csm_silu_mul(const float *, const float *, float *, int64_t) { __builtin_trap(); }
 
 bool csm_q8_kernel_available() { return false; }
 

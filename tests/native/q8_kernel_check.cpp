@@ -2,6 +2,9 @@
 // tests/test_q8_kernel.py: packs a matrix, quantises activations, multiplies, in row ranges
 // split like the ggml op does for n_split threads.
 //
+// Type 2 drives csm_silu_mul instead: stdin int64 n, 0, 0, 0, 2, then n float32 g and n float32 u;
+// stdout int32 available, then n float32 silu(g) * u.
+//
 // stdin:  int64 rows, cols, n_col, n_split, type (0: Q8_0, 1: Q4_K); the rows' blocks (Q8_0: 34
 //         bytes per 32 values, Q4_K: 144 bytes per 256);
 //         n_col * cols float32 activations (column-major: column c at c * cols)
@@ -21,6 +24,18 @@ static void read_all(void * p, size_t n) {
 int main() {
     int64_t h[5];
     read_all(h, sizeof h);
+    if (h[4] == 2) {
+        const int64_t n = h[0];
+        std::vector<float> g((size_t) n), u((size_t) n), out((size_t) n + 1, -12345.0f);
+        read_all(g.data(), g.size() * sizeof(float));
+        read_all(u.data(), u.size() * sizeof(float));
+        int32_t avail = csm_q8_kernel_available() ? 1 : 0;
+        fwrite(&avail, sizeof avail, 1, stdout);
+        if (!avail) return 0;
+        csm_silu_mul(g.data(), u.data(), out.data(), n);
+        fwrite(out.data(), sizeof(float), out.size(), stdout); // + the float after: must be untouched
+        return 0;
+    }
     const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3], q4k = h[4];
     const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8;
     const size_t row_in = q4k ? (size_t) (cols / 256 * 144) : (size_t) (nb * 34);
