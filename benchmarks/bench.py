@@ -305,9 +305,25 @@ def worker_pycsm_batch(args) -> dict:
         t = time.perf_counter()
         results = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=2, max_frames=N, stop_at_eos=False)
         wall = (time.perf_counter() - t) * 1e3
+        # Paired comparison: one stream and the batch alternately in this process, so each pair
+        # sees the same memory bandwidth (it drifts by tens of percent over minutes on a shared host).
+        pairs = []
+        if args.pairs > 0:
+            one = Generator(model, n_threads=args.threads)
+            one.generate(prompts[0], seed=1, max_frames=2, stop_at_eos=False)
+            for i in range(args.pairs):
+                t = time.perf_counter()
+                r1 = one.generate(prompts[0], temperature=0.9, top_k=50, seed=3 + i, max_frames=N, stop_at_eos=False)
+                fps1 = len(r1.codes) / (time.perf_counter() - t)
+                t = time.perf_counter()
+                rb = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=3 + i, max_frames=N, stop_at_eos=False)
+                fpsb = sum(len(r.codes) for r in rb) / (time.perf_counter() - t)
+                pairs.append({"one_fps": round(fps1, 3), "batch_fps": round(fpsb, 3), "ratio": round(fpsb / fps1, 3)})
+            one.close()
     except Exception as e:  # noqa: BLE001  (unimplemented or failing: report, do not abort the benchmark)
         out["error"] = f"{type(e).__name__}: {e}"
         return out
+    out["pairs"] = pairs
     total = sum(len(r.codes) for r in results)
     prefill = max(r.t_prefill_ms for r in results)
     out.update(n_frames=total, wall_ms=wall, prefill_ms=prefill, frames_per_s=total / wall * 1e3,
@@ -535,6 +551,8 @@ def run_worker(kind: str, args, log, **extra) -> dict:
         runs.append(_run_worker_undisturbed(kind, args, log, **extra))
     best = max(runs, key=_speed)
     best["repeats"] = [round(1e3 / _speed(r), 2) if _speed(r) > 0 else None for r in runs]
+    if kind == "pycsm-batch":  # the paired comparisons of every run
+        best["pairs"] = [p for r in runs for p in r.get("pairs", [])]
     return best
 
 
@@ -557,7 +575,7 @@ def _run_worker_undisturbed(kind: str, args, log, **extra) -> dict:
 
 def _run_worker_once(kind: str, args, log, **extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--frames", str(args.frames),
-           "--threads", str(args.threads), "--batch", str(args.batch)]
+           "--threads", str(args.threads), "--batch", str(args.batch), "--pairs", str(args.pairs)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     if args.crispasr_speaker_prefix:
@@ -672,6 +690,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--transformers-dtypes", default="fp32,bf16")
     ap.add_argument("--batch", type=int, default=4, help="utterances of the batched run (0: skip)")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="one-stream/batch run pairs, alternating in the batch worker's process (0: none)")
     ap.add_argument("--crispasr-speaker-prefix", action="store_true",
                     help="pass '[0]text' to CrispASR instead of 'text' (it adds the speaker itself)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
@@ -784,7 +804,11 @@ def main(argv=None) -> int:
             if single:
                 fps1 = single["n_frames"] / single["wall_ms"] * 1e3
                 print(f"note: batch x{r['batch']} on {Path(r['file']).name}: {r['frames_per_s']:.2f} frames/s "
-                      f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x)")
+                      f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x, fastest runs)")
+        if r.get("kind") == "pycsm-batch" and r.get("pairs"):
+            ratios = sorted(p["ratio"] for p in r["pairs"])
+            print(f"note: batch x{r['batch']} on {Path(r['file']).name}, paired with one stream in one process: "
+                  f"{' '.join(f'{x:.2f}x' for x in ratios)} (median {ratios[len(ratios) // 2]:.2f}x)")
     log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
     save()
     return 0
