@@ -331,9 +331,12 @@ def test_python_m_pycsm(model, tmp_path):  # codec
 @pytest.mark.parametrize("extra", [[], ["--stream"]])  # --stream: codec (streaming decoder)
 def test_ctrl_c_exits_130_without_partial_file(model, tmp_path, extra):
     out = tmp_path / "long.wav"
+    # the child gets the default SIGINT disposition even when this run inherited it ignored (a
+    # background job of a non-interactive shell), else Python installs no KeyboardInterrupt handler
     p = subprocess.Popen([sys.executable, "-m", "pycsm", "Hello.", "-m", model, "-o", str(out), "-v",
                           "--max-audio-length", "300", *extra],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env())
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env(),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in p.stderr:  # wait until generation has started
         seen.append(line)
