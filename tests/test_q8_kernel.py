@@ -134,10 +134,11 @@ def test_q4_k_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
 
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
 def test_silu_mul_matches_numpy(driver, n):
-    """The fused feed-forward's silu(g) * u: within 4 ulp-ish (2e-6 relative) of float64, over the
-    whole range (the exp argument saturates past +-88 without inf/nan), and no write past n."""
+    """The fused feed-forward's silu(g) * u: within 2e-6 relative of float64, over the whole range
+    (the exp argument saturates past +-88 without inf/nan: the extreme values come first, so every
+    length but 1 has them all), and no write past n."""
     rng = np.random.default_rng(n)
-    g = np.concatenate([rng.standard_normal(n) * 4, [-200.0, -88.5, -20.0, 0.0, 1e-8, 30.0, 95.0, 300.0]])[:n]
+    g = np.concatenate([[-200.0, -88.5, -20.0, 0.0, 1e-8, 30.0, 95.0, 300.0], rng.standard_normal(n) * 4])[:n]
     u = rng.standard_normal(n) * 3
     inp = (np.array([n, 0, 0, 0, 2], np.int64).tobytes() + g.astype(np.float32).tobytes()
            + u.astype(np.float32).tobytes())

@@ -497,7 +497,6 @@ static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
     return slots;
 }
 
-
 // Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8; the caller checked
 // csm_q8_available), on as many threads as cores.
 static void pack_q8(csm_model & m) {

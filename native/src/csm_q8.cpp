@@ -17,13 +17,18 @@ bool csm_q8_available() {
     return ok;
 }
 
+// Bytes per row of a packed matrix (csm_q8_kernel.h).
+static int64_t row_bytes(const csm_q8_matrix & W) {
+    return W.type == GGML_TYPE_Q4_K ? W.nbp / 8 * 148 : W.nbp * 34;
+}
+
 static std::unique_ptr<csm_q8_matrix> alloc_packed(ggml_type type, int64_t rows, int64_t cols) {
     auto m = std::make_unique<csm_q8_matrix>();
     m->type = type;
     m->rows = rows;
     m->cols = cols;
     m->nbp = (cols / 32 + 7) / 8 * 8;
-    const size_t bytes = type == GGML_TYPE_Q4_K ? (size_t) (rows * (cols / 256) * 148) : (size_t) (rows * m->nbp * 34);
+    const size_t bytes = (size_t) (rows * row_bytes(*m));
     const size_t align = 2u << 20; // 2 MiB: lets the kernel use transparent huge pages
     m->mem_size = (bytes + align - 1) / align * align;
     m->mem = aligned_alloc(align, m->mem_size);
@@ -78,10 +83,6 @@ q8_scratch & quantize_input(const ggml_tensor * x, int64_t nbp) {
     csm_q8_quantize((const float *) x->data, (int64_t) (x->nb[1] / sizeof(float)), n, x->ne[0], nbp,
                     s.y.data(), s.dy.data(), s.sb.data());
     return s;
-}
-
-int64_t row_bytes(const csm_q8_matrix & W) {
-    return W.type == GGML_TYPE_Q4_K ? W.nbp / 8 * 148 : W.nbp * 34;
 }
 
 // Rows [r0, r1) of W (r0 % 4 == 0; r1 % 4 == 0 or W.rows) times columns [c0, c0 + n) of the

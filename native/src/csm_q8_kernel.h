@@ -43,10 +43,11 @@ void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64
                  const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                  float * dst, int64_t dst_stride);
 
-// out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n (exp within 2 ulp).
-void csm_silu_mul(const float * g, const float * u, float * out, int64_t n);
-
 // The same product for a matrix packed by csm_q4k_pack_rows (nbp = cols / 32).
 void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
                   const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                   float * dst, int64_t dst_stride);
+
+// out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n, within 2e-6 relative
+// (the exp argument is clamped to +-88, so huge |g| give 0 or g * u, never inf or nan).
+void csm_silu_mul(const float * g, const float * u, float * out, int64_t n);
