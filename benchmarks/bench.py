@@ -290,6 +290,90 @@ def worker_pycsm(args) -> dict:
     return out
 
 
+def _interleaved(model, prompts, threads, n_frames, seed) -> dict:
+    """One stream (prompts[0]) and a batch of all prompts, generating n_frames frames each in turns:
+    two threads, each with its own context, hand a turn token to each other after every frame step
+    (from the frame callback, which csm_generate_batch calls once per utterance per step, in order).
+    Each side's step times exclude its first step (which holds its prefill); the prefills are timed by
+    the library. Returns frames/s of the frame loop alone and with the prefills, and their ratios."""
+    import ctypes
+
+    import numpy as np
+
+    from pycsm import _native as N
+    from pycsm.generator import Generator, _i32p
+
+    sides = [(Generator(model, n_threads=threads), prompts[:1]), (Generator(model, n_threads=threads, n_batch=len(prompts)), prompts)]
+    cond = threading.Condition()
+    turn, finished, steps, prefill, errors = [0], [False, False], [[], []], [0.0, 0.0], []
+
+    def pass_turn(i):  # with cond held
+        turn[0] = 1 - i if not finished[1 - i] else i
+        cond.notify_all()
+
+    def side(i):
+        gen, ps = sides[i]
+        B, calls, t0 = len(ps), [0], [None]
+
+        def cb(_idx, _codes, _ud):
+            calls[0] += 1
+            if calls[0] % B:
+                return True
+            now = time.perf_counter()
+            if t0[0] is not None:
+                steps[i].append(now - t0[0])
+            with cond:
+                pass_turn(i)
+                cond.wait_for(lambda: turn[0] == i)
+            t0[0] = time.perf_counter()
+            return True
+
+        try:
+            with cond:
+                cond.wait_for(lambda: turn[0] == i)
+            gen.generate_batch(ps, seed=1, max_frames=2, stop_at_eos=False)  # warm-up (graphs, pages)
+            params = gen._params(0.9, 50, None, None, seed, n_frames, False)
+            params.on_frame = callback = N.csm_frame_callback(cb)
+            arrs = [np.ascontiguousarray(p, dtype=np.int32) for p in ps]
+            outs = [np.zeros((n_frames, N.CSM_N_CODEBOOKS), dtype=np.int32) for _ in ps]
+            res = (N.csm_generate_result * B)()
+            rc = N.lib.csm_generate_batch(
+                gen.handle, B, (ctypes.POINTER(ctypes.c_int32) * B)(*[_i32p(a) for a in arrs]),
+                (ctypes.c_int32 * B)(*[a.shape[0] for a in arrs]), params,
+                (ctypes.POINTER(ctypes.c_int32) * B)(*[_i32p(o) for o in outs]), n_frames, res)
+            N.check_status(rc, "batched generation failed")
+            del callback
+            prefill[i] = sum(r.t_prefill_ms for r in res)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            with cond:
+                finished[i] = True
+                pass_turn(i)
+            gen.close()
+
+    threads_ = [threading.Thread(target=side, args=(i,)) for i in range(2)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    if errors:
+        raise errors[0]
+    n = min(len(steps[0]), len(steps[1]))
+    if n == 0:
+        raise RuntimeError("no interleaved steps were timed")
+    B = len(prompts)
+    loop = [sum(steps[i][:n]) / n * 1e3 for i in range(2)]  # ms per step
+    dec = [1e3 / loop[0], B * 1e3 / loop[1]]
+    full = [n_frames / (prefill[0] + n_frames * loop[0]) * 1e3,
+            B * n_frames / (prefill[1] + n_frames * loop[1]) * 1e3]
+    return {"steps": n, "one_ms_per_step": round(loop[0], 2), "batch_ms_per_step": round(loop[1], 2),
+            "one_prefill_ms": round(prefill[0], 1), "batch_prefill_ms": round(prefill[1], 1),
+            "one_decode_fps": round(dec[0], 3), "batch_decode_fps": round(dec[1], 3),
+            "decode_ratio": round(dec[1] / dec[0], 3),
+            "one_fps": round(full[0], 3), "batch_fps": round(full[1], 3), "ratio": round(full[1] / full[0], 3)}
+
+
 def worker_pycsm_batch(args) -> dict:
     from pycsm.generator import Generator
     from pycsm.model import Model
@@ -305,33 +389,14 @@ def worker_pycsm_batch(args) -> dict:
         t = time.perf_counter()
         results = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=2, max_frames=N, stop_at_eos=False)
         wall = (time.perf_counter() - t) * 1e3
-        # Paired comparison: one stream and the batch alternately in this process, so each pair
-        # sees the same memory bandwidth (it drifts by tens of percent over minutes on a shared host).
-        pairs = []
-        if args.pairs > 0:
-            one = Generator(model, n_threads=args.threads)
-            one.generate(prompts[0], seed=1, max_frames=2, stop_at_eos=False)
-            for i in range(args.pairs):
-                t = time.perf_counter()
-                r1 = one.generate(prompts[0], temperature=0.9, top_k=50, seed=3 + i, max_frames=N, stop_at_eos=False)
-                w1 = (time.perf_counter() - t) * 1e3
-                t = time.perf_counter()
-                rb = gen.generate_batch(prompts, temperature=0.9, top_k=50, seed=3 + i, max_frames=N, stop_at_eos=False)
-                wb = (time.perf_counter() - t) * 1e3
-                n1, nb = len(r1.codes), sum(len(r.codes) for r in rb)
-                # frames/s with the prompts' prefill (the batch prefills its B prompts one after another)
-                # and without it (the frame loop alone)
-                fps1, fpsb = n1 / w1 * 1e3, nb / wb * 1e3
-                dec1 = n1 / (w1 - r1.t_prefill_ms) * 1e3
-                decb = nb / (wb - sum(r.t_prefill_ms for r in rb)) * 1e3
-                pairs.append({"one_fps": round(fps1, 3), "batch_fps": round(fpsb, 3), "ratio": round(fpsb / fps1, 3),
-                              "one_decode_fps": round(dec1, 3), "batch_decode_fps": round(decb, 3),
-                              "decode_ratio": round(decb / dec1, 3)})
-            one.close()
+        gen.close()  # (its state out of the peak RSS of what follows)
+        # One stream and the batch interleaved frame by frame in this process, so both see the same
+        # memory bandwidth (on a shared host it drifts by tens of percent within seconds).
+        interleaved = [_interleaved(model, prompts, args.threads, N, 3 + i) for i in range(args.interleaved)]
     except Exception as e:  # noqa: BLE001  (unimplemented or failing: report, do not abort the benchmark)
         out["error"] = f"{type(e).__name__}: {e}"
         return out
-    out["pairs"] = pairs
+    out["interleaved"] = interleaved
     total = sum(len(r.codes) for r in results)
     prefill = sum(r.t_prefill_ms for r in results)  # the prompts are prefilled one after another
     out.update(n_frames=total, wall_ms=wall, prefill_ms=prefill, frames_per_s=total / wall * 1e3,
@@ -559,8 +624,8 @@ def run_worker(kind: str, args, log, **extra) -> dict:
         runs.append(_run_worker_undisturbed(kind, args, log, **extra))
     best = max(runs, key=_speed)
     best["repeats"] = [round(1e3 / _speed(r), 2) if _speed(r) > 0 else None for r in runs]
-    if kind == "pycsm-batch":  # the paired comparisons of every run
-        best["pairs"] = [p for r in runs for p in r.get("pairs", [])]
+    if kind == "pycsm-batch":  # the interleaved comparisons of every run
+        best["interleaved"] = [p for r in runs for p in r.get("interleaved", [])]
     return best
 
 
@@ -583,7 +648,7 @@ def _run_worker_undisturbed(kind: str, args, log, **extra) -> dict:
 
 def _run_worker_once(kind: str, args, log, **extra) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--frames", str(args.frames),
-           "--threads", str(args.threads), "--batch", str(args.batch), "--pairs", str(args.pairs)]
+           "--threads", str(args.threads), "--batch", str(args.batch), "--interleaved", str(args.interleaved)]
     for k, v in extra.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     if args.crispasr_speaker_prefix:
@@ -698,8 +763,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--transformers-dtypes", default="fp32,bf16")
     ap.add_argument("--batch", type=int, default=4, help="utterances of the batched run (0: skip)")
-    ap.add_argument("--pairs", type=int, default=3,
-                    help="one-stream/batch run pairs, alternating in the batch worker's process (0: none)")
+    ap.add_argument("--interleaved", type=int, default=2,
+                    help="runs of one stream and the batch interleaved frame by frame in the batch worker (0: none)")
     ap.add_argument("--crispasr-speaker-prefix", action="store_true",
                     help="pass '[0]text' to CrispASR instead of 'text' (it adds the speaker itself)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per worker")
@@ -814,13 +879,14 @@ def main(argv=None) -> int:
                 print(f"note: batch x{r['batch']} on {Path(r['file']).name}: {r['frames_per_s']:.2f} frames/s "
                       f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x, fastest runs, with "
                       f"prefill; frame loop alone {single['ms_per_frame'] / r['ms_per_frame']:.2f}x)")
-        if r.get("kind") == "pycsm-batch" and r.get("pairs"):
-            for key, what in (("ratio", "with prefill"), ("decode_ratio", "frame loop alone")):
-                ratios = sorted(p[key] for p in r["pairs"] if key in p)
+        if r.get("kind") == "pycsm-batch" and r.get("interleaved"):
+            for key, what in (("decode_ratio", "frame loop alone"), ("ratio", "with the prefills")):
+                ratios = [p[key] for p in r["interleaved"] if key in p]
                 if ratios:
-                    print(f"note: batch x{r['batch']} on {Path(r['file']).name} vs one stream, run in pairs in one "
-                          f"process, frames/s {what}: {' '.join(f'{x:.2f}x' for x in ratios)} "
-                          f"(median {ratios[len(ratios) // 2]:.2f}x)")
+                    med = sorted(ratios)[len(ratios) // 2]
+                    print(f"note: batch x{r['batch']} on {Path(r['file']).name} vs one stream, interleaved frame by "
+                          f"frame in one process, frames/s {what}: {' '.join(f'{x:.2f}x' for x in ratios)} "
+                          f"(median {med:.2f}x)")
     log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
     save()
     return 0

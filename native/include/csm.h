@@ -197,6 +197,7 @@ struct csm_sampling_params {
 };
 
 // Called after each frame with its 32 codes; return false to stop (result: CSM_STOP_ABORTED).
+// csm_generate_batch calls it once per running utterance per frame step, utterances in order.
 typedef bool (*csm_frame_callback)(int32_t frame_index, const int32_t * codes, void * user_data);
 
 struct csm_generate_params {

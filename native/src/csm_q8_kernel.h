@@ -11,6 +11,9 @@
 // The columns' groups are interleaved, [group][column]: group g of column c is at y + (g * n_col + c)
 // * 256 and at dy, sb + (g * n_col + c) * 8, so the columns a tile reads lie together.
 //
+// One column at a time the kernels use 256-bit dot products (memory bound); several columns (a
+// batch, a prompt) use 512-bit ones, which cover two activation vectors per instruction.
+//
 // This file is compiled with AVX512 flags; call nothing here unless csm_q8_kernel_available().
 #pragma once
 
@@ -26,9 +29,11 @@ void csm_q8_pack_rows(const uint8_t * q8_0, size_t row_stride, int64_t rows, int
 
 // Q4_K: rows x cols (cols % 256 == 0) of ggml block_q4_K (144 bytes per 256 values) packed for
 // csm_q4k_gemm: tiles of 4 rows as above; a group (one super-block of 256) holds, per row, 20
-// bytes (fp16 d, fp16 dmin, 8 scales, 8 mins) and then, per row, 128 bytes of quants: 4 vectors,
-// vector k's lane l holds sub-block l's values 8k..8k+3 in its low nibbles and 8k+4..8k+7 in its
-// high nibbles. Row r starts at byte r * (cols / 256) * 148. Plain C.
+// bytes (fp16 d, fp16 dmin, 8 scales, 8 mins) and then, per row, 128 bytes of quants: 4 vectors of
+// 32 bytes; lane l of vector k holds sub-block l's 4 values of activation vector m = k / 2 * 4 + k % 2
+// (values 4m..4m+3) in its low nibbles and those of vector m + 2 in its high nibbles, so that the
+// 64 bytes of vectors 2J, 2J + 1 pair with activation vectors 4J, 4J + 1 (low) and 4J + 2, 4J + 3
+// (high). Row r starts at byte r * (cols / 256) * 148. Plain C.
 void csm_q4k_pack_rows(const uint8_t * q4_k, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
 
 // Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32, laid

@@ -5,6 +5,7 @@
 // streaming state makes chunking exact, and it bounds the memory of the graphs and of attention.
 #include "mimi.h"
 
+#include "csm_context.h"
 #include "csm_log.h"
 
 #include <cmath>
@@ -180,6 +181,7 @@ csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) 
     return csm_guard<csm_mimi_codec *>(nullptr, [&] {
         auto c = std::make_unique<csm_mimi_codec>();
         c->dec = new_runner(model, n_threads, false);
+        csm_pool_rest{c->dec->threadpool}.rest();
         return c.release();
     });
 }
@@ -196,6 +198,7 @@ int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int
         if (!codec) csm_fail("codec is NULL");
         if (n_frames == 0) return 0;
         check_decode_args(codec->dec->model, codes, n_frames, out_pcm, max_samples);
+        const csm_pool_rest pool{codec->dec->threadpool}; // asleep between the caller's chunks
         return decode_frames(*codec->dec, codes, n_frames, out_pcm);
     });
 }
