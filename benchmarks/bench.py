@@ -613,20 +613,35 @@ def _speed(r: dict) -> float:
     return 1e3 / ms if ms else 0.0
 
 
+def _best(kind: str, runs: list[dict]) -> dict:
+    """The fastest of a configuration's runs, with every run's speed (JSON `repeats`)."""
+    if len(runs) == 1:
+        return runs[0]
+    best = max(runs, key=_speed)
+    best["repeats"] = [round(1e3 / _speed(r), 2) if _speed(r) > 0 else None for r in runs]
+    if kind == "pycsm-batch":  # the interleaved comparisons of every run
+        best["interleaved"] = [p for r in runs for p in r.get("interleaved", [])]
+    return best
+
+
 def run_worker(kind: str, args, log, **extra) -> dict:
     """Runs one configuration --repeat times (each as below) and keeps the fastest run: memory
     bandwidth on a shared host drifts by tens of percent over minutes, invisibly to the CPU check,
     and every system gets the same best-of-N treatment. The speeds of all runs are kept in the JSON."""
     if kind == "bandwidth" or args.repeat <= 1:
         return _run_worker_undisturbed(kind, args, log, **extra)
-    runs = []
-    for i in range(args.repeat):
-        runs.append(_run_worker_undisturbed(kind, args, log, **extra))
-    best = max(runs, key=_speed)
-    best["repeats"] = [round(1e3 / _speed(r), 2) if _speed(r) > 0 else None for r in runs]
-    if kind == "pycsm-batch":  # the interleaved comparisons of every run
-        best["interleaved"] = [p for r in runs for p in r.get("interleaved", [])]
-    return best
+    return _best(kind, [_run_worker_undisturbed(kind, args, log, **extra) for _ in range(args.repeat)])
+
+
+def run_round_robin(kinds: list[str], args, log, **extra) -> list[dict]:
+    """Like run_worker for several configurations of one file, taking turns: one run of each, then
+    the next round, so that each one's best-of-N comes from the same stretch of time (the systems
+    compared on a file see the same bandwidth drift)."""
+    runs = {k: [] for k in kinds}
+    for _ in range(max(1, args.repeat)):
+        for k in kinds:
+            runs[k].append(_run_worker_undisturbed(k, args, log, **extra))
+    return [_best(k, runs[k]) for k in kinds]
 
 
 def _run_worker_undisturbed(kind: str, args, log, **extra) -> dict:
@@ -844,15 +859,10 @@ def main(argv=None) -> int:
                 r["merged_from"] = str(args.merge)
     save()
     for f in files:
-        if "pycsm" in only:
-            results.append(run_worker("pycsm", args, log, file=f))
-            save()
-        if args.batch > 1 and "batch" in only:
-            results.append(run_worker("pycsm-batch", args, log, file=f))
-            save()
-        if have_crisp and "crispasr" in only:
-            results.append(run_worker("crispasr", args, log, file=f))
-            save()
+        kinds = [k for k, chosen in (("pycsm", "pycsm" in only), ("pycsm-batch", args.batch > 1 and "batch" in only),
+                                     ("crispasr", have_crisp and "crispasr" in only)) if chosen]
+        results += run_round_robin(kinds, args, log, file=f)
+        save()
     if not args.no_peers and not args.no_transformers and "transformers" in only:
         if importlib.util.find_spec("transformers") is None:
             log("[bench] transformers not installed: skipped")

@@ -103,9 +103,10 @@ class Model:
     """A CSM GGUF loaded by the native library.
 
     device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU).
-    use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0 and Q4_K go to
-    pycsm's AVX512-VNNI kernels where the CPU has them (then the depth heads of a quantised file run
-    as Q8_0 too), Q4_0 to ggml's repacked layout. False keeps ggml's plain kernels.
+    use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0, Q4_K and F16
+    go to pycsm's AVX512 kernels where the CPU has AVX512-VNNI (then the depth heads of a quantised
+    file run as Q8_0 too, those of an F16 file as F16), Q4_0 to ggml's repacked layout. False keeps
+    ggml's plain kernels.
 
     >>> m = Model("csm-1b-q8_0.gguf")
     >>> m.hparams.bb_d_model

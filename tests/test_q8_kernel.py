@@ -132,6 +132,30 @@ def test_q4_k_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
     assert np.all(np.abs(res - want) <= 2e-5 * scale), np.max(np.abs(res - want) / scale)
 
 
+@pytest.mark.parametrize("rows,cols,n_col,n_split", [
+    (4, 16, 1, 1), (7, 48, 1, 2), (13, 96, 3, 2), (61, 1024, 4, 2), (130, 272, 5, 3), (2051, 64, 2, 2),
+    (8, 8192, 4, 1),
+])
+def test_f16_kernel_matches_numpy(driver, rows, cols, n_col, n_split):
+    """F16 weights times f32 activations (not rounded to fp16), fp32 accumulation: within 1e-5 of
+    the float64 product, relative to the sum of the magnitudes."""
+    rng = np.random.default_rng(rows * 17 + cols + n_col)
+    w = (rng.standard_normal((rows, cols)) * rng.lognormal(-3, 1.5, size=(rows, 1))).astype(np.float16)
+    w[0, :16] = [65504, -65504, 6e-8, -6e-8, 0, -0.0, 1, -1, 0.5, 2, 3, 1e-4, 7, 9, 11, 13][:min(16, cols)]
+    x = rng.standard_normal((n_col, cols)).astype(np.float32)
+    x[:, :16] *= 50
+    inp = (np.array([rows, cols, n_col, n_split, 3], np.int64).tobytes() + w.tobytes() + x.tobytes())
+    out = subprocess.run([str(driver)], input=inp, capture_output=True, check=True).stdout
+    if np.frombuffer(out[:4], np.int32)[0] == 0:
+        assert not _cpu_has_vnni(), "the CPU has AVX512-VNNI but the kernel says it is unavailable"
+        pytest.skip("this CPU lacks AVX512-VNNI; ggml's kernels are used instead")
+    res = np.frombuffer(out[4:], np.float32).reshape(n_col, rows)
+    w64, x64 = w.astype(np.float64), x.astype(np.float64)
+    want = x64 @ w64.T
+    scale = np.abs(x64) @ np.abs(w64.T) + 1e-30
+    assert np.all(np.abs(res - want) <= 1e-5 * scale), np.max(np.abs(res - want) / scale)
+
+
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000])
 def test_silu_mul_matches_numpy(driver, n):
     """The fused feed-forward's silu(g) * u: within 2e-6 relative of float64, over the whole range

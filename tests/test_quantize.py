@@ -134,7 +134,7 @@ def test_repacked_weights_give_the_same_logits(quantized):
 
 def _int8_kernel_used():
     from pycsm import _native
-    return b"q8_0/q4_k matmul: pycsm" in _native.lib.csm_system_info()
+    return b"/f16 matmul: pycsm" in _native.lib.csm_system_info()
 
 
 @pytest.mark.parametrize("qtype", ["q8_0", "q4_k"])

@@ -124,7 +124,7 @@ const char * csm_system_info(void) {
         if (ggml_cpu_has_avx512()) info += " AVX512";
         if (ggml_cpu_has_neon()) info += " NEON";
         if (ggml_cpu_has_dotprod()) info += " DOTPROD";
-        info += csm_q8_kernel_available() ? "; q8_0/q4_k matmul: pycsm AVX512-VNNI" : "; q8_0/q4_k matmul: ggml";
+        info += csm_q8_kernel_available() ? "; q8_0/q4_k/f16 matmul: pycsm AVX512-VNNI" : "; q8_0/q4_k/f16 matmul: ggml";
     });
     return info.c_str();
 }

@@ -367,9 +367,10 @@ static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
 
 // RoPE factor tensors live in a small buffer on the weights' device. The depth heads, stored as
 // [vocab, d, k] (transformers' layout), are transposed for the matrix products: with pack_heads
-// into packed Q8_0 matrices for the int8 kernel, else into a [d, vocab, k] copy (F32 when the file
-// is F32, else F16). Either way the file's copy is not read again.
-static void make_extra(csm_model & m, bool pack_heads) {
+// into packed matrices for pycsm's kernels (F16 when the file's heads are F16 and its matrices
+// too, else Q8_0), else into a [d, vocab, k] copy (F32 when the file is F32, else F16). Either way
+// the file's copy is not read again.
+static void make_extra(csm_model & m, bool pack_heads, bool heads_f16) {
     ggml_init_params ip = {3 * ggml_tensor_overhead(), nullptr, true};
     m.ctx_extra = ggml_init(ip);
     if (!m.ctx_extra) csm_fail("out of memory");
@@ -396,13 +397,18 @@ static void make_extra(csm_model & m, bool pack_heads) {
     if (hf->type != GGML_TYPE_F32 && (!tr || !tr->to_float)) csm_fail("depth.codebooks_head.weight: unsupported type %s", ggml_type_name(hf->type));
     std::vector<char> raw(hf->nb[2]);
     std::vector<float> src((size_t) V * d), dst((size_t) V * d);
-    std::vector<ggml_fp16_t> h16(ht == GGML_TYPE_F16 && !pack_heads ? (size_t) V * d : 0);
+    std::vector<ggml_fp16_t> h16(ht == GGML_TYPE_F16 ? (size_t) V * d : 0);
     for (int64_t k = 0; k < hf->ne[2]; k++) {
         ggml_backend_tensor_get(hf, raw.data(), k * hf->nb[2], hf->nb[2]);
         if (hf->type == GGML_TYPE_F32) memcpy(src.data(), raw.data(), src.size() * sizeof(float));
         else for (int64_t r = 0; r < d; r++) tr->to_float(raw.data() + r * hf->nb[1], src.data() + r * V, V);
         for (int64_t r = 0; r < d; r++)
             for (int64_t v = 0; v < V; v++) dst[(size_t) v * d + r] = src[(size_t) r * V + v];
+        if (pack_heads && heads_f16 && hf->type == GGML_TYPE_F16) {
+            ggml_fp32_to_fp16_row(dst.data(), h16.data(), (int64_t) dst.size()); // exact: the values came from F16
+            m.q8_heads.push_back(csm_q8_pack_f16((const uint16_t *) h16.data(), V, d));
+            continue;
+        }
         if (pack_heads) {
             m.q8_heads.push_back(csm_q8_pack_f32(dst.data(), V, d));
             continue;
@@ -606,11 +612,13 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     if (!m->dev) csm_fail("no ggml device available");
     load_weights(*m, p, fd.fd, file_size);
     // In a quantised file (its matrices neither F32 nor F16) the depth heads, which converters keep
-    // in F16, join the int8 kernel as Q8_0: 31 of them are read per frame.
+    // in F16, join the int8 kernel as Q8_0: 31 of them are read per frame. In an F16 file they join
+    // the F16 kernel as they are.
     const ggml_type wt = m->backbone.layers[0].w_up->type;
     const bool quantised = wt != GGML_TYPE_F32 && wt != GGML_TYPE_F16 && wt != GGML_TYPE_BF16;
+    const bool f16 = wt == GGML_TYPE_F16 && m->depth_heads_file->type == GGML_TYPE_F16;
     const bool pack = p.use_repack && csm_model_on_host(m.get()) && csm_q8_available();
-    make_extra(*m, pack && quantised && m->hp.dp_d_model % 32 == 0);
+    make_extra(*m, pack && (quantised || f16) && m->hp.dp_d_model % 32 == 0, f16);
     if (pack) pack_q8(*m);
     if (p.use_repack && csm_model_on_host(m.get())) repack_weights(*m);
     csm_log(CSM_LOG_INFO, "loaded %s: %d tensors, %.1f MiB on %s", path, m->n_tensors, m->n_bytes / 1048576.0,

@@ -19,6 +19,7 @@ bool csm_q8_available() {
 
 // Bytes per row of a packed matrix (csm_q8_kernel.h).
 static int64_t row_bytes(const csm_q8_matrix & W) {
+    if (W.type == GGML_TYPE_F16) return W.cols * 2;
     return W.type == GGML_TYPE_Q4_K ? W.nbp / 8 * 148 : W.nbp * 34;
 }
 
@@ -44,6 +45,7 @@ bool csm_q8_packable(const ggml_tensor * w) {
     if (w->ne[2] != 1 || w->ne[3] != 1) return false;
     if (w->type == GGML_TYPE_Q8_0) return w->ne[0] % 32 == 0;
     if (w->type == GGML_TYPE_Q4_K) return w->ne[0] % 256 == 0;
+    if (w->type == GGML_TYPE_F16) return w->ne[0] % 16 == 0;
     return false;
 }
 
@@ -51,6 +53,7 @@ std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w) {
     if (!csm_q8_packable(w)) csm_fail("internal: cannot pack tensor '%s' for the int8 kernel", w->name);
     auto m = alloc_packed(w->type, w->ne[1], w->ne[0]);
     if (w->type == GGML_TYPE_Q4_K) csm_q4k_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
+    else if (w->type == GGML_TYPE_F16) csm_f16_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
     else csm_q8_pack_rows((const uint8_t *) w->data, w->nb[1], m->rows, m->cols, m->w);
     return m;
 }
@@ -62,6 +65,13 @@ std::unique_ptr<csm_q8_matrix> csm_q8_pack_f32(const float * data, int64_t rows,
     ggml_quantize_chunk(GGML_TYPE_Q8_0, data, q8.data(), 0, rows, cols, nullptr);
     auto m = alloc_packed(GGML_TYPE_Q8_0, rows, cols);
     csm_q8_pack_rows(q8.data(), row_bytes, rows, cols, m->w);
+    return m;
+}
+
+std::unique_ptr<csm_q8_matrix> csm_q8_pack_f16(const uint16_t * data, int64_t rows, int64_t cols) {
+    if (cols % 16 != 0) csm_fail("internal: cannot pack a matrix of %lld columns", (long long) cols);
+    auto m = alloc_packed(GGML_TYPE_F16, rows, cols);
+    csm_f16_pack_rows((const uint8_t *) data, (size_t) cols * 2, rows, cols, m->w);
     return m;
 }
 
@@ -85,15 +95,38 @@ q8_scratch & quantize_input(const ggml_tensor * x, int64_t nbp) {
     return s;
 }
 
+// An op's input as its kernel reads it: quantised for Q8_0 / Q4_K weights, the f32 columns for F16.
+struct op_input {
+    const q8_scratch * s = nullptr;
+    const float * x = nullptr;
+    int64_t x_stride = 0;
+};
+
+op_input prepare_input(const ggml_tensor * x, const csm_q8_matrix & W) {
+    op_input in;
+    if (W.type == GGML_TYPE_F16) {
+        in.x = (const float *) x->data;
+        in.x_stride = (int64_t) (x->nb[1] / sizeof(float));
+    } else {
+        in.s = &quantize_input(x, W.nbp);
+    }
+    return in;
+}
+
 // Rows [r0, r1) of W (r0 % 4 == 0; r1 % 4 == 0 or W.rows) times columns [c0, c0 + n) of the
-// quantised input (n_total columns), written to out[c * out_stride + r - r0]: the rows from r0 on
-// are themselves a packed matrix of W.rows - r0 rows.
-void gemm_rows(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, int64_t c0, int64_t n, int64_t r0,
+// input (n_total columns), written to out[c * out_stride + r - r0]: the rows from r0 on are
+// themselves a packed matrix of W.rows - r0 rows.
+void gemm_rows(const csm_q8_matrix & W, const op_input & in, int64_t n_total, int64_t c0, int64_t n, int64_t r0,
                int64_t r1, float * out, int64_t out_stride) {
     if (r0 >= r1) return;
+    const uint8_t * w = W.w + r0 * row_bytes(W);
+    if (W.type == GGML_TYPE_F16) {
+        csm_f16_gemm(w, W.rows - r0, W.cols, 0, r1 - r0, in.x + c0 * in.x_stride, in.x_stride, n, out, out_stride);
+        return;
+    }
     auto gemm = W.type == GGML_TYPE_Q4_K ? csm_q4k_gemm : csm_q8_gemm;
-    gemm(W.w + r0 * row_bytes(W), W.rows - r0, W.nbp, 0, r1 - r0, s.y.data() + c0 * 256, s.dy.data() + c0 * 8,
-         s.sb.data() + c0 * 8, n_total, n, out, out_stride);
+    gemm(w, W.rows - r0, W.nbp, 0, r1 - r0, in.s->y.data() + c0 * 256, in.s->dy.data() + c0 * 8,
+         in.s->sb.data() + c0 * 8, n_total, n, out, out_stride);
 }
 
 // Thread ith's share [t0, t1) of n_tiles 4-row tiles: contiguous, so each thread streams its part once.
@@ -103,7 +136,7 @@ void tile_share(int64_t n_tiles, int ith, int nth, int64_t & t0, int64_t & t1) {
 }
 
 // This thread's share of W times columns [c0, c0 + n) of the quantised input.
-void gemm_share(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, int64_t c0, int64_t n, float * out,
+void gemm_share(const csm_q8_matrix & W, const op_input & s, int64_t n_total, int64_t c0, int64_t n, float * out,
                 int64_t out_stride, int ith, int nth) {
     int64_t t0, t1;
     tile_share((W.rows + 3) / 4, ith, nth, t0, t1);
@@ -114,7 +147,7 @@ void gemm_share(const csm_q8_matrix & W, const q8_scratch & s, int64_t n_total, 
 void q8_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const csm_q8_matrix & W = *(const csm_q8_matrix *) userdata;
     const ggml_tensor * x = dst->src[0];
-    const q8_scratch & s = quantize_input(x, W.nbp);
+    const op_input s = prepare_input(x, W);
     gemm_share(W, s, x->ne[1], 0, x->ne[1], (float *) dst->data, (int64_t) (dst->nb[1] / sizeof(float)), ith, nth);
 }
 
@@ -125,7 +158,7 @@ void heads_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor * x = dst->src[0];
     const int32_t * ids = (const int32_t *) dst->src[1]->data;
     const int64_t n = x->ne[1], n_heads = (int64_t) m.q8_heads.size();
-    const q8_scratch & s = quantize_input(x, m.q8_heads[0]->nbp);
+    const op_input s = prepare_input(x, *m.q8_heads[0]);
     const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
     for (int64_t c0 = 0; c0 < n;) {
         int64_t c1 = c0 + 1;
@@ -142,7 +175,7 @@ void group_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const csm_q8_group & G = *(const csm_q8_group *) userdata;
     const ggml_tensor * x = dst->src[0];
     const int64_t n = x->ne[1];
-    const q8_scratch & s = quantize_input(x, G.mats[0]->nbp);
+    const op_input s = prepare_input(x, *G.mats[0]);
     int64_t n_tiles = 0;
     for (const csm_q8_matrix * W : G.mats) n_tiles += (W->rows + 3) / 4;
     int64_t t0, t1;
@@ -164,7 +197,7 @@ void gate_up_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const csm_q8_matrix & gate = *G.mats[0], & up = *G.mats[1];
     const ggml_tensor * x = dst->src[0];
     const int64_t n = x->ne[1], ff = gate.rows, stride = (int64_t) (dst->nb[1] / sizeof(float));
-    const q8_scratch & s = quantize_input(x, gate.nbp);
+    const op_input s = prepare_input(x, gate);
     const int64_t CHUNK = 128; // rows per chunk (a multiple of 4)
     thread_local std::vector<float> g, u;
     if (g.size() < (size_t) (CHUNK * n)) {
@@ -205,11 +238,13 @@ void csm_q8_make_groups(csm_model & m) {
     for (const csm_llama * L : {&m.backbone, &m.depth}) {
         for (const csm_layer & l : L->layers) {
             const csm_q8_matrix * q = packed(l.wq), * k = packed(l.wk), * v = packed(l.wv);
-            if (q && k && v && q->cols == k->cols && q->cols == v->cols && q->nbp == k->nbp && q->nbp == v->nbp) {
+            if (q && k && v && q->cols == k->cols && q->cols == v->cols && q->nbp == k->nbp && q->nbp == v->nbp &&
+                (q->type == GGML_TYPE_F16) == (k->type == GGML_TYPE_F16) && (q->type == GGML_TYPE_F16) == (v->type == GGML_TYPE_F16)) {
                 m.q8_groups[l.wq] = std::make_unique<csm_q8_group>(csm_q8_group{{q, k, v}});
             }
             const csm_q8_matrix * g = packed(l.w_gate), * u = packed(l.w_up);
-            if (g && u && g->rows == u->rows && g->cols == u->cols && g->nbp == u->nbp) {
+            if (g && u && g->rows == u->rows && g->cols == u->cols && g->nbp == u->nbp &&
+                (g->type == GGML_TYPE_F16) == (u->type == GGML_TYPE_F16)) {
                 m.q8_groups[l.w_gate] = std::make_unique<csm_q8_group>(csm_q8_group{{g, u}});
             }
         }

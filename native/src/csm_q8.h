@@ -1,4 +1,4 @@
-// csm_q8.h - Q8_0 / Q4_K matrices re-laid out for pycsm's own CPU kernels (AVX512-VNNI), and the
+// csm_q8.h - Q8_0 / Q4_K / F16 matrices re-laid out for pycsm's own CPU kernels (AVX512), and the
 // matrix products that pick them or ggml's mul_mat.
 #pragma once
 
@@ -8,10 +8,11 @@
 #include <memory>
 #include <vector>
 
-// A Q8_0 or Q4_K matrix of `rows` x `cols` (ggml's ne1 x ne0) in the kernels' tiled layouts
-// (csm_q8_kernel.h): nbp blocks of 32 per row (cols / 32 rounded up to a multiple of 8).
+// A Q8_0, Q4_K or F16 matrix of `rows` x `cols` (ggml's ne1 x ne0) in the kernels' tiled layouts
+// (csm_q8_kernel.h): nbp blocks of 32 per row (cols / 32 rounded up to a multiple of 8; the input
+// quantisation of Q8_0 / Q4_K uses it, F16 products take the f32 input as it is).
 struct csm_q8_matrix {
-    ggml_type type = GGML_TYPE_Q8_0; // GGML_TYPE_Q8_0 or GGML_TYPE_Q4_K
+    ggml_type type = GGML_TYPE_Q8_0; // GGML_TYPE_Q8_0, GGML_TYPE_Q4_K or GGML_TYPE_F16
     int64_t rows = 0, cols = 0, nbp = 0;
     uint8_t * w = nullptr;
     void * mem = nullptr;
@@ -28,12 +29,15 @@ struct csm_q8_group {
 // True when the CPU and this build run the kernels.
 bool csm_q8_available();
 
-// Can csm_q8_pack take this tensor (2-D Q8_0, or Q4_K with rows of whole super-blocks)?
+// Can csm_q8_pack take this tensor (2-D Q8_0, Q4_K with rows of whole super-blocks, F16 with rows
+// of a multiple of 16)?
 bool csm_q8_packable(const ggml_tensor * w);
 // Packs such a tensor held in host memory. Throws csm_error on allocation failure.
 std::unique_ptr<csm_q8_matrix> csm_q8_pack(const ggml_tensor * w);
 // Quantises rows x cols floats (row-major) to Q8_0 and packs them. cols % 32 == 0. Throws.
 std::unique_ptr<csm_q8_matrix> csm_q8_pack_f32(const float * data, int64_t rows, int64_t cols);
+// Packs rows x cols fp16 values (row-major) for the F16 kernel. cols % 16 == 0. Throws.
+std::unique_ptr<csm_q8_matrix> csm_q8_pack_f16(const uint16_t * data, int64_t rows, int64_t cols);
 
 // w x for a weight of the model: pycsm's kernel when the model holds a packed copy of w (then x must
 // be f32 [w->ne[0], n], 2-D; its mapped pages are gone), else ggml_mul_mat. Result f32 [w->ne[1], n].

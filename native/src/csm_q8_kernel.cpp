@@ -68,6 +68,16 @@ void csm_q4k_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int
     }
 }
 
+void csm_f16_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
+    const int64_t nch = cols / 16, full = rows / 4 * 4;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        uint8_t * tile = out + r0 * cols * 2;
+        const uint8_t * row = src + r * row_stride;
+        for (int64_t c = 0; c < nch; c++) __builtin_memcpy(tile + (c * R + ri) * 32, row + c * 32, 32);
+    }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__) && \
     defined(__F16C__) && defined(__FMA__)
 
@@ -405,6 +415,54 @@ static inline void tile_q4k_zmm(const uint8_t * t, int64_t nbp, const int8_t * y
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum512(acc[r][n]);
 }
 
+// F16 tile: per chunk of 16 columns, the R rows' 16 halves converted to fp32 and multiplied into
+// the NC activation columns with fp32 FMAs (the activations are not rounded).
+template <int R, int NC>
+static inline void tile_f16(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, float * dst,
+                            int64_t dst_stride) {
+    __m512 acc[R][NC];
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nch; c++, t += R * 32) {
+        if constexpr (NC > 1 && R * 32 >= 64) {
+            _Pragma("GCC unroll 4") for (int o = 0; o < R * 32; o += 64) _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        } else if (NC > 1 && c % 2 == 0) {
+            _mm_prefetch((const char *) t + PREFETCH_BYTES, _MM_HINT_T1);
+        }
+        __m512 xv[NC];
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) xv[n] = _mm512_loadu_ps(x + n * x_stride + c * 16);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (t + r * 32)));
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm512_fmadd_ps(wv, xv[n], acc[r][n]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum512(acc[r][n]);
+}
+
+template <int R>
+static inline void tile_f16_cols(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, int64_t n_col,
+                                 float * dst, int64_t dst_stride) {
+    for (int64_t c = 0; c < n_col; c += 4) {
+        const float * xc = x + c * x_stride;
+        float * oc = dst + c * dst_stride;
+        switch (n_col - c < 4 ? n_col - c : 4) {
+            case 1: tile_f16<R, 1>(t, nch, xc, x_stride, oc, dst_stride); break;
+            case 2: tile_f16<R, 2>(t, nch, xc, x_stride, oc, dst_stride); break;
+            case 3: tile_f16<R, 3>(t, nch, xc, x_stride, oc, dst_stride); break;
+            default: tile_f16<R, 4>(t, nch, xc, x_stride, oc, dst_stride); break;
+        }
+    }
+}
+
+void csm_f16_gemm(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const float * x,
+                  int64_t x_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+    const int64_t full = rows / 4 * 4, nch = cols / 16;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) tile_f16_cols<4>(w + r * cols * 2, nch, x, x_stride, n_col, dst + r, dst_stride);
+    for (; r < r1; r++) tile_f16_cols<1>(w + r * cols * 2, nch, x, x_stride, n_col, dst + r, dst_stride);
+}
+
 template <bool Q4K, int R, int NC>
 static inline void tile_any(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                             int64_t col_stride, float * dst, int64_t dst_stride) {
@@ -474,6 +532,10 @@ void csm_q8_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8
 
 void csm_q4k_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *, const int32_t *,
                   int64_t, int64_t, float *, int64_t) {
+    __builtin_trap();
+}
+
+void csm_f16_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, float *, int64_t) {
     __builtin_trap();
 }
 

@@ -36,6 +36,11 @@ void csm_q8_pack_rows(const uint8_t * q8_0, size_t row_stride, int64_t rows, int
 // (high). Row r starts at byte r * (cols / 256) * 148. Plain C.
 void csm_q4k_pack_rows(const uint8_t * q4_k, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
 
+// F16: rows x cols (cols % 16 == 0) of fp16 values packed for csm_f16_gemm: tiles of 4 rows as
+// above; a tile is cols / 16 chunks, each the R rows' 16 values of those columns (32 bytes per row).
+// Row r starts at byte r * cols * 2, the same size as F16. Plain C.
+void csm_f16_pack_rows(const uint8_t * f16, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out);
+
 // Quantises n_col columns of K floats (column c at x + c * x_stride floats) to blocks of 32, laid
 // out as above (n_col * nbp * 32 bytes of y, n_col * nbp dy and sb); blocks past K are zero.
 void csm_q8_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
@@ -52,6 +57,11 @@ void csm_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64
 void csm_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
                   const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
                   float * dst, int64_t dst_stride);
+
+// dst[c * dst_stride + r] = sum_k W[r, k] * x[c * x_stride + k] for rows [r0, r1) of a matrix packed
+// by csm_f16_pack_rows and n_col f32 columns, in fp32 (the activations are not rounded to fp16).
+void csm_f16_gemm(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const float * x,
+                  int64_t x_stride, int64_t n_col, float * dst, int64_t dst_stride);
 
 // out[i] = silu(g[i]) * u[i] = g[i] / (1 + exp(-g[i])) * u[i] for i < n, within 2e-6 relative
 // (the exp argument is clamped to +-88, so huge |g| give 0 or g * u, never inf or nan).

@@ -2,6 +2,9 @@
 // tests/test_q8_kernel.py: packs a matrix, quantises activations, multiplies, in row ranges
 // split like the ggml op does for n_split threads.
 //
+// Type 3 drives the F16 kernel: stdin int64 rows, cols, n_col, n_split, 3, then rows * cols fp16
+// weights (row-major) and the activations as below; stdout int32 available, then the results.
+//
 // Type 2 drives csm_silu_mul instead: stdin int64 n, 0, 0, 0, 2, then n float32 g and n float32 u;
 // stdout int32 available, then n float32 silu(g) * u.
 //
@@ -34,6 +37,28 @@ int main() {
         if (!avail) return 0;
         csm_silu_mul(g.data(), u.data(), out.data(), n);
         fwrite(out.data(), sizeof(float), out.size(), stdout); // + the float after: must be untouched
+        return 0;
+    }
+    if (h[4] == 3) {
+        const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3];
+        std::vector<uint8_t> f16((size_t) (rows * cols * 2)), w((size_t) (rows * cols * 2), 0xAB);
+        std::vector<float> x((size_t) (n_col * cols)), out((size_t) (n_col * rows), -12345.0f);
+        read_all(f16.data(), f16.size());
+        read_all(x.data(), x.size() * sizeof(float));
+        int32_t avail = csm_q8_kernel_available() ? 1 : 0;
+        fwrite(&avail, sizeof avail, 1, stdout);
+        if (!avail) return 0;
+        csm_f16_pack_rows(f16.data(), (size_t) cols * 2, rows, cols, w.data());
+        const int64_t tiles = (rows + 3) / 4;
+        for (int64_t i = 0; i < n_split; i++) {
+            const int64_t t0 = tiles * i / n_split, t1 = tiles * (i + 1) / n_split;
+            const int64_t r0 = t0 * 4, r1 = t1 * 4 < rows ? t1 * 4 : rows;
+            if (r0 < r1) csm_f16_gemm(w.data(), rows, cols, r0, r1, x.data(), cols, 1, out.data(), rows);
+            if (r0 < r1 && n_col > 1) {
+                csm_f16_gemm(w.data(), rows, cols, r0, r1, x.data() + cols, cols, n_col - 1, out.data() + rows, rows);
+            }
+        }
+        fwrite(out.data(), sizeof(float), out.size(), stdout);
         return 0;
     }
     const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3], q4k = h[4];
