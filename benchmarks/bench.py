@@ -640,7 +640,11 @@ def run_round_robin(kinds: list[str], args, log, **extra) -> list[dict]:
     runs = {k: [] for k in kinds}
     for _ in range(max(1, args.repeat)):
         for k in kinds:
-            runs[k].append(_run_worker_undisturbed(k, args, log, **extra))
+            # the bandwidth of this moment, for this run's bound (it drifts between runs)
+            bw = _run_worker_undisturbed("bandwidth", args, log).get("bytes_per_s")
+            r = _run_worker_undisturbed(k, args, log, **extra)
+            r["bandwidth_before"] = bw
+            runs[k].append(r)
     return [_best(k, runs[k]) for k in kinds]
 
 
@@ -724,7 +728,8 @@ def build_rows(results, reads, bandwidth, files):
                     "crispasr": "CrispASR"}[kind]
             nbytes = reads.get(r.get("file"), {}).get("bytes")
         ms = r.get("ms_per_frame")
-        bound = nbytes / bandwidth * 1e3 if nbytes and bandwidth else None
+        bw = r.get("bandwidth_before") or bandwidth  # measured just before this run, when it was
+        bound = nbytes / bw * 1e3 if nbytes and bw else None
         if kind == "pycsm-batch" and bound:
             bound /= r.get("batch", 1)  # one weight read serves the whole batch
         vs = None
@@ -732,7 +737,7 @@ def build_rows(results, reads, bandwidth, files):
             vs = crisp[r["file"]]["ms_per_frame"] / ms
         rows.append(dict(system=name, file=ftype, ms=ms, bb=r.get("backbone_ms_per_frame"),
                          dd=r.get("depth_ms_per_frame"), mimi=r.get("mimi_ms_per_frame"),
-                         rtf=ms / FRAME_MS if ms else None, bound=bound,
+                         rtf=ms / FRAME_MS if ms else None, bw=bw, bound=bound,
                          x_bound=ms / bound if ms and bound else None, vs_crisp=vs, ttfa=r.get("ttfa_ms"),
                          load=r.get("load_ms"), rss=r.get("peak_rss"), error=r.get("error"),
                          frames=r.get("n_frames"), foreign=r.get("foreign_cores")))
@@ -742,10 +747,10 @@ def build_rows(results, reads, bandwidth, files):
 def print_table(rows, bandwidth, bw_method, args, out=print):
     out("")
     out(f"CSM-1B random weights, {args.frames} frames ({args.frames * FRAME_MS / 1000:.2f} s of audio), "
-        f"{args.threads} threads, {platform.processor() or platform.machine()}; memory read bandwidth "
-        f"{bandwidth / 1e9:.1f} GB/s ({bw_method})"
+        f"{args.threads} threads, {platform.processor() or platform.machine()}; memory read bandwidth at the start "
+        f"{bandwidth / 1e9:.1f} GB/s ({bw_method}; column bw: measured just before the row's run, its bound's basis)"
         + (f"; each row the fastest of {args.repeat} runs" if int(getattr(args, "repeat", 1) or 1) > 1 else ""))
-    hdr = ["system", "file", "ms/frame", "backbone", "depth", "Mimi", "RTF", "bound", "x bound",
+    hdr = ["system", "file", "ms/frame", "backbone", "depth", "Mimi", "RTF", "bw GB/s", "bound", "x bound",
            "vs CrispASR", "TTFA ms", "load ms", "peak RSS", "frames", "busy"]
     table = []
     for r in rows:
@@ -753,7 +758,8 @@ def print_table(rows, bandwidth, bw_method, args, out=print):
             table.append([r["system"], r["file"], "error: " + r["error"][:60]] + [""] * (len(hdr) - 3))
             continue
         table.append([r["system"], r["file"], fmt(r["ms"], ".1f"), fmt(r["bb"], ".1f"), fmt(r["dd"], ".1f"),
-                      fmt(r["mimi"], ".1f"), fmt(r["rtf"], ".2f"), fmt(r["bound"], ".0f" if (r["bound"] or 0) >= 10 else ".2f"),
+                      fmt(r["mimi"], ".1f"), fmt(r["rtf"], ".2f"),
+                      fmt(r["bw"] / 1e9 if r.get("bw") else None, ".1f"), fmt(r["bound"], ".0f" if (r["bound"] or 0) >= 10 else ".2f"),
                       fmt(r["x_bound"], ".2f"), fmt(r["vs_crisp"], ".2f", ""), fmt(r["ttfa"], ".0f"),
                       fmt(r["load"], ".0f"), fmt(r["rss"] / 1e9 if r["rss"] else None, ".2f") + " GB",
                       fmt(r["frames"], "d"), fmt(r["foreign"], ".2f")])

@@ -1,4 +1,4 @@
-"""pycsm's int8 kernels for Q8_0 and Q4_K weights (native/src/csm_q8_kernel.cpp) against numpy.
+"""pycsm's kernels for Q8_0, Q4_K (int8) and F16 weights (native/src/csm_q8_kernel.cpp) against numpy.
 
 The kernel is compiled here with a small driver (tests/native/q8_kernel_check.cpp). Its products
 must equal the exact products of the dequantised weights with its own quantised activations, and

@@ -1,4 +1,4 @@
-// csm_q8_kernel.cpp - AVX512-VNNI kernels for Q8_0 weights (see csm_q8_kernel.h).
+// csm_q8_kernel.cpp - AVX512 kernels for Q8_0, Q4_K (int8, VNNI) and F16 weights (see csm_q8_kernel.h).
 //
 // Built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mf16c -mfma where the compiler targets
 // x86-64; elsewhere only the stubs below are compiled. Keep this file free of C++ library headers:

@@ -1,4 +1,5 @@
-// csm_q8_kernel.h - pycsm's int8 matrix kernels for Q8_0 and Q4_K weights (x86 AVX512-VNNI).
+// csm_q8_kernel.h - pycsm's matrix kernels for Q8_0 and Q4_K weights (int8, x86 AVX512-VNNI) and
+// F16 weights (fp32 FMAs).
 //
 // Layout of a packed Q8_0 matrix of `rows` rows and nbp blocks of 32 columns per row (the row's blocks
 // zero-padded to a multiple of 8): rows are grouped in tiles of 4 (the last rows % 4 rows alone, as
