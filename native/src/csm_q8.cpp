@@ -135,7 +135,7 @@ void tile_share(int64_t n_tiles, int ith, int nth, int64_t & t0, int64_t & t1) {
     t1 = n_tiles * (ith + 1) / nth;
 }
 
-// This thread's share of W times columns [c0, c0 + n) of the quantised input.
+// This thread's share of W times columns [c0, c0 + n) of the input.
 void gemm_share(const csm_q8_matrix & W, const op_input & s, int64_t n_total, int64_t c0, int64_t n, float * out,
                 int64_t out_stride, int ith, int nth) {
     int64_t t0, t1;
@@ -235,16 +235,18 @@ void csm_q8_make_groups(csm_model & m) {
         auto it = m.q8.find(t);
         return it == m.q8.end() ? nullptr : it->second.get();
     };
+    // one op prepares one input for all its matrices: the same quantisation (Q8_0 / Q4_K) or f32 (F16)
+    auto same_input = [](const csm_q8_matrix * a, const csm_q8_matrix * b) {
+        return a->cols == b->cols && a->nbp == b->nbp && (a->type == GGML_TYPE_F16) == (b->type == GGML_TYPE_F16);
+    };
     for (const csm_llama * L : {&m.backbone, &m.depth}) {
         for (const csm_layer & l : L->layers) {
             const csm_q8_matrix * q = packed(l.wq), * k = packed(l.wk), * v = packed(l.wv);
-            if (q && k && v && q->cols == k->cols && q->cols == v->cols && q->nbp == k->nbp && q->nbp == v->nbp &&
-                (q->type == GGML_TYPE_F16) == (k->type == GGML_TYPE_F16) && (q->type == GGML_TYPE_F16) == (v->type == GGML_TYPE_F16)) {
+            if (q && k && v && same_input(q, k) && same_input(q, v)) {
                 m.q8_groups[l.wq] = std::make_unique<csm_q8_group>(csm_q8_group{{q, k, v}});
             }
             const csm_q8_matrix * g = packed(l.w_gate), * u = packed(l.w_up);
-            if (g && u && g->rows == u->rows && g->cols == u->cols && g->nbp == u->nbp &&
-                (g->type == GGML_TYPE_F16) == (u->type == GGML_TYPE_F16)) {
+            if (g && u && g->rows == u->rows && same_input(g, u)) {
                 m.q8_groups[l.w_gate] = std::make_unique<csm_q8_group>(csm_q8_group{{g, u}});
             }
         }

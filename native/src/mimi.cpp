@@ -181,7 +181,7 @@ csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) 
     return csm_guard<csm_mimi_codec *>(nullptr, [&] {
         auto c = std::make_unique<csm_mimi_codec>();
         c->dec = new_runner(model, n_threads, false);
-        csm_pool_rest{c->dec->threadpool}.rest();
+        csm_pool_rest{c->dec->threadpool}.rest(); // preparing the weights woke it
         return c.release();
     });
 }
