@@ -5,10 +5,18 @@
 // inline library code compiled here with AVX512 enabled could be picked by the linker for other files.
 #include "csm_q8_kernel.h"
 
+// Where row r of a packed matrix of `rows` rows lies: in a tile of R rows (4, or 1 for the last
+// rows % 4) starting at row r0, as its row ri.
+struct tile_pos {
+    int64_t R, r0, ri;
+    tile_pos(int64_t r, int64_t rows) : R(r < rows / 4 * 4 ? 4 : 1), r0(R == 4 ? r / 4 * 4 : r), ri(r - r0) {}
+};
+
 void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
-    const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8, full = rows / 4 * 4;
+    const int64_t nb = cols / 32, nbp = (nb + 7) / 8 * 8;
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        const tile_pos tp(r, rows);
+        const int64_t R = tp.R, r0 = tp.r0, ri = tp.ri;
         uint8_t * tile = out + r0 * nbp * 34;
         if (nb < nbp) { // zero the padding blocks of the last group (scales and quants)
             uint8_t * grp = tile + (nbp / 8 - 1) * R * 272;
@@ -36,9 +44,10 @@ void csm_q8_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int6
 
 
 void csm_q4k_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
-    const int64_t ns = cols / 256, full = rows / 4 * 4;
+    const int64_t ns = cols / 256;
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        const tile_pos tp(r, rows);
+        const int64_t R = tp.R, r0 = tp.r0, ri = tp.ri;
         uint8_t * tile = out + r0 * ns * 148;
         const uint8_t * row = src + r * row_stride;
         for (int64_t s = 0; s < ns; s++) {
@@ -69,9 +78,10 @@ void csm_q4k_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int
 }
 
 void csm_f16_pack_rows(const uint8_t * src, size_t row_stride, int64_t rows, int64_t cols, uint8_t * out) {
-    const int64_t nch = cols / 16, full = rows / 4 * 4;
+    const int64_t nch = cols / 16;
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t R = r < full ? 4 : 1, r0 = r < full ? r / 4 * 4 : r, ri = r - r0;
+        const tile_pos tp(r, rows);
+        const int64_t R = tp.R, r0 = tp.r0, ri = tp.ri;
         uint8_t * tile = out + r0 * cols * 2;
         const uint8_t * row = src + r * row_stride;
         for (int64_t c = 0; c < nch; c++) __builtin_memcpy(tile + (c * R + ri) * 32, row + c * 32, 32);
