@@ -17,7 +17,8 @@ from pycsm.model import Model, system_info
 from pycsm.prompt import audio_rows, text_rows
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")}
+CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
+             "avx2": ("avx2", "fma", "f16c")}
 
 
 @pytest.fixture(scope="module")
