@@ -366,6 +366,8 @@ int main(int argc, char ** argv) {
             for (int64_t cols : q4k_cols) check_format(Q4_K, rows, cols, seed++);
             for (int64_t cols : f16_cols) check_format(F16, rows, cols, seed++);
         }
+        // the backbone's width: 8 groups of 8 blocks (Q8_0), 8 super-blocks (Q4_K), 128 chunks (F16)
+        for (format f : {Q8_0, Q4_K, F16}) check_format(f, 10, 2048, seed++);
         for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_silu(n, seed++);
     }
     printf("%d passed, %d failed\n", n_pass, n_fail);
