@@ -3,8 +3,13 @@
 #include "csm_log.h"
 
 #include <algorithm>
+#include <condition_variable>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <system_error>
 #include <thread>
+#include <unistd.h>
 
 csm_context::~csm_context() {
     g_prefill.reset();
@@ -18,10 +23,43 @@ csm_context::~csm_context() {
 }
 
 int32_t csm_default_threads(int32_t n) {
+    if (n > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all cores)", n, CSM_MAX_THREADS);
     unsigned hc = std::thread::hardware_concurrency();
     if (hc == 0) hc = 4;
     if (n > 0) return (int32_t) std::min<unsigned>({(unsigned) n, hc, 512u}); // more threads than cores only spin
     return (int32_t) std::min(hc, 64u);
+}
+
+// ggml's thread pool asserts (aborts the process) when the system refuses a thread (a pids limit,
+// RLIMIT_NPROC). Starting the n - 1 workers it will start, and letting them go, turns that into an
+// error beforehand; a limit reached in the instant between the two still aborts inside ggml.
+static void check_threads_available(int32_t n_threads) {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool go = false;
+    std::vector<std::thread> probe;
+    std::string refused;
+    for (int32_t i = 1; i < n_threads; i++) {
+        try {
+            probe.emplace_back([&] {
+                std::unique_lock<std::mutex> lk(mu);
+                cv.wait(lk, [&] { return go; });
+            });
+        } catch (const std::system_error & e) {
+            refused = e.what();
+            break;
+        }
+    }
+    {
+        std::lock_guard<std::mutex> lk(mu);
+        go = true;
+    }
+    cv.notify_all();
+    for (auto & t : probe) t.join();
+    if (!refused.empty()) {
+        csm_fail("the system refused a thread (%d of %d started: %s); lower n_threads or raise the process limit",
+                 (int) probe.size() + 1, n_threads, refused.c_str());
+    }
 }
 
 // Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
@@ -29,11 +67,31 @@ void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * b
     *backend = ggml_backend_dev_init(m->dev, nullptr);
     if (!*backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
     if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        check_threads_available(n_threads);
         ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
         *tp = ggml_threadpool_new(&tpp);
         if (!*tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
         ggml_backend_cpu_set_n_threads(*backend, n_threads);
         ggml_backend_cpu_set_threadpool(*backend, *tp);
+    }
+}
+
+// The KV caches are sized by the file (positions x layers x key/value width): computed and refused
+// beyond CSM_MAX_KV_BYTES or the machine's memory before anything is allocated.
+static void check_kv_bytes(const csm_model & m, int64_t n_ctx, int64_t n_seq) {
+    const csm_llama & B = m.backbone, & D = m.depth;
+    const double bytes = 2.0 * sizeof(float) * n_seq *
+                         ((double) B.n_layers * B.n_kv_heads * B.head_dim * n_ctx +
+                          (double) D.n_layers * D.n_kv_heads * D.head_dim * m.hp.n_codebooks);
+    const double mib = 1048576.0;
+    if (bytes > (double) CSM_MAX_KV_BYTES) {
+        csm_fail("the KV caches would take %.0f MiB (%lld positions x %lld sequences), more than the limit of %.0f MiB: "
+                 "lower max_pos or n_batch", bytes / mib, (long long) n_ctx, (long long) n_seq, CSM_MAX_KV_BYTES / mib);
+    }
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && bytes > (double) pages * page) {
+        csm_fail("the KV caches would take %.0f MiB, more than this machine's memory (%.0f MiB): lower max_pos or n_batch",
+                 bytes / mib, (double) pages * page / mib);
     }
 }
 
@@ -43,8 +101,10 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
         csm_fail("max_pos %d is out of range [0, %d]", p.max_pos, m->hp.bb_max_pos);
     }
     if (p.n_batch < 1 || p.n_batch > 64) csm_fail("n_batch %d is out of range [1, 64]", p.n_batch);
+    check_kv_bytes(*m, p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos, p.n_batch);
     auto c = std::make_unique<csm_context>();
     c->model = m;
+    c->model_ref.reset(m);
     c->params = p;
     c->params.n_threads = csm_default_threads(p.n_threads);
     c->n_ctx = p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos;
@@ -89,9 +149,12 @@ struct csm_context_params csm_context_default_params(void) {
 }
 
 csm_context * csm_context_new(const csm_model * model, struct csm_context_params params) {
-    return csm_guard<csm_context *>(nullptr, [&] { return create(model, params); });
+    return csm_guard<csm_context *>(nullptr, [&] {
+        const csm_hold<const csm_model> hold(model);
+        return create(model, params);
+    });
 }
 
-void csm_context_free(csm_context * ctx) { delete ctx; }
+void csm_context_free(csm_context * ctx) { csm_release(ctx); }
 
 } // extern "C"

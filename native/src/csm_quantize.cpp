@@ -111,6 +111,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
         csm_fail("unsupported target type %d", p.type);
     }
     if (ggml_quantize_requires_imatrix(q)) csm_fail("type %s needs an importance matrix, which is not supported", ggml_type_name(q));
+    if (p.n_threads > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all cores)", p.n_threads, CSM_MAX_THREADS);
     const int n_cores = (int) std::max(1u, std::thread::hardware_concurrency());
     const int n_threads = p.n_threads > 0 ? std::min(p.n_threads, n_cores) : n_cores;
 

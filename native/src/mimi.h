@@ -127,6 +127,7 @@ struct mimi_graph {
 // Everything one decoder or encoder pass needs: backend, prepared weights, state, graphs. The state
 // tensors hang off `arch` (tail / k_cache / v_cache); reset() zeroes them.
 struct mimi_runner {
+    csm_hold<const csm_model> model_ref;   // the model outlives the runner (destroyed last)
     const csm_model * model = nullptr;
     mimi_arch arch;
     bool encoder = false;

@@ -265,6 +265,7 @@ static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols) {
 static void conv_state(ggml_context * ctx, mimi_conv & c) { c.tail = state(ctx, c.in, c.k - c.stride); }
 
 void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
+    model_ref.reset(m);
     model = m;
     encoder = enc;
     mimi_bind(*m, arch);
