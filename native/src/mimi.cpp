@@ -1,7 +1,7 @@
 // mimi.cpp - the Mimi codec's C API: one-shot and streaming decode, one-shot encode.
 //
 // A one-shot decode is a streaming decode of all frames from a fresh state. Long inputs go through
-// the graphs in chunks of at most DEC_CHUNK frames (ENC_CHUNK frames of PCM for the encoder): the
+// the graphs in chunks of at most mimi_chunk_frames frames (of codes or of PCM; 25 for Mimi): the
 // streaming state makes chunking exact, and it bounds the memory of the graphs and of attention.
 #include "mimi.h"
 
@@ -11,8 +11,6 @@
 #include <cmath>
 #include <cstring>
 
-static const int64_t DEC_CHUNK = 25;          // frames per decoder graph (2 s)
-static const int64_t ENC_CHUNK = 25;          // frames of PCM per encoder graph
 static const int64_t MAX_FRAMES = 1 << 22;    // ~93 h at 12.5 Hz: anything beyond is a caller bug
 
 // Reference counted (csm_ref.h): each call holds the codec; its runner holds the model.
@@ -97,8 +95,9 @@ static void check_decode_args(const csm_model * m, const int32_t * codes, int64_
 static int64_t decode_frames(mimi_runner & r, const int32_t * codes, int64_t n_frames, float * out) {
     const mimi_arch & a = r.arch;
     std::vector<int32_t> ids;
-    for (int64_t f0 = 0; f0 < n_frames; f0 += DEC_CHUNK) {
-        const int64_t n = std::min(DEC_CHUNK, n_frames - f0);
+    const int64_t chunk = mimi_chunk_frames(a);
+    for (int64_t f0 = 0; f0 < n_frames; f0 += chunk) {
+        const int64_t n = std::min(chunk, n_frames - f0);
         mimi_graph & g = graph(r, n, [&] { return mimi_build_decoder(r, n); });
         ids.resize((size_t) (n * a.n_q));
         for (int64_t f = 0; f < n; f++) {
@@ -134,7 +133,7 @@ static int32_t encode(const csm_model * model, const float * pcm, int64_t n_samp
         csm_fail("max_frames %d is too small: %lld samples encode to %lld frames", max_frames, (long long) n_samples,
                  (long long) n_out);
     }
-    const int64_t chunk = ENC_CHUNK * a.samples_per_frame;
+    const int64_t chunk = mimi_chunk_frames(a) * a.samples_per_frame;
     int64_t done = 0;
     std::vector<int32_t> idx;
     for (int64_t s0 = 0; s0 < n_samples; s0 += chunk) {

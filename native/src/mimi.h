@@ -153,6 +153,12 @@ struct mimi_runner {
     void reset();
 };
 
+// Nodes a chunk's graph may need (sized from the layers, stages, codebooks and latent stride).
+size_t mimi_graph_nodes(const mimi_arch & a);
+// Code frames per chunk graph: 25 (2 s) at Mimi's latent stride of 2, fewer for a larger stride, so
+// that a chunk's attention stays at about 50 transformer positions whatever the file says.
+int64_t mimi_chunk_frames(const mimi_arch & a);
+
 // Graph builders (mimi_graph.cpp). The graph is left unallocated.
 std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n_frames);
 // n_samples: samples of this chunk; first: the chunk starts the signal; last: it ends it (pad the tail).
