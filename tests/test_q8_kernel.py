@@ -3,6 +3,7 @@
 The kernel is compiled here with a small driver (tests/native/q8_kernel_check.cpp). Its products
 must equal the exact products of the dequantised weights with its own quantised activations, and
 its activation quantisation must be Q8_0's (per 32 values, scale max|x| / 127, round to nearest)."""
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,9 +34,10 @@ def driver(tmp_path_factory):
     exe = tmp / "q8_kernel_check"
     # only the kernel's file gets the AVX512 flags (as in CMakeLists.txt); the driver runs anywhere
     inc = ["-I", str(ROOT / "native/src")]
-    subprocess.run([cxx, "-O2", "-std=c++17", *FLAGS, *inc, "-c", str(ROOT / "native/src/csm_q8_kernel.cpp"),
+    san = os.environ.get("PYCSM_KERNEL_SANITIZE", "").split()  # .ci/sanitize: the driver under ASan + UBSan
+    subprocess.run([cxx, "-O2", "-std=c++17", *FLAGS, *san, *inc, "-c", str(ROOT / "native/src/csm_q8_kernel.cpp"),
                     "-o", str(tmp / "kernel.o")], check=True)
-    subprocess.run([cxx, "-O2", "-std=c++17", *inc, str(ROOT / "tests/native/q8_kernel_check.cpp"),
+    subprocess.run([cxx, "-O2", "-std=c++17", *san, *inc, str(ROOT / "tests/native/q8_kernel_check.cpp"),
                     str(tmp / "kernel.o"), "-o", str(exe)], check=True)
     return exe
 
