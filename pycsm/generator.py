@@ -9,7 +9,6 @@ import numpy as np
 
 from . import _native as N
 from ._handle import NativeHandle
-from .errors import CSMError
 from .model import Model, check_n_threads
 
 STOP_REASONS = {N.CSM_STOP_EOS: "eos", N.CSM_STOP_MAX_FRAMES: "max_frames",

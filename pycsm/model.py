@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import numbers
 import os
@@ -12,7 +11,6 @@ from pathlib import Path
 
 from . import _native as N
 from ._handle import NativeHandle
-from .errors import CSMError
 
 DEVICES = {"auto": N.CSM_DEVICE_AUTO, "cpu": N.CSM_DEVICE_CPU, "gpu": N.CSM_DEVICE_GPU}
 
@@ -122,7 +120,9 @@ def _tokenizer_for(path: str, mtime_ns: int, size: int):
 class Model:
     """A CSM GGUF loaded by the native library.
 
-    device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU).
+    device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU, and only with
+    use_repack=False: a load that copies the matrices reads the file, so that nothing a frame reads
+    stays mapped). A mapped file must not be rewritten or truncated while the model lives (SIGBUS).
     use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0, Q4_K and F16
     go to pycsm's AVX512 kernels where the CPU has AVX512-VNNI (then the depth heads of a quantised
     file run as Q8_0 too, those of an F16 file as F16), Q4_0 to ggml's repacked layout. False keeps

@@ -122,7 +122,9 @@ enum csm_device {
 struct csm_model_params {
     int32_t device;        // enum csm_device
     int32_t gpu_index;     // which GPU device when several (0 = first)
-    bool    use_mmap;      // map the file instead of reading it (CPU weights only)
+    bool    use_mmap;      // map the file instead of reading it (CPU weights, without use_repack, tensors
+                           // aligned to 32 bytes). A mapped file must not be rewritten or truncated while
+                           // the model lives: the next read of a changed page is SIGBUS
     bool    use_repack;    // CPU: copy matrices into faster layouts (Q8_0: pycsm's AVX512-VNNI kernel, with
                            // the depth heads as Q8_0 in quantised files; Q4_K/Q4_0: ggml's repack)
 };
