@@ -49,6 +49,9 @@ CSM_STRUCT_CONTEXT_PARAMS = 3
 CSM_STRUCT_SAMPLING_PARAMS = 4
 CSM_STRUCT_GENERATE_PARAMS = 5
 CSM_STRUCT_GENERATE_RESULT = 6
+CSM_STRUCT_BATCH_PARAMS = 7
+CSM_STRUCT_STREAM_PARAMS = 8
+CSM_STRUCT_BATCH_EVENT = 9
 
 # enum csm_device
 CSM_DEVICE_AUTO = 0
@@ -162,9 +165,36 @@ class csm_generate_result(Structure):
     ]
 
 
+class csm_batch_params(Structure):
+    _fields_ = [
+        ("n_threads", c_int32),
+        ("max_pos", c_int32),
+        ("max_streams", c_int32),
+        ("prefill_chunk", c_int32),
+    ]
+
+
+class csm_stream_params(Structure):
+    _fields_ = [
+        ("sampling", csm_sampling_params),
+        ("max_frames", c_int32),
+        ("stop_at_eos", c_bool),
+    ]
+
+
+class csm_batch_event(Structure):
+    _fields_ = [
+        ("stream", c_int64),
+        ("frame_index", c_int32),
+        ("stop_reason", c_int32),
+        ("codes", c_int32 * CSM_N_CODEBOOKS),
+    ]
+
+
 csm_model_p = c_void_p
 csm_context_p = c_void_p
 csm_mimi_codec_p = c_void_p
+csm_batch_p = c_void_p
 
 # name: (restype, argtypes), in header order
 _SIGNATURES = {
@@ -212,6 +242,15 @@ _SIGNATURES = {
     "csm_mimi_codec_free": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_reset": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_decode": (c_int64, [csm_mimi_codec_p, POINTER(c_int32), c_int32, POINTER(c_float), c_int64]),
+    "csm_batch_default_params": (csm_batch_params, []),
+    "csm_stream_default_params": (csm_stream_params, []),
+    "csm_batch_new": (csm_batch_p, [csm_model_p, csm_batch_params]),
+    "csm_batch_free": (None, [csm_batch_p]),
+    "csm_batch_add": (c_int64, [csm_batch_p, POINTER(c_int32), c_int32, csm_stream_params]),
+    "csm_batch_remove": (c_int32, [csm_batch_p, c_int64]),
+    "csm_batch_step": (c_int32, [csm_batch_p, POINTER(csm_batch_event), c_int32]),
+    "csm_batch_n_streams": (c_int32, [csm_batch_p]),
+    "csm_batch_n_running": (c_int32, [csm_batch_p]),
 }
 
 
@@ -274,7 +313,8 @@ def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
 _STRUCTS = {CSM_STRUCT_MODEL_PARAMS: csm_model_params, CSM_STRUCT_HPARAMS: csm_hparams,
             CSM_STRUCT_QUANTIZE_PARAMS: csm_quantize_params, CSM_STRUCT_CONTEXT_PARAMS: csm_context_params,
             CSM_STRUCT_SAMPLING_PARAMS: csm_sampling_params, CSM_STRUCT_GENERATE_PARAMS: csm_generate_params,
-            CSM_STRUCT_GENERATE_RESULT: csm_generate_result}
+            CSM_STRUCT_GENERATE_RESULT: csm_generate_result, CSM_STRUCT_BATCH_PARAMS: csm_batch_params,
+            CSM_STRUCT_STREAM_PARAMS: csm_stream_params, CSM_STRUCT_BATCH_EVENT: csm_batch_event}
 
 
 def _load() -> ctypes.CDLL:

@@ -134,6 +134,9 @@ int64_t csm_struct_size(int32_t which) {
         case CSM_STRUCT_SAMPLING_PARAMS: return sizeof(csm_sampling_params);
         case CSM_STRUCT_GENERATE_PARAMS: return sizeof(csm_generate_params);
         case CSM_STRUCT_GENERATE_RESULT: return sizeof(csm_generate_result);
+        case CSM_STRUCT_BATCH_PARAMS:    return sizeof(csm_batch_params);
+        case CSM_STRUCT_STREAM_PARAMS:   return sizeof(csm_stream_params);
+        case CSM_STRUCT_BATCH_EVENT:     return sizeof(csm_batch_event);
         default: return -1;
     }
 }

@@ -36,6 +36,11 @@ template <typename T> void csm_release(T * p) {
     if (p && p->refs.fetch_sub(1, std::memory_order_acq_rel) == 1) delete p;
 }
 
+// unique_ptr deleter for an owned reference: std::unique_ptr<csm_context, csm_releaser>.
+struct csm_releaser {
+    template <typename T> void operator()(T * p) const { csm_release(p); }
+};
+
 // A reference held for one scope (an API call, or a member for an object's life).
 template <typename T> class csm_hold {
 public:
