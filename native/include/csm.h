@@ -38,7 +38,7 @@
 #include <stdint.h>
 
 #ifdef CSM_SHARED
-#    if defined(_WIN32) && !defined(__MINGW32__)
+#    if defined(_WIN32)
 #        ifdef CSM_BUILD
 #            define CSM_API __declspec(dllexport)
 #        else
