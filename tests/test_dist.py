@@ -7,6 +7,7 @@ The wheel itself (build, repair, install without build tools, speak) is .ci/whee
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -152,3 +153,19 @@ def test_cibw_commands():
     assert test == "python C:/src/pycsm/tools/wheel_smoke.py"
     with pytest.raises(SystemExit, match="no no-such-key"):
         cibw_command.command("no-such-key", "linux", {})
+
+
+def test_tiny_gguf_without_torch(tmp_path):
+    """tools/tiny_gguf.py (the wheel checks' model) writes a loadable q8_0 file in a process that
+    never imports torch, transformers or llama-models."""
+    out = tmp_path / "tiny.gguf"
+    probe = ("import sys, runpy; sys.argv = [sys.argv[1], sys.argv[2]]\n"
+             "try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n"
+             "    assert not e.code, e.code\n"
+             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'llama_models'))\n"
+             "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", probe, str(REPO / "tools" / "tiny_gguf.py"), str(out)], cwd=REPO,
+                   check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    with pycsm.Model(out, device="cpu") as m:
+        assert m.file_type == "q8_0"
+        assert m.hparams.bb_d_model == 128 and m.hparams.text_vocab_size == 128256
