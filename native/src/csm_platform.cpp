@@ -1,0 +1,176 @@
+// csm_platform.cpp - POSIX and Win32 versions of csm_platform.h.
+#include "csm_platform.h"
+
+#include <cerrno>
+#include <cstdlib>
+
+#ifdef _WIN32
+
+#ifndef WIN32_LEAN_AND_MEAN
+#define WIN32_LEAN_AND_MEAN
+#endif
+#ifndef NOMINMAX
+#define NOMINMAX
+#endif
+#include <windows.h>
+
+#include <fcntl.h>
+#include <io.h>
+#include <malloc.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+
+#include <string>
+
+// Win32 calls report GetLastError(); callers read errno, so the common causes are mapped to it.
+static void set_errno_from_win32() {
+    switch (GetLastError()) {
+        case ERROR_FILE_NOT_FOUND: case ERROR_PATH_NOT_FOUND: errno = ENOENT; break;
+        case ERROR_ACCESS_DENIED: case ERROR_SHARING_VIOLATION: errno = EACCES; break;
+        case ERROR_NOT_ENOUGH_MEMORY: case ERROR_OUTOFMEMORY: case ERROR_COMMITMENT_LIMIT: errno = ENOMEM; break;
+        case ERROR_INVALID_HANDLE: errno = EBADF; break;
+        default: errno = EIO; break;
+    }
+}
+
+int csm_os_open_read(const char * path) {
+    // The narrow CRT functions would read the path in the ANSI code page; convert from UTF-8.
+    const int n = MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, nullptr, 0);
+    if (n <= 0) {
+        errno = EINVAL;
+        return -1;
+    }
+    std::wstring wide((size_t) n, L'\0');
+    MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, &wide[0], n);
+    return _wopen(wide.c_str(), _O_RDONLY | _O_BINARY);
+}
+
+void csm_os_close(int fd) { _close(fd); }
+
+int64_t csm_os_regular_file_size(int fd) {
+    struct _stat64 st;
+    if (_fstat64(fd, &st) != 0) return -1;
+    if ((st.st_mode & _S_IFMT) != _S_IFREG) {
+        errno = EINVAL;
+        return -1;
+    }
+    return (int64_t) st.st_size;
+}
+
+int64_t csm_os_pread(int fd, void * buf, size_t n, uint64_t offset) {
+    HANDLE h = (HANDLE) _get_osfhandle(fd);
+    if (h == INVALID_HANDLE_VALUE) {
+        errno = EBADF;
+        return -1;
+    }
+    // One ReadFile takes a 32-bit count; callers loop over short reads anyway.
+    const DWORD want = (DWORD) (n < (1u << 30) ? n : (1u << 30));
+    OVERLAPPED ov = {};
+    ov.Offset = (DWORD) (offset & 0xffffffffu);
+    ov.OffsetHigh = (DWORD) (offset >> 32);
+    DWORD got = 0;
+    if (!ReadFile(h, buf, want, &got, &ov)) {
+        if (GetLastError() == ERROR_HANDLE_EOF) return 0;
+        set_errno_from_win32();
+        return -1;
+    }
+    return (int64_t) got;
+}
+
+void * csm_os_map_read(int fd, size_t size) {
+    HANDLE h = (HANDLE) _get_osfhandle(fd);
+    if (h == INVALID_HANDLE_VALUE) {
+        errno = EBADF;
+        return nullptr;
+    }
+    HANDLE mapping = CreateFileMappingW(h, nullptr, PAGE_READONLY, 0, 0, nullptr);
+    if (!mapping) {
+        set_errno_from_win32();
+        return nullptr;
+    }
+    void * addr = MapViewOfFile(mapping, FILE_MAP_READ, 0, 0, size);
+    if (!addr) set_errno_from_win32();
+    CloseHandle(mapping); // the view keeps the mapping object alive until it is unmapped
+    return addr;
+}
+
+void csm_os_unmap(void * addr, size_t) { UnmapViewOfFile(addr); }
+
+size_t csm_os_page_size() {
+    SYSTEM_INFO si;
+    GetSystemInfo(&si);
+    return si.dwPageSize;
+}
+
+// VirtualUnlock on pages that are not locked removes them from the working set (documented
+// behaviour): the Windows counterpart of madvise(MADV_DONTNEED) on a read-only file view. It
+// "fails" with ERROR_NOT_LOCKED while doing so, which is expected.
+void csm_os_drop_pages(void * addr, size_t size) { VirtualUnlock(addr, size); }
+
+void * csm_os_aligned_alloc(size_t align, size_t size) {
+    void * p = _aligned_malloc(size, align);
+    if (!p) errno = ENOMEM;
+    return p;
+}
+
+void csm_os_aligned_free(void * p) { _aligned_free(p); }
+
+void csm_os_advise_huge_pages(void *, size_t) {} // large pages need a privilege users do not have
+
+#else // POSIX
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+int csm_os_open_read(const char * path) { return open(path, O_RDONLY | O_CLOEXEC); }
+
+void csm_os_close(int fd) { close(fd); }
+
+int64_t csm_os_regular_file_size(int fd) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return -1;
+    if (!S_ISREG(st.st_mode)) {
+        errno = EINVAL;
+        return -1;
+    }
+    return (int64_t) st.st_size;
+}
+
+int64_t csm_os_pread(int fd, void * buf, size_t n, uint64_t offset) {
+    return (int64_t) pread(fd, buf, n, (off_t) offset);
+}
+
+void * csm_os_map_read(int fd, size_t size) {
+    void * addr = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+    return addr == MAP_FAILED ? nullptr : addr;
+}
+
+void csm_os_unmap(void * addr, size_t size) { munmap(addr, size); }
+
+size_t csm_os_page_size() { return (size_t) sysconf(_SC_PAGESIZE); }
+
+void csm_os_drop_pages(void * addr, size_t size) { madvise(addr, size, MADV_DONTNEED); }
+
+void * csm_os_aligned_alloc(size_t align, size_t size) {
+    void * p = nullptr;
+    if (posix_memalign(&p, align, size) != 0) {
+        errno = ENOMEM;
+        return nullptr;
+    }
+    return p;
+}
+
+void csm_os_aligned_free(void * p) { free(p); }
+
+void csm_os_advise_huge_pages(void * addr, size_t size) {
+#ifdef MADV_HUGEPAGE
+    madvise(addr, size, MADV_HUGEPAGE);
+#else
+    (void) addr;
+    (void) size;
+#endif
+}
+
+#endif
