@@ -497,11 +497,11 @@ class CSM:
             return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=opts.seed)
 
     def stream(self, text: str, speaker: int | None = None, context=(), options: GenerationOptions | None = None,
-               *, chunk_frames: int = 4, **option_kw) -> AudioStream:
+               *, chunk_frames: int = 4, on_frame=None, **option_kw) -> AudioStream:
         """Like `generate`, but yields float32 chunks of `chunk_frames` frames (80 ms each; the last
         may be shorter) while the model is still speaking. Generation runs in a worker thread; the
         chunks are decoded by a streaming Mimi decoder, and joined they equal `generate(...)` with
-        the same seed. Closing the stream early stops generation.
+        the same seed. Closing the stream early stops generation. on_frame: as for `generate`.
         """
         text = _check_text(text)
         speaker = _speaker(speaker, context)
@@ -512,7 +512,7 @@ class CSM:
         def body(result: dict):
             with self._locked():
                 prompt = self._prompt(text, speaker, segments, opts.parse_special)
-                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result)
+                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result, on_frame)
 
         return AudioStream(body, self.sample_rate, opts.seed)
 
@@ -523,7 +523,7 @@ class CSM:
 
         def put(index, codes):
             frames.put(codes)
-            return on_frame is None or on_frame(index, codes)
+            return on_frame is None or on_frame(index, codes) is not False
 
         job = self._start(prompt, native, seed, on_frame=put, done=lambda: frames.put(_DONE))
         try:
