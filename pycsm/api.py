@@ -28,7 +28,7 @@ from ._native import CSM_N_CODEBOOKS
 from .audio import SAMPLE_RATE, Audio, check_samples, read_audio
 from .errors import CSMError
 from .generator import Generator
-from .model import Model
+from .model import Model, check_n_threads
 from .options import SEED_BITS, GenerationOptions
 from .prompt import build_prompt
 from .resample import check_rate, resample
@@ -258,8 +258,7 @@ class CSM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):
-        if n_threads is not None and (not _is_int(n_threads) or n_threads < 1):
-            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        n_threads = check_n_threads(n_threads) or None  # pycsm.model's rule, once, before any work
         self.n_threads = n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None

@@ -2,9 +2,8 @@
 #include "csm_context.h"
 #include "csm_log.h"
 
-#include <algorithm>
 #include <memory>
-#include <thread>
+#include <unistd.h>
 
 csm_context::~csm_context() {
     g_prefill.reset();
@@ -17,23 +16,22 @@ csm_context::~csm_context() {
     if (threadpool) ggml_threadpool_free(threadpool);
 }
 
-int32_t csm_default_threads(int32_t n) {
-    unsigned hc = std::thread::hardware_concurrency();
-    if (hc == 0) hc = 4;
-    if (n > 0) return (int32_t) std::min<unsigned>({(unsigned) n, hc, 512u}); // more threads than cores only spin
-    return (int32_t) std::min(hc, 64u);
-}
-
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp) {
-    *backend = ggml_backend_dev_init(m->dev, nullptr);
-    if (!*backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
-    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-        *tp = ggml_threadpool_new(&tpp);
-        if (!*tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
-        ggml_backend_cpu_set_n_threads(*backend, n_threads);
-        ggml_backend_cpu_set_threadpool(*backend, *tp);
+// The KV caches are sized by the file (positions x layers x key/value width): computed and refused
+// beyond CSM_MAX_KV_BYTES or the machine's memory before anything is allocated.
+static void check_kv_bytes(const csm_model & m, int64_t n_ctx, int64_t n_seq) {
+    const csm_llama & B = m.backbone, & D = m.depth;
+    const double bytes = 2.0 * sizeof(float) * n_seq *
+                         ((double) B.n_layers * B.n_kv_heads * B.head_dim * n_ctx +
+                          (double) D.n_layers * D.n_kv_heads * D.head_dim * m.hp.n_codebooks);
+    const double mib = 1048576.0;
+    if (bytes > (double) CSM_MAX_KV_BYTES) {
+        csm_fail("the KV caches would take %.0f MiB (%lld positions x %lld sequences), more than the limit of %.0f MiB: "
+                 "lower max_pos or n_batch", bytes / mib, (long long) n_ctx, (long long) n_seq, CSM_MAX_KV_BYTES / mib);
+    }
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && bytes > (double) pages * page) {
+        csm_fail("the KV caches would take %.0f MiB, more than this machine's memory (%.0f MiB): lower max_pos or n_batch",
+                 bytes / mib, (double) pages * page / mib);
     }
 }
 
@@ -43,12 +41,15 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
         csm_fail("max_pos %d is out of range [0, %d]", p.max_pos, m->hp.bb_max_pos);
     }
     if (p.n_batch < 1 || p.n_batch > 64) csm_fail("n_batch %d is out of range [1, 64]", p.n_batch);
+    check_kv_bytes(*m, p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos, p.n_batch);
     auto c = std::make_unique<csm_context>();
     c->model = m;
+    c->model_ref.reset(m);
     c->params = p;
     c->params.n_threads = csm_default_threads(p.n_threads);
     c->n_ctx = p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos;
     c->n_seq = p.n_batch;
+    c->n_active = p.n_batch;
     c->n_dctx = m->hp.n_codebooks;
     c->n_past.assign(c->n_seq, 0);
     csm_backend_init(m, c->params.n_threads, &c->backend, &c->threadpool);
@@ -89,9 +90,12 @@ struct csm_context_params csm_context_default_params(void) {
 }
 
 csm_context * csm_context_new(const csm_model * model, struct csm_context_params params) {
-    return csm_guard<csm_context *>(nullptr, [&] { return create(model, params); });
+    return csm_guard<csm_context *>(nullptr, [&] {
+        const csm_hold<const csm_model> hold(model);
+        return create(model, params);
+    });
 }
 
-void csm_context_free(csm_context * ctx) { delete ctx; }
+void csm_context_free(csm_context * ctx) { csm_release(ctx); }
 
 } // extern "C"
