@@ -23,7 +23,8 @@ pytest.importorskip("uvicorn")
 from pycsm.codec import decode  # noqa: E402
 from pycsm.generator import Generator  # noqa: E402
 from pycsm.model import Model  # noqa: E402
-from pycsm.server.app import speech_prompt  # noqa: E402
+from pycsm.prompt import build_prompt  # noqa: E402
+from pycsm.voices import Voice  # noqa: E402
 from pycsm.server.encoding import to_int16  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,9 +91,19 @@ def tiny_f16(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_f16):
+def narrator(tmp_path_factory):
+    """A saved voice in a voices folder of its own: 6 frames of codes, a transcript, speaker 1."""
+    folder = tmp_path_factory.mktemp("voices")
+    codes = np.random.default_rng(0).integers(0, 2048, size=(6, 32), dtype=np.int32)
+    voice = Voice(1, "This is how I sound.", codes)
+    voice.save(folder / "narrator.csmvoice")
+    return folder, voice
+
+
+@pytest.fixture(scope="module")
+def server(tiny_f16, narrator):
     s = Server(tiny_f16, "--api-key", KEY, "--max-batch", "2", "--max-queue", "4", "--max-audio-length", "0.4",
-               "--max-input-chars", "200", "--voice-map", "alloy=0,echo=1")
+               "--max-input-chars", "200", "--voices", str(narrator[0]), "--voice-map", "alloy=0,echo=1,shimmer=narrator")
     yield s
     assert s.stop() == 0
 
@@ -106,9 +117,21 @@ def client(server):
 def expected(tiny_f16):
     """The audio a request for "Hello there." as speaker 0 with seed 7 must give: generate + decode."""
     with Model(tiny_f16) as m, Generator(m, n_threads=2) as g:
-        prompt = speech_prompt(m.tokenizer, "Hello there.", 0, [])
+        prompt = build_prompt(m.tokenizer, "Hello there.", 0, parse_special=False)
         r = g.generate(prompt, temperature=0.9, top_k=50, seed=7, max_frames=FRAMES)
         return decode(m.handle, r.codes, 2)
+
+
+def test_saved_voice_speaks_with_its_recording_as_context(client, tiny_f16, narrator):
+    voice = narrator[1]
+    with Model(tiny_f16) as m, Generator(m, n_threads=2) as g:
+        prompt = build_prompt(m.tokenizer, "Hello there.", voice.speaker, [(voice.speaker, voice.text, voice.codes)],
+                              parse_special=False)
+        want = decode(m.handle, g.generate(prompt, temperature=0.9, top_k=50, seed=7, max_frames=FRAMES).codes, 2)
+    for name in ("narrator", "shimmer"):
+        audio = client.audio.speech.create(model="tts-1", voice=name, input="Hello there.", response_format="pcm",
+                                           extra_body={"seed": 7})
+        assert_same_audio(pcm_samples(audio.content), want)
 
 
 def pcm_samples(data: bytes) -> np.ndarray:
@@ -174,7 +197,7 @@ def test_special_token_text_is_spoken_as_text(server, tiny_f16):
     with Model(tiny_f16) as m:
         tok = m.tokenizer
         text = "<|begin_of_text|><|AUDIO|><|end_of_text|>"
-        ids = speech_prompt(tok, text, 0, [])[:, 32].tolist()
+        ids = build_prompt(tok, text, 0, parse_special=False)[:, 32].tolist()
         assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
         assert not set(ids[1:-1]) & set(tok.special_ids)
     r = httpx.post(server.url + "/v1/audio/speech", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
@@ -187,7 +210,7 @@ def test_models_voices_health_metrics(server, client):
     assert ids[:2] == ["tiny-f16", "csm-1b"] and "tts-1" in ids and "gpt-4o-mini-tts" in ids
     r = httpx.get(server.url + "/v1/audio/voices", headers={"Authorization": f"Bearer {KEY}"})
     names = [v["id"] for v in r.json()["voices"]]
-    assert names == ["0", "1", "alloy", "echo"]
+    assert names == ["0", "1", "narrator", "alloy", "echo", "shimmer"]
     assert server.health()["status"] == "ok"
     text = httpx.get(server.url + "/metrics").text
     for name in ("pycsm_requests_total{", "pycsm_frames_total ", "pycsm_frames_per_second ",
@@ -216,7 +239,8 @@ BAD_REQUESTS = [
     ("unmapped openai voice", None, dict(GOOD, voice="nova"), 400, "--voice-map"),
     ("unknown voice", None, dict(GOOD, voice="17"), 400, "unknown voice '17'"),
     ("temperature", None, dict(GOOD, temperature=-1), 400, "temperature"),
-    ("top_k", None, dict(GOOD, top_k=5000), 400, "top_k"),
+    ("top_k", None, dict(GOOD, top_k=-1), 400, "top_k"),
+    ("seed", None, dict(GOOD, seed=2**64), 400, "seed"),
 ]
 
 

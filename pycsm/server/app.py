@@ -13,25 +13,23 @@ import base64
 import hmac
 import json
 import math
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Literal, Union
 
-import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..errors import CSMError
-from ..prompt import segment_rows, text_rows
+from ..options import GenerationOptions
+from ..prompt import build_prompt
 from .encoding import FORMATS, MEDIA_TYPES, Encoder
 from .engine import End, Engine, QueueFull, Request, ShuttingDown
 from .metrics import Metrics
 from .voices import Voices, VoiceError
 
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts", "gpt-4o-mini-tts-2025-03-20", "gpt-4o-mini-tts-2025-12-15")
-MAX_TOP_K = 2048
 DISCONNECT_POLL_S = 0.25  # how often a request still waiting for audio checks its client
 
 
@@ -81,14 +79,6 @@ def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(body, status_code=e.status, headers=e.headers)
 
 
-def speech_prompt(tokenizer, text: str, speaker: int, context) -> np.ndarray:
-    """Prompt rows for a request: the voice's context segments, then the input text. The input is
-    tokenized as plain text: special-token text such as "<|begin_of_text|>" stays text."""
-    parts = [segment_rows(tokenizer, s, t, c) for (s, t, c) in context]
-    parts.append(text_rows(tokenizer.encode_segment(text, speaker, parse_special=False)))
-    return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.int32)
-
-
 def _validation_message(err: ValidationError) -> tuple[str, str | None]:
     first = err.errors()[0]
     param = ".".join(str(p) for p in first.get("loc", ())) or None
@@ -129,6 +119,8 @@ def create_app(engine: Engine, config: ServerConfig, voices: Voices, metrics: Me
     sample_rate = int(engine.model.hparams.sample_rate)
     frame_rate = float(engine.model.hparams.frame_rate)
     max_frames = max(1, math.ceil(config.max_audio_seconds * frame_rate))
+    context_size = int(engine.model.hparams.bb_max_pos)
+    vocab_size = int(engine.model.hparams.audio_vocab_size)
 
     @app.exception_handler(APIError)
     async def _api_error(_request, e: APIError):
@@ -178,7 +170,7 @@ def create_app(engine: Engine, config: ServerConfig, voices: Voices, metrics: Me
             message, param = _validation_message(e)
             raise APIError(422, message, param=param) from None
 
-    def check(body: SpeechBody) -> tuple[int, list]:
+    def check(body: SpeechBody) -> tuple[GenerationOptions, int, list]:
         if body.model not in models:
             raise APIError(404, f"unknown model {body.model!r}; this server serves: {', '.join(models)}",
                            param="model", code="model_not_found")
@@ -193,16 +185,17 @@ def create_app(engine: Engine, config: ServerConfig, voices: Voices, metrics: Me
         if not math.isfinite(body.speed) or body.speed != 1.0:
             raise APIError(400, f"speed {body.speed} is not supported: CSM speaks at its own pace (use 1.0)",
                            param="speed")
-        if not math.isfinite(body.temperature) or not 0 <= body.temperature <= 10:
-            raise APIError(400, "temperature must be in [0, 10]", param="temperature")
-        if not 0 <= body.top_k <= MAX_TOP_K:
-            raise APIError(400, f"top_k must be in [0, {MAX_TOP_K}] (0: no cut)", param="top_k")
-        if body.seed is not None and not 0 <= body.seed < 2**64:
-            raise APIError(400, "seed must be in [0, 2**64)", param="seed")
         try:
-            return voices.resolve(body.voice.id if isinstance(body.voice, VoiceObject) else body.voice)
+            # special-token text in the input stays text: a user cannot start a segment of their own
+            options = GenerationOptions(temperature=body.temperature, top_k=body.top_k, seed=body.seed,
+                                        parse_special=False).with_seed()
+        except ValueError as e:
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
+        try:
+            speaker, context = voices.resolve(body.voice.id if isinstance(body.voice, VoiceObject) else body.voice)
         except VoiceError as e:
             raise APIError(400, str(e), param="voice") from None
+        return options, speaker, context
 
     async def next_item(req: Request, http: HTTPRequest):
         """The request's next audio chunk / End / exception, cancelling it if the client goes away."""
@@ -219,10 +212,16 @@ def create_app(engine: Engine, config: ServerConfig, voices: Voices, metrics: Me
         t0 = time.monotonic()
         check_key(http)
         body = parse(await http.body())
-        speaker, context = check(body)
-        prompt = speech_prompt(engine.model.tokenizer, body.input.strip(), speaker, context)
-        seed = secrets.randbits(32) if body.seed is None else body.seed
-        req = Request(prompt, float(body.temperature), int(body.top_k), seed, max_frames, asyncio.get_running_loop())
+        options, speaker, context = check(body)
+        prompt = build_prompt(engine.model.tokenizer, body.input.strip(), speaker, context,
+                              parse_special=options.parse_special)
+        if prompt.shape[0] >= context_size:
+            raise APIError(413, f"the input and the voice's context take {prompt.shape[0]} positions; the model's "
+                                f"context holds {context_size}", param="input")
+        sampling = options.sampling(vocab_size)
+        seed = options.seed
+        req = Request(prompt, sampling["temperature"], sampling["top_k"], seed, max_frames,
+                      asyncio.get_running_loop())
         try:
             engine.submit(req)
         except QueueFull as e:

@@ -39,8 +39,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("PYCSM_API_KEY"),
                    help="require Authorization: Bearer KEY on /v1 routes (default: $PYCSM_API_KEY, else none)")
     p.add_argument("--threads", type=_number(int, 1), default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--voices", default=None, metavar="DIR",
+                   help="folder of saved voices (default: $PYCSM_VOICES, else the user's pycsm voices folder)")
     p.add_argument("--voice-map", default=None, metavar="NAME=VOICE,...",
-                   help="names for voices, e.g. alloy=0,echo=1 (OpenAI's voice names to speaker ids)")
+                   help="other names for voices, e.g. alloy=narrator,echo=1 (OpenAI's voice names to saved "
+                        "voices or speaker ids)")
     p.add_argument("--prefill-chunk", type=_number(int, 0), default=0,
                    help="prompt rows a joining request prefills per frame step (default 0: about one frame's time)")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0, metavar="S",
@@ -54,10 +57,11 @@ def build(args):
     from ..model import Model
     from .app import ServerConfig, create_app
     from .engine import Engine
+    from ..voices import voices_dir
     from .voices import Voices, parse_voice_map
 
     try:
-        voices = Voices(parse_voice_map(args.voice_map))
+        voices = Voices(args.voices if args.voices is not None else voices_dir(), parse_voice_map(args.voice_map))
     except ValueError as e:
         raise UsageError(str(e)) from None
     if args.prefill_chunk > 256:
