@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 PROG = "pycsm"
-SUBCOMMANDS = ("convert", "quantize", "info")
+SUBCOMMANDS = ("convert", "quantize", "info", "dialogue")
 
 
 class UsageError(Exception):
@@ -267,6 +267,12 @@ def _speak(argv) -> int:
 # Subcommands
 # ---------------------------------------------------------------------------------------------
 
+def _dialogue(argv) -> int:
+    from .dialogue_cli import main as dialogue_main
+
+    return dialogue_main(argv)
+
+
 def _convert(argv) -> int:
     from .convert import main as convert_main
 
@@ -392,7 +398,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
-            return {"convert": _convert, "quantize": _quantize, "info": _info}[argv[0]](argv[1:])
+            return {"convert": _convert, "quantize": _quantize, "info": _info, "dialogue": _dialogue}[argv[0]](argv[1:])
         return _speak(argv)
     except UsageError as e:
         _err(e)
