@@ -15,8 +15,10 @@ from .audio import Audio
 from .convert import convert
 from .errors import CSMError
 from .model import Model, quantize, set_log_callback, system_info
+from .options import GenerationOptions
+from .voices import Voice
 
 __version__ = _native.lib.csm_version().decode()
 
 __all__ = ["CSM", "Audio", "AudioStream", "Segment", "CSMError", "Model", "quantize", "convert",
-           "set_log_callback", "system_info", "__version__"]
+           "set_log_callback", "system_info", "__version__", "GenerationOptions", "Voice"]

@@ -28,10 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ._native import CSM_N_CODEBOOKS
-from .prompt import audio_rows, text_rows
-
-_END_FRAME = np.zeros((1, CSM_N_CODEBOOKS), dtype=np.int32)
+from .prompt import segment_rows
 
 
 def keep_recent(context: int, fixed: int, history: Sequence[int], max_frames: int,
@@ -55,14 +52,14 @@ class ContextBudget:
     """Builds the prompt of each piece of a growing conversation by the rule of this module.
 
     tokenizer: the model's; context: C; references: (speaker, text, codes) segments kept in every
-    prompt; history_limit: as `keep_recent`; parse_special: whether special-token text in the
-    pieces' and references' text becomes special tokens (False: plain text).
+    prompt; history_limit: as `keep_recent`; parse_special: as `GenerationOptions.parse_special`,
+    for every segment's text.
     `add` a piece once it is generated, with a tag of the caller's; `prompt` gives the next one's
     prompt and the tags of the pieces it kept.
     """
 
     def __init__(self, tokenizer, context: int, references=(), history_limit: int | None = None,
-                 parse_special: bool = False):
+                 parse_special: bool = True):
         self.tokenizer = tokenizer
         self.context = int(context)
         self.history_limit = history_limit
@@ -73,11 +70,7 @@ class ContextBudget:
         self._tags: list = []
 
     def _rows(self, speaker: int, text: str, codes=None) -> np.ndarray:
-        """A segment's rows, laid out as `prompt.segment_rows` does."""
-        rows = text_rows(self.tokenizer.encode_segment(text, speaker, parse_special=self.parse_special))
-        if codes is None:
-            return rows
-        return np.concatenate([rows, audio_rows(codes), audio_rows(_END_FRAME)])
+        return segment_rows(self.tokenizer, speaker, text, codes, self.parse_special)
 
     @property
     def references_positions(self) -> int:

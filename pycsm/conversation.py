@@ -6,8 +6,8 @@ does with two speakers. The rules:
 
 - Speakers. A turn's speaker is an id (int >= 0, used as it is) or a name (str). Names get the
   smallest ids that no int speaker of the conversation uses, in order of first appearance.
-- Voices. `voices` maps a speaker (id or name) to a reference: a `Segment` (its text and audio;
-  its own speaker id is ignored). The reference is spoken under the dialogue speaker's id. Every
+- Voices. `voices` maps a speaker (id or name) to a reference: a `Voice` or a `Segment` (its text
+  and audio; its own speaker id is ignored). The reference is spoken under the dialogue speaker's id. Every
   prompt starts with the references of all speakers, in order of their ids.
 - Pieces. A turn is split into sentences like `CSM.generate_long` (`pycsm.text.split_sentences`);
   each sentence is a piece, joined within the turn by `pause_ms` of silence; turns are joined by
@@ -17,8 +17,10 @@ does with two speakers. The rules:
   length cap `max_audio_length_ms` (default 10 s per piece, as Sesame's demo), oldest dropped first.
   A piece generated with `context=<the references and the pieces kept>` and `seed=seed + k` by
   `CSM.generate` gives the same codes.
-- Text is plain by default (`parse_special=False`): "<|end_of_text|>" in a script is spoken as
-  characters, not read as a special token that would start another segment.
+- Options. `options` / keywords as for `CSM.generate` (`GenerationOptions`); without `options`
+  the dialogue defaults apply: the 10 s cap, and plain text (`parse_special=False`: "<|end_of_text|>"
+  in a script is spoken as characters, not read as a special token that would start another
+  segment as another speaker).
 """
 
 from __future__ import annotations
@@ -31,12 +33,16 @@ from typing import NamedTuple
 import numpy as np
 
 from ._native import CSM_N_CODEBOOKS
-from .api import _STOP_RANK, AudioStream, Segment, _check_chunk, _check_seed, _check_text, _is_int
+from .api import _SEED_MASK, _STOP_RANK, AudioStream, Segment, _check_chunk, _check_text, _is_int
 from .audio import Audio
+from .options import GenerationOptions
 from .text import DEFAULT_MAX_CHARS, split_sentences
+from .voices import Voice
 
 DEFAULT_TURN_MS = 10_000  # length cap of one piece: Sesame's demo caps a turn at 10 s
 DEFAULT_GAP_MS = 300      # silence between turns
+# the options of a dialogue without `options=`: the 10 s cap, and plain text (scripts are bulk text)
+DIALOGUE_OPTIONS = GenerationOptions(max_audio_length_ms=DEFAULT_TURN_MS, parse_special=False)
 
 
 class DialogueChunk(NamedTuple):
@@ -157,9 +163,11 @@ def number_speakers(keys) -> dict:
 
 
 def _reference(voice, what: str) -> Segment:
+    if isinstance(voice, Voice):
+        return voice.segment()
     if isinstance(voice, Segment):
         return voice
-    raise TypeError(f"{what}: a voice must be a Segment (its text and audio), not {type(voice).__name__}")
+    raise TypeError(f"{what}: a voice must be a Voice or a Segment (its text and audio), not {type(voice).__name__}")
 
 
 def _check_ms(value, name: str, low: float, high: float) -> float:
@@ -172,11 +180,10 @@ def _check_ms(value, name: str, low: float, high: float) -> float:
 # Generation
 # ---------------------------------------------------------------------------------------------
 
-def stream_converse(tts, turns, voices=None, *, gap_ms: float = DEFAULT_GAP_MS, pause_ms: float = 150,
-                    progress=None, max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4,
-                    parse_special: bool = False, temperature: float = 0.9, top_k: int = 50,
-                    seed: int | None = None, max_audio_length_ms: float | None = DEFAULT_TURN_MS,
-                    depth_temperature: float | None = None, depth_top_k: int | None = None) -> ConversationStream:
+def stream_converse(tts, turns, voices=None, options: GenerationOptions | None = None, *,
+                    gap_ms: float = DEFAULT_GAP_MS, pause_ms: float = 150, progress=None,
+                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4,
+                    **option_kw) -> ConversationStream:
     """See `CSM.stream_converse`."""
     spoken = normalize_turns(turns)
     if not spoken:
@@ -191,12 +198,12 @@ def stream_converse(tts, turns, voices=None, *, gap_ms: float = DEFAULT_GAP_MS, 
         if k not in speakers:
             raise ValueError(f"voices[{key!r}]: no turn is spoken by {k!r}")
         refs[speakers[k]] = _reference(voice, f"voices[{key!r}]")
-    opts = tts._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+    opts, native = tts._request(DIALOGUE_OPTIONS if options is None else options, option_kw)
     gap = np.zeros(int(round(_check_ms(gap_ms, "gap_ms", 0, 60_000) * tts.sample_rate / 1000)), np.float32)
     pause = np.zeros(int(round(_check_ms(pause_ms, "pause_ms", 0, 60_000) * tts.sample_rate / 1000)), np.float32)
     if chunk_frames is not None:
         chunk_frames = _check_chunk(chunk_frames)
-    seed = _check_seed(seed)
+    seed = opts.seed
     plan = [(key, speakers[key], split_sentences(text, max_chars) or [text]) for key, text in spoken]
 
     def body(result: dict):
@@ -205,7 +212,7 @@ def stream_converse(tts, turns, voices=None, *, gap_ms: float = DEFAULT_GAP_MS, 
         with tts._locked():
             try:
                 references = [Segment(sid, refs[sid].text, refs[sid]._resolve(tts._encode)[2]) for sid in sorted(refs)]
-                budget = tts._budget(references, parse_special=parse_special)
+                budget = tts._budget(references, opts.parse_special)
                 for t, (_key, sid, sentences) in enumerate(plan):  # before any work: each must fit
                     for j, sentence in enumerate(sentences):
                         budget.check(sid, sentence, f"turn {t + 1}" + (f", sentence {j + 1}," if len(sentences) > 1 else ""))
@@ -219,14 +226,14 @@ def stream_converse(tts, turns, voices=None, *, gap_ms: float = DEFAULT_GAP_MS, 
                         if j and pause.size:
                             yield DialogueChunk(t, key, pause)
                         k = len(pieces)
-                        prompt, kept = budget.prompt(sid, sentence, opts["max_frames"])
-                        p_seed = (seed + k) & 0xFFFFFFFFFFFFFFFF
+                        prompt, kept = budget.prompt(sid, sentence, native["max_frames"])
+                        p_seed = (seed + k) & _SEED_MASK
                         if chunk_frames is None:
-                            codes, reason = tts._run(prompt, opts, p_seed)
+                            codes, reason = tts._run(prompt, native, p_seed)
                             yield DialogueChunk(t, key, tts._decode(codes))
                         else:
                             out = {}
-                            for chunk in tts._stream_chunks(prompt, opts, p_seed, chunk_frames, out):
+                            for chunk in tts._stream_chunks(prompt, native, p_seed, chunk_frames, out):
                                 yield DialogueChunk(t, key, chunk)
                             codes, reason = out["codes"], out["stop_reason"]
                         pieces.append(Piece(k, t, sid, sentence, p_seed, tuple(kept), prompt.shape[0], codes, reason))
@@ -243,9 +250,9 @@ def stream_converse(tts, turns, voices=None, *, gap_ms: float = DEFAULT_GAP_MS, 
     return ConversationStream(body, tts.sample_rate, seed, speakers)
 
 
-def converse(tts, turns, voices=None, **kw) -> Conversation:
+def converse(tts, turns, voices=None, options: GenerationOptions | None = None, **kw) -> Conversation:
     """See `CSM.converse`."""
-    st = stream_converse(tts, turns, voices, chunk_frames=None, **kw)
+    st = stream_converse(tts, turns, voices, options, chunk_frames=None, **kw)
     joined, by_turn = [], {}
     with st:
         for chunk in st:

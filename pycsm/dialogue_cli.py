@@ -31,7 +31,8 @@ def _parser() -> _Parser:
                             "turn after the earlier ones.")
     p.add_argument("script", metavar="SCRIPT", help="the script file ('-' = standard input)")
     p.add_argument("-o", "--output", metavar="PATH", default="dialogue.wav",
-                   help="the whole conversation, .wav / .flac / .ogg (default dialogue.wav)")
+                   help="the whole conversation: .wav / .flac / .ogg / .opus / .mp3, '-' = WAV on standard output "
+                        "(default dialogue.wav)")
     p.add_argument("--turn-dir", metavar="DIR", help="also write each turn to DIR/NNN-SPEAKER.<suffix of -o>")
     p.add_argument("--voice", action="append", default=[], metavar="NAME_OR_ID=VOICE",
                    help="the voice of a speaker: a saved voice's name or a .csmvoice file; a number maps a name "
@@ -121,18 +122,17 @@ def _cast(script, flags: dict):
 
 
 def _load_voices(voices: dict) -> dict:
+    """{speaker: Voice} from {speaker: (spec, where)}; one error naming where a bad spec came from."""
     if not voices:
         return {}
-    from .api import Segment
     from .voices import find_voice
 
     out = {}
     for speaker, (spec, where) in voices.items():
         try:
-            v = find_voice(spec)
+            out[speaker] = find_voice(spec)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"{where}: {e}") from None
-        out[speaker] = Segment(v.speaker, v.text, v.codes)
     return out
 
 
@@ -144,7 +144,7 @@ def _turn_path(folder: Path, index: int, speaker, suffix: str) -> Path:
 def main(argv) -> int:
     import numpy as np
 
-    from .audio import Audio, AudioWriter, output_format
+    from .audio import STDOUT, Audio, AudioWriter, check_writable, output_format
 
     args = _parser().parse_args(argv)
     if args.model is not None and (args.quant is not None or args.repo is not None):
@@ -153,9 +153,11 @@ def main(argv) -> int:
         output_format(args.output)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    output = Path(args.output)
-    if not output.parent.is_dir():  # before generating, not after
-        raise FileNotFoundError(f"output folder does not exist: {output.parent}")
+    to_stdout = args.output == STDOUT
+    if to_stdout and (sys.stdout is None or sys.stdout.isatty()):
+        raise UsageError("-o - writes binary audio; redirect standard output to a file or a player")
+    check_writable(args.output)  # before generating, not after
+    suffix = ".wav" if to_stdout else Path(args.output).suffix
     turn_dir = None
     if args.turn_dir is not None:
         turn_dir = Path(args.turn_dir)
@@ -196,13 +198,13 @@ def main(argv) -> int:
                                      max_audio_length_ms=args.max_audio_length * 1000.0,
                                      progress=None if bar is None else lambda done, total: bar.update(done - bar.n))
             t1 = time.perf_counter()
-            with st, AudioWriter(output, tts.sample_rate) as writer:
+            with st, AudioWriter(args.output, tts.sample_rate) as writer:
                 current, parts = None, []
 
                 def save_turn():
                     if turn_dir is not None and parts:
                         Audio(np.concatenate(parts), tts.sample_rate).save(
-                            _turn_path(turn_dir, current, script.turns[current][0], output.suffix))
+                            _turn_path(turn_dir, current, script.turns[current][0], suffix))
 
                 for chunk in st:
                     writer.write(chunk.samples)
@@ -223,7 +225,8 @@ def main(argv) -> int:
             set_log_callback(None)
     seconds = writer.frames / tts.sample_rate
     if not args.quiet:
-        where = f"{output}" + (f" and {len(turns)} turn file(s) to {turn_dir}" if turn_dir is not None else "")
+        where = ("standard output" if to_stdout else args.output) + \
+            (f" and {len(turns)} turn file(s) to {turn_dir}" if turn_dir is not None else "")
         _note(f"wrote {seconds:.2f} s of audio ({len(turns)} turns) to {where}; seed {st.seed}")
         if args.verbose:
             prompts = [p.n_prompt for p in st.pieces]

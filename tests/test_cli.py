@@ -222,7 +222,7 @@ def test_long_text_to_one_file_without_bar_when_piped(run, model, tts, tmp_path)
     (["Hi.", "-m", "{model}", "-tp", "nan"], "", 2, "temperature"),
     (["Hi.", "-m", "{model}", "--top-k", "-3"], "", 2, "--top-k"),
     (["Hi.", "-m", "{model}", "--max-audio-length", "0"], "", 2, "--max-audio-length: must be > 0"),
-    (["Hi.", "-m", "{model}", "-o", "{tmp}/x.mp3"], "", 2, r"unknown audio file type '\.mp3'"),
+    (["Hi.", "-m", "{model}", "-o", "{tmp}/x.aiff"], "", 2, r"unknown audio file type '\.aiff'"),
     (["Hi.", "-m", "{model}", "--context-audio", "{tmp}/a.wav"], "", 2, "must be paired"),
     (["Hi.", "-m", "{model}", "--context-text", "x"], "", 2, "must be paired"),
     (["Hi.", "-m", "{model}", "--context-audio", "{tmp}/a.wav", "--context-text", "x", "--context-speaker", "0",

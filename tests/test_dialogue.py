@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pycsm import CSM, Segment
+from pycsm import CSM, GenerationOptions, Segment, Voice
 from pycsm.budget import keep_recent
 from pycsm.conversation import normalize_turns, number_speakers
 from pycsm.text import split_sentences
@@ -176,7 +176,8 @@ def test_converse_keeps_the_recent_turns_that_fit(small):
     ref = [Segment(0, voices["Ann"].text, ann.codes)]
     for p in conv.pieces:
         ctx = ref + [Segment(conv.pieces[j].speaker, conv.pieces[j].text, conv.pieces[j].codes) for j in p.context]
-        alone = small.generate(p.text, speaker=p.speaker, context=ctx, seed=p.seed, max_audio_length_ms=MS)
+        alone = small.generate(p.text, speaker=p.speaker, context=ctx, seed=p.seed, max_audio_length_ms=MS,
+                               parse_special=False)
         np.testing.assert_array_equal(alone.codes, p.codes)
 
     # per-turn audio: its pieces with 100 ms pauses; the conversation: turns with 250 ms gaps
@@ -193,6 +194,27 @@ def test_converse_keeps_the_recent_turns_that_fit(small):
     # the first piece alone, with the same samples as generate()
     first = small.generate(plan[0][2], speaker=0, context=ref, seed=100, max_audio_length_ms=MS)
     np.testing.assert_array_equal(conv.turns[0].samples, first.samples)
+
+
+def test_voices_and_options(small):
+    codes = small.generate("I am Bob.", speaker=3, seed=1, max_audio_length_ms=MS).codes
+    turns = [("Ann", "Hello, Bob."), ("Bob", "Hello, Ann.")]
+    by_segment = small.converse(turns, {"Bob": Segment(3, "I am Bob.", codes)}, seed=5, max_audio_length_ms=MS)
+    by_voice = small.converse(turns, {"Bob": Voice(3, "I am Bob.", codes)}, seed=5, max_audio_length_ms=MS)
+    np.testing.assert_array_equal(by_segment.audio.codes, by_voice.audio.codes)
+    # Bob's reference is spoken under Bob's dialogue id (1), before every turn
+    ref = [Segment(1, "I am Bob.", codes)]
+    first = small.generate("Hello, Bob.", speaker=0, context=ref, seed=5, max_audio_length_ms=MS)
+    np.testing.assert_array_equal(by_voice.pieces[0].codes, first.codes)
+    # the dialogue defaults: 10 s cap (125 frames), plain text; an options object replaces them,
+    # keywords override either
+    d = small.converse([(0, "Hi.")], seed=1)
+    assert d.pieces[0].codes.shape == (125, 32) and d.pieces[0].stop_reason == "max_length"
+    o = small.converse([(0, "Hi.")], options=GenerationOptions(max_audio_length_ms=160, seed=1))
+    assert o.pieces[0].codes.shape == (2, 32) and o.audio.seed == 1
+    k = small.converse([(0, "Hi.")], options=GenerationOptions(max_audio_length_ms=160, seed=1), seed=2,
+                       max_audio_length_ms=240)
+    assert k.pieces[0].codes.shape == (3, 32) and k.audio.seed == 2
 
 
 def test_stream_converse_tags_chunks(small):

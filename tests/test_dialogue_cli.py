@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pycsm import CSM
+from pycsm import CSM, Voice
 from pycsm.cli import main
+from pycsm.voices import save_voice
 
 REPO = Path(__file__).resolve().parents[1]
 SPF = 1920
@@ -111,6 +112,44 @@ def test_script_from_stdin_and_flac(run, model, tts, tmp_path):  # codec
     assert len(pcm16(out)) == 2 * 5 * SPF + 300 * 24  # the default gap: 300 ms
 
 
+def test_wav_to_standard_output(model, tts):  # codec
+    p = subprocess.run([sys.executable, "-m", "pycsm", "dialogue", "-", "-m", model, "-o", "-", "--seed", "3", *CAP],
+                       input=b"0: Hello.\n1: Hi.\n", capture_output=True, env=env(), timeout=120)
+    assert p.returncode == 0, p.stderr.decode()
+    assert p.stdout[:4] == b"RIFF" and "to standard output" in p.stderr.decode()
+    conv = tts.converse([(0, "Hello."), (1, "Hi.")], seed=3, max_audio_length_ms=400)
+    np.testing.assert_array_equal(np.frombuffer(p.stdout[44:], dtype="<i2"), conv.audio.to_int16())
+
+
+def test_saved_voices_from_header_json_and_flags(run, model, tts, tmp_path, monkeypatch):  # codec
+    monkeypatch.setenv("PYCSM_VOICES", str(tmp_path / "voices"))
+    ann = Voice(5, "I am Ann.", tts.generate("I am Ann.", seed=1, max_audio_length_ms=240).codes)
+    bob = Voice(0, "I am Bob.", tts.generate("I am Bob.", speaker=1, seed=2, max_audio_length_ms=160).codes)
+    ann.save(tmp_path / "ann.csmvoice")
+    save_voice(bob, "bob")
+    script = tmp_path / "talk.txt"
+    script.write_text(f"Ann = {tmp_path / 'ann.csmvoice'}\n"
+                      '{"speaker": "Bob", "text": "Hello, Ann.", "voice": "bob"}\n'
+                      "Ann: Hello, Bob.\n", encoding="utf-8")
+    turns = [("Bob", "Hello, Ann."), ("Ann", "Hello, Bob.")]
+    rc, _, err = run([script, "-m", model, "-o", tmp_path / "a.wav", "--seed", "6", *CAP])
+    assert rc == 0, err
+    expect = tts.converse(turns, {"Ann": ann, "Bob": bob}, seed=6, max_audio_length_ms=400)
+    np.testing.assert_array_equal(pcm16(tmp_path / "a.wav"), expect.audio.to_int16())
+    # --voice overrides the script's header
+    rc, _, err = run([script, "-m", model, "-o", tmp_path / "b.wav", "--seed", "6", "--voice", "Ann=bob", *CAP])
+    assert rc == 0, err
+    expect = tts.converse(turns, {"Ann": bob, "Bob": bob}, seed=6, max_audio_length_ms=400)
+    np.testing.assert_array_equal(pcm16(tmp_path / "b.wav"), expect.audio.to_int16())
+    # a voice that does not exist: one line naming where it was asked for, nothing written
+    rc, _, err = run([script, "-m", model, "-o", tmp_path / "c.wav", "--voice", "Bob=nobody", *CAP])
+    one_line_error(rc, err, 1, r"--voice Bob: no voice named 'nobody'")
+    script.write_text("Ann = missing.csmvoice\nAnn: Hi.\n", encoding="utf-8")
+    rc, _, err = run([script, "-m", model, "-o", tmp_path / "c.wav", *CAP])
+    one_line_error(rc, err, 1, r"line 1: voice file not found: missing.csmvoice")
+    assert not (tmp_path / "c.wav").exists()
+
+
 def test_voice_flag_maps_a_name_to_an_id(run, model, tts, tmp_path):  # codec
     out = tmp_path / "v.wav"
     rc, _, err = run(["-", "-m", model, "-o", out, "--seed", "2", "--voice", "Cy=1", *CAP],
@@ -128,7 +167,8 @@ def test_voice_flag_maps_a_name_to_an_id(run, model, tts, tmp_path):  # codec
     (["-", "--voice", "Ann"], "0: Hi.\n", 2, r"--voice 'Ann': expected NAME_OR_ID=VOICE"),
     (["-", "--voice", "Ann=1", "--voice", "Ann=0"], "0: Hi.\n", 2, r"--voice Ann is given twice"),
     (["-", "--voice", "Cy=1"], "0: Hi.\n", 2, r"--voice Cy: no turn of the script is spoken by Cy"),
-    (["-", "-o", "x.mp3"], "0: Hi.\n", 2, r"unknown audio file type"),
+    (["-", "-o", "x.xyz"], "0: Hi.\n", 2, r"unknown audio file type"),
+    (["-", "-o", "no/such/folder/x.wav"], "0: Hi.\n", 1, r"output folder does not exist"),
     (["-", "--gap", "-5"], "0: Hi.\n", 2, r"--gap"),
     (["-", "--max-audio-length", "0"], "0: Hi.\n", 2, r"--max-audio-length"),
     (["missing.txt"], "", 1, r"cannot read script missing.txt"),
