@@ -215,7 +215,8 @@ def stream_converse(tts, turns, voices=None, options: GenerationOptions | None =
                 budget = tts._budget(references, opts.parse_special)
                 for t, (_key, sid, sentences) in enumerate(plan):  # before any work: each must fit
                     for j, sentence in enumerate(sentences):
-                        budget.check(sid, sentence, f"turn {t + 1}" + (f", sentence {j + 1}," if len(sentences) > 1 else ""))
+                        where = f"turn {t + 1}" + (f", sentence {j + 1}," if len(sentences) > 1 else "")
+                        budget.check(sid, sentence, where)
                 if progress is not None and progress(0, len(plan)) is False:
                     reasons.append("aborted")
                     return

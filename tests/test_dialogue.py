@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from pycsm import CSM, GenerationOptions, Segment, Voice
 from pycsm.budget import keep_recent
+from pycsm.cli import main
 from pycsm.conversation import normalize_turns, number_speakers
 from pycsm.text import split_sentences
 
@@ -50,10 +52,14 @@ def small(tiny_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny40(tiny_dir, tmp_path_factory):
+def path40(tiny_dir, tmp_path_factory) -> Path:
     """The tiny model with a 40-position context (hardening finding 8's reproduction)."""
-    path = with_max_pos(tiny_dir / "tiny-f16.gguf", tmp_path_factory.mktemp("m") / "ctx40.gguf", 40)
-    with CSM(path, n_threads=1) as t:
+    return with_max_pos(tiny_dir / "tiny-f16.gguf", tmp_path_factory.mktemp("m") / "ctx40.gguf", 40)
+
+
+@pytest.fixture(scope="module")
+def tiny40(path40):
+    with CSM(path40, n_threads=1) as t:
         yield t
 
 
@@ -298,3 +304,13 @@ def test_generate_long_refuses_a_sentence_that_cannot_fit_before_generating(tiny
     with pytest.raises(ValueError, match="sentence 2 needs"):
         tiny40.generate_long("Short. Many " + "words " * 50, progress=lambda *a: calls.append(a))
     assert calls == []
+
+
+def test_cli_long_text_on_a_full_context_writes_every_sentence(path40, tiny40, tmp_path, capsys):
+    out = tmp_path / "long.wav"
+    rc = main([LONG, "-m", str(path40), "-o", str(out), "--seed", "9", "--threads", "1"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    a = tiny40.generate_long(LONG, seed=9)
+    np.testing.assert_array_equal(sf.read(out, dtype="int16")[0], a.to_int16())
+    assert "context is full" in err

@@ -56,7 +56,8 @@ def test_names_mapped_by_the_caller():
     ("{\"speaker\": true, \"text\": \"x\"}\n", "line 1: the speaker must be"),
     ("{\"speaker\": 0, \"text\": 5}\n", "line 1: \"text\" must be a string"),
     ("{\"speaker\": 0, \"text\": \"x\", \"voice\": 5}\n", "line 1: the voice must be"),
-    ("Ann = a\n{\"speaker\": \"Ann\", \"text\": \"x\", \"voice\": \"b\"}\n", r"line 2: speaker Ann already has .*\(line 1\)"),
+    ("Ann = a\n{\"speaker\": \"Ann\", \"text\": \"x\", \"voice\": \"b\"}\n",
+     r"line 2: speaker Ann already has .*\(line 1\)"),
     ("# only a comment\n\n", "the script has no turns"),
 ])
 def test_bad_scripts(text, message):
