@@ -149,9 +149,36 @@ class csm_generate_result(Structure):
     ]
 
 
+class csm_batch_params(Structure):
+    _fields_ = [
+        ("n_threads", c_int32),
+        ("max_pos", c_int32),
+        ("max_streams", c_int32),
+        ("prefill_chunk", c_int32),
+    ]
+
+
+class csm_stream_params(Structure):
+    _fields_ = [
+        ("sampling", csm_sampling_params),
+        ("max_frames", c_int32),
+        ("stop_at_eos", c_bool),
+    ]
+
+
+class csm_batch_event(Structure):
+    _fields_ = [
+        ("stream", c_int64),
+        ("frame_index", c_int32),
+        ("stop_reason", c_int32),
+        ("codes", c_int32 * CSM_N_CODEBOOKS),
+    ]
+
+
 csm_model_p = c_void_p
 csm_context_p = c_void_p
 csm_mimi_codec_p = c_void_p
+csm_batch_p = c_void_p
 
 # name: (restype, argtypes), in header order
 _SIGNATURES = {
@@ -197,6 +224,15 @@ _SIGNATURES = {
     "csm_mimi_codec_free": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_reset": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_decode": (c_int64, [csm_mimi_codec_p, POINTER(c_int32), c_int32, POINTER(c_float), c_int64]),
+    "csm_batch_default_params": (csm_batch_params, []),
+    "csm_stream_default_params": (csm_stream_params, []),
+    "csm_batch_new": (csm_batch_p, [csm_model_p, csm_batch_params]),
+    "csm_batch_free": (None, [csm_batch_p]),
+    "csm_batch_add": (c_int64, [csm_batch_p, POINTER(c_int32), c_int32, csm_stream_params]),
+    "csm_batch_remove": (c_int32, [csm_batch_p, c_int64]),
+    "csm_batch_step": (c_int32, [csm_batch_p, POINTER(csm_batch_event), c_int32]),
+    "csm_batch_n_streams": (c_int32, [csm_batch_p]),
+    "csm_batch_n_running": (c_int32, [csm_batch_p]),
 }
 
 

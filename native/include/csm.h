@@ -273,6 +273,79 @@ CSM_API void    csm_mimi_codec_reset(csm_mimi_codec * codec);  // forget all str
 CSM_API int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int32_t n_frames,
                                       float * out_pcm, int64_t max_samples);
 
+// ---------------------------------------------------------------------------------------------
+// Continuous batching: streams join and leave a running batch between frames
+// ---------------------------------------------------------------------------------------------
+//
+// A csm_batch generates up to max_streams utterances ("streams") together, as csm_generate_batch
+// does, but a stream joins at any frame boundary and leaves at its end frame, its frame cap, a full
+// context, or when removed. Each csm_batch_step() runs one frame of every running stream and, while
+// a stream is joining, one chunk of its prompt prefill (prefill_chunk rows), so that the running
+// streams wait about one frame's time at most while another one joins. Streams join in the order
+// they were added, one prefill at a time. Each stream has its own sampling parameters, seed and cap;
+// its codes equal csm_generate's with the same prompt and parameters, whatever else is in the batch,
+// when the matrix products give each column the same result for any number of columns.
+//
+//     struct csm_batch_params bp = csm_batch_default_params();
+//     bp.max_streams = 4;
+//     csm_batch * batch = csm_batch_new(model, bp);
+//     struct csm_stream_params sp = csm_stream_default_params();
+//     sp.sampling.seed = 42;
+//     int64_t id = csm_batch_add(batch, prompt, n_pos, sp);      // any time, up to max_streams
+//     struct csm_batch_event ev[4];
+//     while (csm_batch_n_streams(batch) > 0) {
+//         int32_t n = csm_batch_step(batch, ev, 4);              // ev[i]: a frame and/or an end
+//     }
+//     csm_batch_free(batch);
+//
+// Threading: a csm_batch must be used by one thread at a time.
+
+typedef struct csm_batch csm_batch;             // running streams: one context of max_streams sequences
+
+struct csm_batch_params {
+    int32_t n_threads;          // CPU threads; <= 0 means all cores
+    int32_t max_pos;            // context length of each stream; 0 = the model's (bb_max_pos)
+    int32_t max_streams;        // streams at once, running or joining (1..64)
+    int32_t prefill_chunk;      // prompt rows prefilled per step while streams run (1..256); 0 = about
+                                // one frame's time, from the measured speeds. Alone, a stream
+                                // prefills 256 rows per step.
+};
+
+struct csm_stream_params {
+    struct csm_sampling_params sampling; // how this stream's codes are drawn (its own seed)
+    int32_t max_frames;         // stop after this many frames (<= 0: until EOS or a full context)
+    bool    stop_at_eos;        // end at an all-zero frame
+};
+
+// What one step did for one stream.
+struct csm_batch_event {
+    int64_t stream;             // the id csm_batch_add returned
+    int32_t frame_index;        // index of the frame in codes within the stream; -1: no frame
+    int32_t stop_reason;        // -1: the stream runs on; else enum csm_stop_reason: it has left the batch
+    int32_t codes[CSM_N_CODEBOOKS]; // the frame (when frame_index >= 0), each in [0, 2048)
+};
+
+CSM_API struct csm_batch_params  csm_batch_default_params(void);
+CSM_API struct csm_stream_params csm_stream_default_params(void);
+CSM_API csm_batch * csm_batch_new(const csm_model * model, struct csm_batch_params params);
+CSM_API void        csm_batch_free(csm_batch * batch);   // NULL is fine
+
+// Adds a stream after the prompt (n_pos rows of CSM_N_COLUMNS, copied); it joins during the next
+// steps. Returns its id (>= 0, never reused by this batch), or -1 when the batch holds max_streams
+// streams already or the prompt or parameters are invalid.
+CSM_API int64_t csm_batch_add(csm_batch * batch, const int32_t * prompt, int32_t n_pos,
+                              struct csm_stream_params params);
+// Removes a stream now, running or joining (no event follows for it). 0, or -1 when the batch
+// holds no such stream.
+CSM_API int32_t csm_batch_remove(csm_batch * batch, int64_t stream);
+// Runs one step: a prefill chunk of the first joining stream, then one frame of every running
+// stream. Writes one event per stream that produced a frame or ended (at most max_streams;
+// max_events must be at least that). Returns the number of events, or -1 on error; after an error
+// the batch is empty (every stream has left) and can be used again.
+CSM_API int32_t csm_batch_step(csm_batch * batch, struct csm_batch_event * events, int32_t max_events);
+CSM_API int32_t csm_batch_n_streams(const csm_batch * batch);  // streams in the batch, running or joining
+CSM_API int32_t csm_batch_n_running(const csm_batch * batch);  // streams past their prefill
+
 #ifdef __cplusplus
 }
 #endif

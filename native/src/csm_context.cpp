@@ -49,6 +49,7 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
     c->params.n_threads = csm_default_threads(p.n_threads);
     c->n_ctx = p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos;
     c->n_seq = p.n_batch;
+    c->n_active = p.n_batch;
     c->n_dctx = m->hp.n_codebooks;
     c->n_past.assign(c->n_seq, 0);
     csm_backend_init(m, c->params.n_threads, &c->backend, &c->threadpool);
