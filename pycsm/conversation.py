@@ -4,11 +4,11 @@
 each utterance is generated after the earlier ones (their text and audio codes), as Sesame's demo
 does with two speakers. The rules:
 
-- Speakers. A turn's speaker is an id (int >= 0, used as it is) or a name (str). Names get the
-  smallest ids that no int speaker of the conversation uses, in order of first appearance.
+- Speakers. A turn's speaker is an id (an int in 0..2**31-1, used as it is) or a name (str). Names
+  get the smallest ids that no int speaker of the conversation uses, in order of first appearance.
 - Voices. `voices` maps a speaker (id or name) to a reference: a `Voice` or a `Segment` (its text
-  and audio; its own speaker id is ignored). The reference is spoken under the dialogue speaker's id. Every
-  prompt starts with the references of all speakers, in order of their ids.
+  and audio; its own speaker id is ignored). The reference is spoken under the dialogue speaker's
+  id. Every prompt starts with the references of all speakers, in order of their ids.
 - Pieces. A turn is split into sentences like `CSM.generate_long` (`pycsm.text.split_sentences`);
   each sentence is a piece, joined within the turn by `pause_ms` of silence; turns are joined by
   `gap_ms`. Piece k of the conversation (counting from 0 over all turns) uses seed + k.
@@ -41,6 +41,7 @@ from .voices import Voice
 
 DEFAULT_TURN_MS = 10_000  # length cap of one piece: Sesame's demo caps a turn at 10 s
 DEFAULT_GAP_MS = 300      # silence between turns
+MAX_SPEAKER_ID = 2**31 - 1
 # the options of a dialogue without `options=`: the 10 s cap, and plain text (scripts are bulk text)
 DIALOGUE_OPTIONS = GenerationOptions(max_audio_length_ms=DEFAULT_TURN_MS, parse_special=False)
 
@@ -115,11 +116,12 @@ class ConversationStream(AudioStream):
 # ---------------------------------------------------------------------------------------------
 
 def _speaker_key(speaker, what: str):
-    if _is_int(speaker) and speaker >= 0:
+    if _is_int(speaker) and 0 <= speaker <= MAX_SPEAKER_ID:
         return int(speaker)
     if isinstance(speaker, str) and speaker.strip():
         return speaker.strip()
-    raise ValueError(f"{what}: the speaker must be an id (int >= 0) or a name (non-empty str), got {speaker!r}")
+    raise ValueError(f"{what}: the speaker must be an id (int in 0..{MAX_SPEAKER_ID}) or a name (non-empty str), "
+                     f"got {speaker!r}")
 
 
 def normalize_turns(turns) -> list[tuple[object, str]]:

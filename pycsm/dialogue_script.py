@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-MAX_SPEAKER_ID = 2**31 - 1
+from .conversation import MAX_SPEAKER_ID
 
 _HEADER = re.compile(r"^([^:=]+?)\s*=\s*(.*)$")  # an '=' before any ':'
 _TURN = re.compile(r"^([^:]+?)\s*:(.*)$")

@@ -101,6 +101,8 @@ def test_turn_forms_and_errors():
         normalize_turns([(-1, "Hi.")])
     with pytest.raises(ValueError, match="turn 1: the speaker"):
         normalize_turns([(True, "Hi.")])
+    with pytest.raises(ValueError, match="turn 1: the speaker"):
+        normalize_turns([(2**31, "Hi.")])
     with pytest.raises(ValueError, match="turn 1: a dict turn"):
         normalize_turns([{"speaker": 0, "text": "Hi.", "voice": "x"}])
     with pytest.raises(TypeError, match="turn 1"):
