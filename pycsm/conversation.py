@@ -46,6 +46,15 @@ MAX_SPEAKER_ID = 2**31 - 1
 DIALOGUE_OPTIONS = GenerationOptions(max_audio_length_ms=DEFAULT_TURN_MS, parse_special=False)
 
 
+class TurnError(ValueError):
+    """A turn that cannot be spoken (it does not fit the context even alone with the voice
+    references); `turn` is its 0-based index. Raised before anything is generated."""
+
+    def __init__(self, turn: int, message: str):
+        super().__init__(message)
+        self.turn = turn
+
+
 class DialogueChunk(NamedTuple):
     """One chunk of `CSM.stream_converse`: float32 samples of turn `turn` (0-based), said by `speaker`
     (as given in the turns). gap: the silence between turns, before turn `turn`."""
@@ -218,7 +227,10 @@ def stream_converse(tts, turns, voices=None, options: GenerationOptions | None =
                 for t, (_key, sid, sentences) in enumerate(plan):  # before any work: each must fit
                     for j, sentence in enumerate(sentences):
                         where = f"turn {t + 1}" + (f", sentence {j + 1}," if len(sentences) > 1 else "")
-                        budget.check(sid, sentence, where)
+                        try:
+                            budget.check(sid, sentence, where)
+                        except ValueError as e:
+                            raise TurnError(t, str(e)) from None
                 if progress is not None and progress(0, len(plan)) is False:
                     reasons.append("aborted")
                     return

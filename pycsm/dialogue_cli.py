@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .cli import PROG, UsageError, _load, _note, _number, _Parser
-from .conversation import DEFAULT_GAP_MS, DEFAULT_TURN_MS
+from .conversation import DEFAULT_GAP_MS, DEFAULT_TURN_MS, TurnError
 from .dialogue_script import ScriptError, parse_script
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -167,10 +167,11 @@ def main(argv) -> int:
             raise FileExistsError(f"--turn-dir {turn_dir} exists and is not a folder")
     flags = _voice_flags(args.voice)
     text = _read_script(args.script)
+    source = "standard input" if args.script == "-" else args.script
     try:
         script = parse_script(text, mapped={k for k in flags if isinstance(k, str)})
     except ScriptError as e:
-        raise UsageError(f"{'standard input' if args.script == '-' else args.script}: {e}") from None
+        raise UsageError(f"{source}: {e}") from None
     turns, voice_specs = _cast(script, flags)
 
     # runtime from here on: failures are exit status 1
@@ -206,14 +207,17 @@ def main(argv) -> int:
                         Audio(np.concatenate(parts), tts.sample_rate).save(
                             _turn_path(turn_dir, current, script.turns[current][0], suffix))
 
-                for chunk in st:
-                    writer.write(chunk.samples)
-                    if chunk.gap:
-                        continue
-                    if chunk.turn != current:
-                        save_turn()
-                        current, parts = chunk.turn, []
-                    parts.append(chunk.samples)
+                try:
+                    for chunk in st:
+                        writer.write(chunk.samples)
+                        if chunk.gap:
+                            continue
+                        if chunk.turn != current:
+                            save_turn()
+                            current, parts = chunk.turn, []
+                        parts.append(chunk.samples)
+                except TurnError as e:  # checked before any audio is made
+                    raise ValueError(f"{source}: line {script.turns[e.turn][2]}: {e}") from None
                 save_turn()
             elapsed = time.perf_counter() - t1
     finally:

@@ -20,7 +20,7 @@ import soundfile as sf
 from pycsm import CSM, GenerationOptions, Segment, Voice
 from pycsm.budget import keep_recent
 from pycsm.cli import main
-from pycsm.conversation import normalize_turns, number_speakers
+from pycsm.conversation import TurnError, normalize_turns, number_speakers
 from pycsm.text import split_sentences
 
 MS = 400  # 5 frames per piece
@@ -248,10 +248,10 @@ def test_converse_stops_and_checks_before_generating(small):
     assert {p.turn for p in conv.pieces} == {0, 1}
 
     calls = []
-    with pytest.raises(ValueError, match=r"turn 2 needs \d+ prompt positions .*context holds 160"):
+    with pytest.raises(TurnError, match=r"turn 2 needs \d+ prompt positions .*context holds 160") as e:
         small.converse([("Ann", "Short."), ("Bob", "word " * 200)], max_audio_length_ms=MS, max_chars=2000,
                        progress=lambda *a: calls.append(a))
-    assert calls == []  # refused before anything was generated
+    assert calls == [] and e.value.turn == 1  # refused before anything was generated
     with pytest.raises(ValueError, match="no turn is spoken by 'Cy'"):
         small.converse([("Ann", "Hi.")], voices={"Cy": Segment(0, "x")})
     with pytest.raises(TypeError, match="a voice must be"):

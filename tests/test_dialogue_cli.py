@@ -150,6 +150,18 @@ def test_saved_voices_from_header_json_and_flags(run, model, tts, tmp_path, monk
     assert not (tmp_path / "c.wav").exists()
 
 
+def test_turn_that_cannot_fit_names_its_line(run, model, tmp_path):
+    # a 2030-frame voice leaves no room in the 2048 positions for a turn of ~20 tokens
+    Voice(0, "Long.", np.zeros((2030, 32), dtype=np.int32)).save(tmp_path / "long.csmvoice")
+    script = tmp_path / "talk.txt"
+    script.write_text(f"Ann = {tmp_path / 'long.csmvoice'}\n0: Hi.\n\nAnn: A turn that is somewhat longer than that.\n",
+                      encoding="utf-8")
+    rc, _, err = run([script, "-m", model, "-o", tmp_path / "x.wav", *CAP])
+    one_line_error(rc, err, 1, r"talk.txt: line 4: turn 2 needs \d+ prompt positions \(voice references and "
+                               r"context: 20\d\d\) but the context holds 2048")
+    assert not (tmp_path / "x.wav").exists()
+
+
 def test_voice_flag_maps_a_name_to_an_id(run, model, tts, tmp_path):  # codec
     out = tmp_path / "v.wav"
     rc, _, err = run(["-", "-m", model, "-o", out, "--seed", "2", "--voice", "Cy=1", *CAP],
