@@ -2,9 +2,7 @@
 #include "csm_context.h"
 #include "csm_log.h"
 
-#include <algorithm>
 #include <memory>
-#include <thread>
 
 csm_context::~csm_context() {
     g_prefill.reset();
@@ -15,26 +13,6 @@ csm_context::~csm_context() {
     if (ctx_state) ggml_free(ctx_state);
     if (backend) ggml_backend_free(backend);
     if (threadpool) ggml_threadpool_free(threadpool);
-}
-
-int32_t csm_default_threads(int32_t n) {
-    unsigned hc = std::thread::hardware_concurrency();
-    if (hc == 0) hc = 4;
-    if (n > 0) return (int32_t) std::min<unsigned>({(unsigned) n, hc, 512u}); // more threads than cores only spin
-    return (int32_t) std::min(hc, 64u);
-}
-
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp) {
-    *backend = ggml_backend_dev_init(m->dev, nullptr);
-    if (!*backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
-    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-        *tp = ggml_threadpool_new(&tpp);
-        if (!*tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
-        ggml_backend_cpu_set_n_threads(*backend, n_threads);
-        ggml_backend_cpu_set_threadpool(*backend, *tp);
-    }
 }
 
 static csm_context * create(const csm_model * m, const csm_context_params & p) {

@@ -1,7 +1,7 @@
 // csm_graph.cpp - ggml graphs of the backbone and the depth decoder (Llama blocks with KV caches).
 #include "csm_context.h"
 #include "csm_log.h"
-#include "csm_q8.h"
+#include "csm_ops.h"
 
 #include <cmath>
 

@@ -1,6 +1,6 @@
 // csm_log.cpp - last error, log callback, version strings.
 #include "csm_log.h"
-#include "csm_q8_kernel.h"
+#include "kernels/kernel.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -124,9 +124,12 @@ const char * csm_system_info(void) {
         if (ggml_cpu_has_avx512()) info += " AVX512";
         if (ggml_cpu_has_neon()) info += " NEON";
         if (ggml_cpu_has_dotprod()) info += " DOTPROD";
-        info += csm_q8_kernel_available() ? "; q8_0/q4_k/f16 matmul: pycsm AVX512-VNNI" : "; q8_0/q4_k/f16 matmul: ggml";
     });
-    return info.c_str();
+    // the kernel part anew each call: PYCSM_KERNEL is read when a model is loaded, and may have changed
+    thread_local std::string line;
+    char kernel[160];
+    line = info + "; q8_0/q4_k/f16 matmul: " + csm_kernel_describe(kernel, sizeof kernel);
+    return line.c_str();
 }
 
 } // extern "C"

@@ -3,7 +3,7 @@
 
 #include "csm_gguf_check.h"
 #include "csm_log.h"
-#include "csm_q8.h"
+#include "csm_packed.h"
 #include "mimi.h"
 
 #include "ggml-cpu.h"
@@ -406,11 +406,11 @@ static void make_extra(csm_model & m, bool pack_heads, bool heads_f16) {
             for (int64_t v = 0; v < V; v++) dst[(size_t) v * d + r] = src[(size_t) r * V + v];
         if (pack_heads && heads_f16 && hf->type == GGML_TYPE_F16) {
             ggml_fp32_to_fp16_row(dst.data(), h16.data(), (int64_t) dst.size()); // exact: the values came from F16
-            m.q8_heads.push_back(csm_q8_pack_f16((const uint16_t *) h16.data(), V, d));
+            m.packed_heads.push_back(csm_pack_f16(m.kernel, (const uint16_t *) h16.data(), V, d));
             continue;
         }
         if (pack_heads) {
-            m.q8_heads.push_back(csm_q8_pack_f32(dst.data(), V, d));
+            m.packed_heads.push_back(csm_pack_f32_as_q8_0(m.kernel, dst.data(), V, d));
             continue;
         }
         const size_t off = (size_t) k * m.depth_heads->nb[2];
@@ -503,21 +503,21 @@ static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
     return slots;
 }
 
-// Packs the Q8_0 and Q4_K matrices for pycsm's AVX512-VNNI kernels (csm_q8; the caller checked
-// csm_q8_available), on as many threads as cores.
-static void pack_q8(csm_model & m) {
+// Packs the matrices pycsm's kernel (m.kernel) takes, on as many threads as cores, and groups the
+// packed q/k/v and gate/up of each layer for one op each.
+static void pack_matrices(csm_model & m) {
     std::vector<ggml_tensor *> todo;
     for (ggml_tensor ** t : matmul_slots(m)) {
-        if (csm_q8_packable(*t)) todo.push_back(*t);
+        if (csm_packable(m.kernel, *t)) todo.push_back(*t);
     }
     if (todo.empty()) return;
-    std::vector<std::unique_ptr<csm_q8_matrix>> out(todo.size());
+    std::vector<std::unique_ptr<csm_packed_matrix>> out(todo.size());
     std::vector<std::string> errors(todo.size());
     const unsigned n_thr = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
     auto work = [&](unsigned ith) {
         for (size_t i = ith; i < todo.size(); i += n_thr) {
             try {
-                out[i] = csm_q8_pack(todo[i]);
+                out[i] = csm_pack(m.kernel, todo[i]);
                 drop_mapped_pages(m, todo[i]);
             } catch (const std::exception & e) {
                 errors[i] = e.what();
@@ -532,11 +532,20 @@ static void pack_q8(csm_model & m) {
     for (size_t i = 0; i < todo.size(); i++) {
         if (!errors[i].empty()) csm_fail("%s", errors[i].c_str());
         bytes += out[i]->mem_size;
-        m.q8[todo[i]] = std::move(out[i]);
+        m.packed[todo[i]] = std::move(out[i]);
     }
-    csm_q8_make_groups(m);
-    csm_log(CSM_LOG_INFO, "packed %zu matrices (%.1f MiB) for the AVX512-VNNI kernels, %zu fused q/k/v or gate/up groups",
-            todo.size(), bytes / 1048576.0, m.q8_groups.size());
+    auto packed = [&](const ggml_tensor * t) -> const csm_packed_matrix * {
+        auto it = m.packed.find(t);
+        return it == m.packed.end() ? nullptr : it->second.get();
+    };
+    for (const csm_llama * L : {&m.backbone, &m.depth}) {
+        for (const csm_layer & l : L->layers) {
+            if (auto g = csm_packed_group_make({packed(l.wq), packed(l.wk), packed(l.wv)}, false)) m.packed_groups[l.wq] = std::move(g);
+            if (auto g = csm_packed_group_make({packed(l.w_gate), packed(l.w_up)}, true)) m.packed_groups[l.w_gate] = std::move(g);
+        }
+    }
+    csm_log(CSM_LOG_INFO, "packed %zu matrices (%.1f MiB) for pycsm's %s kernel, %zu fused q/k/v or gate/up groups",
+            todo.size(), bytes / 1048576.0, m.kernel->isa, m.packed_groups.size());
 }
 
 // Moves the matrices of the matrix products into the CPU repack buffer where ggml supports their
@@ -546,7 +555,7 @@ static void repack_weights(csm_model & m) {
     if (!buft) return;
     std::vector<ggml_tensor **> chosen;
     for (ggml_tensor ** t : matmul_slots(m)) {
-        if (!m.q8.count(*t) && matmul_supported(m.dev, buft, *t)) chosen.push_back(t);
+        if (!m.packed.count(*t) && matmul_supported(m.dev, buft, *t)) chosen.push_back(t);
     }
     if (chosen.empty()) return;
     ggml_init_params ip = {chosen.size() * ggml_tensor_overhead(), nullptr, true};
@@ -617,9 +626,9 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     const ggml_type wt = m->backbone.layers[0].w_up->type;
     const bool quantised = wt != GGML_TYPE_F32 && wt != GGML_TYPE_F16 && wt != GGML_TYPE_BF16;
     const bool f16 = wt == GGML_TYPE_F16 && m->depth_heads_file->type == GGML_TYPE_F16;
-    const bool pack = p.use_repack && csm_model_on_host(m.get()) && csm_q8_available();
-    make_extra(*m, pack && (quantised || f16) && m->hp.dp_d_model % 32 == 0, f16);
-    if (pack) pack_q8(*m);
+    if (p.use_repack && csm_model_on_host(m.get())) m->kernel = csm_kernel_pick();
+    make_extra(*m, m->kernel && (quantised || f16) && m->hp.dp_d_model % 32 == 0, f16);
+    if (m->kernel) pack_matrices(*m);
     if (p.use_repack && csm_model_on_host(m.get())) repack_weights(*m);
     csm_log(CSM_LOG_INFO, "loaded %s: %d tensors, %.1f MiB on %s", path, m->n_tensors, m->n_bytes / 1048576.0,
             ggml_backend_dev_name(m->dev));

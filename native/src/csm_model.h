@@ -12,8 +12,9 @@
 #include <unordered_map>
 #include <vector>
 
-struct csm_q8_matrix; // csm_q8.h
-struct csm_q8_group;
+struct csm_kernel; // kernels/kernel.h
+struct csm_packed_matrix; // csm_packed.h
+struct csm_packed_group;
 
 // One Llama block (backbone and depth decoder share the shape).
 struct csm_layer {
@@ -66,9 +67,10 @@ struct csm_model {
     ggml_context * ctx_w = nullptr;          // tensor metadata of the file's weights
     ggml_context * ctx_extra = nullptr;      // derived tensors (RoPE factors, transposed depth heads)
     ggml_context * ctx_repack = nullptr;     // matrices moved to the CPU repack buffer
-    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_matrix>> q8; // Q8_0 matrices packed for csm_q8
-    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_q8_group>> q8_groups; // by first member (wq, w_gate)
-    std::vector<std::unique_ptr<csm_q8_matrix>> q8_heads; // depth heads as packed Q8_0 (quantised files only)
+    const csm_kernel * kernel = nullptr;    // pycsm's kernel for the packed matrices below, or null (ggml's)
+    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_packed_matrix>> packed; // matrices packed for it
+    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_packed_group>> packed_groups; // by first member (wq, w_gate)
+    std::vector<std::unique_ptr<csm_packed_matrix>> packed_heads; // depth heads, packed (Q8_0, or F16 in F16 files)
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers
     void * mmap_addr = nullptr;

@@ -5,7 +5,7 @@
 // streaming state makes chunking exact, and it bounds the memory of the graphs and of attention.
 #include "mimi.h"
 
-#include "csm_context.h"
+#include "csm_backend.h"
 #include "csm_log.h"
 
 #include <cmath>

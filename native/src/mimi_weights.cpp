@@ -2,7 +2,7 @@
 // shapes, and preparing a runner: backend, permuted convolution weights, streaming state.
 #include "mimi.h"
 
-#include "csm_context.h"
+#include "csm_backend.h"
 #include "csm_log.h"
 
 #include <algorithm>

@@ -1,25 +1,27 @@
-// neon_kernel_check.cpp - correctness driver for pycsm's NEON kernels (native/src/csm_kernel_neon.cpp).
+// neon_kernel_check.cpp - correctness driver for pycsm's NEON kernel (native/src/kernels/neon.cpp).
 //
 // Cross-compiled for aarch64 and run under qemu-user by .ci/neon (a compile-and-correctness check: the
-// kernels' speed cannot be measured on an emulator). It packs random Q8_0, Q4_K and F16 matrices
-// with pycsm's packing code and checks, for tail rows (rows % 4 != 0), padded block groups and 1-8
-// columns:
+// kernel's speed cannot be measured on an emulator). It packs random Q8_0, Q4_K and F16 matrices
+// with pycsm's packing code (kernels/formats.cpp) and checks, for tail rows (rows % 4 != 0), padded
+// block groups, 1-8 columns and the backbone's width:
 //   - the activation quantisation against a plain C++ one (the same int8 values, scales and sums);
 //   - every product against a double-precision product of the dequantised weights (decoded here from
 //     the ggml block formats, not from the packed layout) with those activations;
 //   - batch invariance: each column's result in a batch of 1-8 columns, at any slot, in one call or
 //     split over two calls and over row ranges, equals bit for bit its result computed alone;
-//   - silu(g) * u against double precision, for lengths with and without a tail of n % 4.
-// With --expect-unavailable it only checks that csm_neon_available() is false (run under a CPU model
-// without the dot-product extension).
+//   - silu(g) * u against double precision, for lengths with and without a tail of n % 4;
+//   - the run-time choice: csm_kernel_pick() gives the NEON kernel unless PYCSM_KERNEL names ggml
+//     or another instruction set's kernel.
+// With --expect-unavailable it checks instead that neither csm_kernel_neon() nor csm_kernel_pick()
+// offers the NEON kernel (qemu with a CPU model without the dot-product extension; any x86 build).
 //
 // Prints one line per failed check and a closing "N passed, M failed"; exit status 1 if M > 0.
-#include "csm_kernel_neon.h"
-#include "csm_q8_kernel.h" // the pack functions: the packed layouts the kernels read
+#include "kernels/kernel.h"
 
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -28,6 +30,7 @@
 namespace {
 
 int n_pass = 0, n_fail = 0;
+const csm_kernel * K = nullptr; // the NEON kernel
 
 std::string strf(const char * fmt, ...) {
     char buf[256];
@@ -78,8 +81,7 @@ uint16_t random_half(rng & r, int lo, int hi) {
 
 void put16(uint8_t * p, uint16_t v) { p[0] = (uint8_t) v; p[1] = (uint8_t) (v >> 8); }
 
-enum format { Q8_0, Q4_K, F16 };
-const char * const format_name[] = {"q8_0", "q4_k", "f16"};
+constexpr csm_wfmt Q8_0 = CSM_WFMT_Q8_0, Q4_K = CSM_WFMT_Q4_K, F16 = CSM_WFMT_F16;
 
 // rows x cols random weights in ggml's block format (row-major), and their values as doubles.
 struct weights {
@@ -89,7 +91,7 @@ struct weights {
     std::vector<double> mag;  // its magnitude as the kernel sums it (Q4_K: |d sc q| + |dmin m|)
 };
 
-weights make_weights(format f, int64_t rows, int64_t cols, rng & r) {
+weights make_weights(csm_wfmt f, int64_t rows, int64_t cols, rng & r) {
     weights w;
     w.row_bytes = f == Q8_0 ? (size_t) cols / 32 * 34 : f == Q4_K ? (size_t) cols / 256 * 144 : (size_t) cols * 2;
     w.raw.resize(w.row_bytes * (size_t) rows);
@@ -183,35 +185,39 @@ struct columns {
     std::vector<int32_t> sb;
 };
 
-columns prepare(format f, const float * x, int64_t cols, int64_t n_col) {
+columns prepare(csm_wfmt f, const float * x, int64_t cols, int64_t n_col) {
     columns in;
     in.n_col = n_col;
-    in.nbp = (cols / 32 + 7) / 8 * 8;
+    in.nbp = csm_kernel_nbp(cols);
     in.x.assign(x, x + n_col * cols);
     if (f != F16) {
         in.y.assign((size_t) (n_col * in.nbp * 32), 0x55);
         in.dy.assign((size_t) (n_col * in.nbp), -1.0f);
         in.sb.assign(in.dy.size(), 12345);
-        csm_neon_quantize(x, cols, n_col, cols, in.nbp, in.y.data(), in.dy.data(), in.sb.data());
+        K->quantize(x, cols, n_col, cols, in.nbp, in.y.data(), in.dy.data(), in.sb.data());
     }
     return in;
 }
 
 // Rows [r0, r1) times columns [c0, c0 + n) of `in`, into out (column c at c * rows).
-void product(format f, const uint8_t * w, int64_t rows, int64_t cols, const columns & in, int64_t r0, int64_t r1,
+void product(csm_wfmt f, const uint8_t * w, int64_t rows, int64_t cols, const columns & in, int64_t r0, int64_t r1,
              int64_t c0, int64_t n, float * out) {
+    csm_kernel_input ki;
     if (f == F16) {
-        csm_neon_f16_gemm(w, rows, cols, r0, r1, in.x.data() + c0 * cols, cols, n, out + c0 * rows, rows);
-        return;
+        ki.x = in.x.data();
+        ki.x_stride = cols;
+    } else {
+        ki.y = in.y.data();
+        ki.dy = in.dy.data();
+        ki.sb = in.sb.data();
+        ki.col_stride = in.n_col;
     }
-    auto gemm = f == Q4_K ? csm_neon_q4k_gemm : csm_neon_q8_gemm;
-    gemm(w, rows, in.nbp, r0, r1, in.y.data() + c0 * 256, in.dy.data() + c0 * 8, in.sb.data() + c0 * 8, in.n_col, n,
-         out + c0 * rows, rows);
+    K->gemm[f](w, rows, cols, r0, r1, ki, c0, n, out + c0 * rows + r0, rows);
 }
 
 // All rows, split at tile boundaries into n_split ranges (as threads do); each range's columns in
 // one call, or in two calls (c0 = 0 and the rest) when split_cols.
-std::vector<float> run(format f, const uint8_t * w, int64_t rows, int64_t cols, const columns & in, int n_split,
+std::vector<float> run(csm_wfmt f, const uint8_t * w, int64_t rows, int64_t cols, const columns & in, int n_split,
                        int64_t split_cols) {
     std::vector<float> out((size_t) (in.n_col * rows + 1), -12345.0f); // + a sentinel after the end
     const int64_t tiles = (rows + 3) / 4;
@@ -239,18 +245,15 @@ void unpack_column(const columns & in, int64_t cols, int64_t c, int8_t * q, floa
     }
 }
 
-void check_format(format f, int64_t rows, int64_t cols, uint64_t seed) {
+void check_format(csm_wfmt f, int64_t rows, int64_t cols, uint64_t seed) {
     rng r(seed);
     const weights W = make_weights(f, rows, cols, r);
     const std::vector<float> x = make_activations(cols, r);
-    const int64_t nbp = (cols / 32 + 7) / 8 * 8;
-    const size_t packed = f == Q8_0 ? (size_t) (rows * nbp * 34) : f == Q4_K ? (size_t) (rows * cols / 256 * 148)
-                                                                               : (size_t) (rows * cols * 2);
-    std::vector<uint8_t> w(packed, 0xAB); // garbage: packing must write every byte
-    if (f == Q8_0) csm_q8_pack_rows(W.raw.data(), W.row_bytes, rows, cols, w.data());
-    else if (f == Q4_K) csm_q4k_pack_rows(W.raw.data(), W.row_bytes, rows, cols, w.data());
-    else csm_f16_pack_rows(W.raw.data(), W.row_bytes, rows, cols, w.data());
-    const char * name = format_name[f];
+    const csm_wformat & fmt = csm_wformat_get(f);
+    const int64_t nbp = csm_kernel_nbp(cols);
+    std::vector<uint8_t> w((size_t) (rows * fmt.row_bytes(cols)), 0xAB); // garbage: packing must write every byte
+    fmt.pack_rows(W.raw.data(), W.row_bytes, rows, cols, w.data());
+    const char * name = fmt.name;
 
     // Each column alone: quantisation and product against the references.
     std::vector<std::vector<float>> alone(8);
@@ -336,7 +339,7 @@ void check_silu(int64_t n, uint64_t seed) {
         g[i] = i < 8 && n > 16 ? special[i] : (float) (40 * r.uniform() - 20);
         u[i] = (float) (4 * r.uniform() - 2);
     }
-    csm_neon_silu_mul(g.data(), u.data(), out.data(), n);
+    K->silu_mul(g.data(), u.data(), out.data(), n);
     check c(strf("silu_mul n=%ld", (long) n));
     for (int64_t i = 0; i < n; i++) {
         const double ref = (double) g[i] / (1.0 + std::exp(-(double) g[i])) * u[i];
@@ -346,14 +349,36 @@ void check_silu(int64_t n, uint64_t seed) {
     if (out[(size_t) n] != -12345.0f) c.fail("wrote past the end");
 }
 
+// What csm_kernel_pick() gives: the NEON kernel when the CPU has it and PYCSM_KERNEL allows it;
+// never a kernel that calls itself neon when it does not. (No other kernel is built for aarch64.)
+void check_pick(bool have_neon) {
+    const struct { const char * env; bool neon; } cases[] = {{nullptr, have_neon}, {"neon", have_neon},
+                                                            {"ggml", false}, {"avx512", false}, {"avx2", false}};
+    for (const auto & c : cases) {
+        if (c.env) setenv("PYCSM_KERNEL", c.env, 1);
+        else unsetenv("PYCSM_KERNEL");
+        char line[128];
+        check p(strf("pick with PYCSM_KERNEL=%s: %s", c.env ? c.env : "(unset)", csm_kernel_describe(line, sizeof line)));
+        const csm_kernel * k = csm_kernel_pick();
+        if (c.neon && (!k || k != csm_kernel_neon())) p.fail("not the NEON kernel");
+        if (!c.neon && k && !strcmp(k->name, "neon")) p.fail("the NEON kernel");
+        if (!c.neon && k && c.env && !strcmp(c.env, "ggml")) p.fail("a kernel, expected ggml's products");
+    }
+    unsetenv("PYCSM_KERNEL");
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
     const bool expect_unavailable = argc > 1 && strcmp(argv[1], "--expect-unavailable") == 0;
+    K = csm_kernel_neon();
     {
-        check a(expect_unavailable ? "neon unavailable on this CPU" : "neon available on this CPU");
-        if (csm_neon_available() == expect_unavailable) a.fail("csm_neon_available() says the opposite");
+        check a(expect_unavailable ? "no NEON kernel on this CPU" : "NEON kernel on this CPU");
+        if ((K != nullptr) == expect_unavailable) a.fail("csm_kernel_neon() says the opposite");
+        if (K && (strcmp(K->name, "neon") != 0 || !K->quantize || !K->silu_mul || !K->gemm[Q8_0] || !K->gemm[Q4_K] || !K->gemm[F16]))
+            a.fail("incomplete kernel table");
     }
+    check_pick(!expect_unavailable);
     if (!expect_unavailable && n_fail == 0) {
         // rows: one tile, tiles plus 1-3 tail rows, only tail rows; cols: padded last groups
         const int64_t rows_list[] = {1, 3, 4, 6, 9, 15};
@@ -366,6 +391,8 @@ int main(int argc, char ** argv) {
             for (int64_t cols : q4k_cols) check_format(Q4_K, rows, cols, seed++);
             for (int64_t cols : f16_cols) check_format(F16, rows, cols, seed++);
         }
+        // the backbone's width: 8 groups of 8 blocks (Q8_0), 8 super-blocks (Q4_K), 128 chunks (F16)
+        for (csm_wfmt f : {Q8_0, Q4_K, F16}) check_format(f, 10, 2048, seed++);
         for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_silu(n, seed++);
     }
     printf("%d passed, %d failed\n", n_pass, n_fail);

@@ -1,23 +1,27 @@
-// csm_kernel_neon.cpp - NEON kernels for Q8_0, Q4_K (int8 SDOT) and F16 weights (see csm_kernel_neon.h).
+// neon.cpp - the NEON kernel (kernel.h) for 64-bit ARM with the dot-product extension: Q8_0 and
+// Q4_K as int8 dot products (SDOT), F16 as f32 FMAs. The only file built with -march=armv8.2-a+dotprod
+// (and, with GCC, -fno-schedule-insns: GCC 12's scheduling before register allocation hoists the
+// unrolled loads of a tile and spills, 297 vector spills and reloads in the Q8_0 4-row, 2-column tile
+// with it, none without, counted in the aarch64 disassembly). Keep it free of C++ library headers:
+// inline library code compiled here with the dot-product extension could be picked by the linker for
+// other files.
 //
-// Built with -march=armv8.2-a+dotprod -ffp-contract=off (and, with GCC, -fno-schedule-insns) where
-// the compiler targets aarch64; elsewhere only the stubs at the end are compiled. Keep this file free
-// of C++ library headers: inline library code compiled here with the dot-product extension could be
-// picked by the linker for other files. GCC 12's scheduling before register allocation hoists the
-// unrolled loads of a tile and spills: 297 vector spills and reloads in the Q8_0 4-row, 2-column
-// tile with it, none without (counted in the aarch64 disassembly).
+// Batch invariance (kernel.h): every column goes through the same float operations whatever the
+// number of columns in a pass: exact integer dot products per block, then per group of 8 blocks one
+// fused multiply-add per 4 lanes into that column's own accumulator, summed across lanes at the end
+// by one fixed instruction.
 //
-// Batch invariance: every column goes through the same sequence of floating-point operations
-// whatever NC (the columns of one pass) is: integer dot products per block (exact, in any order),
-// then per group of 8 blocks one fused multiply-add per 4 lanes into that column's own accumulator,
-// summed across lanes at the end by one fixed instruction. -ffp-contract=off keeps the compiler
-// from fusing a multiply and an add in one instantiation and not in another.
-//
-// Speed: not measured (no ARM host here). The choices below follow the cores' published widths
-// (2-4 SDOT and 2-4 FMA pipes, 32 vector registers), not a profile.
-#include "csm_kernel_neon.h"
+// Speed: not measured; pycsm's hosts are x86, where this file is checked for correctness only, under
+// qemu-user (tests/native/neon_kernel_check.cpp, .ci/neon). The choices below follow the cores'
+// published widths (2-4 SDOT and 2-4 FMA pipes, 32 vector registers), not a profile. No i8mm path:
+// its SMMLA/USMMLA multiply 8-byte segments of two rows by two columns, which the shared packed
+// layouts (4-byte lanes, one block each) do not hold, and its USDOT would only save the one EOR per
+// 16 weight bytes below; neither can be weighed without an ARM host.
+#include "kernel.h"
 
-#if defined(__aarch64__) && defined(__ARM_FEATURE_DOTPROD)
+#if !defined(__aarch64__) || !defined(__ARM_FEATURE_DOTPROD)
+#error "kernels/neon.cpp is built for aarch64 with -march=armv8.2-a+dotprod (CMakeLists.txt)"
+#endif
 
 #include <arm_neon.h>
 
@@ -30,7 +34,10 @@
 #include <sys/sysctl.h>
 #endif
 
-bool csm_neon_available() {
+namespace {
+
+// ASIMD with SDOT/UDOT (Armv8.2 dotprod, standard from Armv8.4).
+bool cpu_ok() {
 #if defined(__linux__)
     return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
 #elif defined(__APPLE__)
@@ -42,8 +49,8 @@ bool csm_neon_available() {
 #endif
 }
 
-void csm_neon_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp,
-                       int8_t * y, float * dy, int32_t * sb) {
+void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp, int8_t * y, float * dy,
+              int32_t * sb) {
     const int64_t nb = K / 32;
     for (int64_t c = 0; c < n_col; c++) {
         const float * xc = x + c * x_stride;
@@ -88,7 +95,7 @@ void csm_neon_quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t
 // exp(x) for x in [-88, 88]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
 // (relative error below 1e-8 there), times 2^n built in the exponent field (n in [-127, 127]; 2^-127
 // comes out as 0, which only moves exp(-88) from 6e-39 to 0).
-static inline float32x4_t exp_ps(float32x4_t x) {
+inline float32x4_t exp_ps(float32x4_t x) {
     x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-88.0f)), vdupq_n_f32(88.0f));
     const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
     float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f)); // ln2 = 0.693359375 - 2.12194440e-4
@@ -105,12 +112,12 @@ static inline float32x4_t exp_ps(float32x4_t x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
 
-static inline float32x4_t silu_mul4(float32x4_t g, float32x4_t u) {
+inline float32x4_t silu_mul4(float32x4_t g, float32x4_t u) {
     const float32x4_t e = exp_ps(vnegq_f32(g));
     return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
 }
 
-void csm_neon_silu_mul(const float * g, const float * u, float * out, int64_t n) {
+void silu_mul(const float * g, const float * u, float * out, int64_t n) {
     int64_t i = 0;
     for (; i + 4 <= n; i += 4) vst1q_f32(out + i, silu_mul4(vld1q_f32(g + i), vld1q_f32(u + i)));
     if (i < n) { // the last n % 4 values, lane for lane as above
@@ -122,7 +129,7 @@ void csm_neon_silu_mul(const float * g, const float * u, float * out, int64_t n)
 }
 
 // Eight fp16 values (unaligned) as two f32 vectors: values 0-3 and 4-7.
-static inline void load_f16x8(const uint8_t * p, float32x4_t & lo, float32x4_t & hi) {
+inline void load_f16x8(const uint8_t * p, float32x4_t & lo, float32x4_t & hi) {
     const float16x8_t h = vreinterpretq_f16_u8(vld1q_u8(p));
     lo = vcvt_f32_f16(vget_low_f16(h));
     hi = vcvt_high_f32_f16(h);
@@ -130,7 +137,7 @@ static inline void load_f16x8(const uint8_t * p, float32x4_t & lo, float32x4_t &
 
 // dst[n * dst_stride + r] = the sum of acc[r][n]'s lanes.
 template <int R, int NC>
-static inline void store(const float32x4_t (&acc)[R][NC], float * dst, int64_t dst_stride) {
+inline void store(const float32x4_t (&acc)[R][NC], float * dst, int64_t dst_stride) {
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = vaddvq_f32(acc[r][n]);
 }
@@ -140,11 +147,11 @@ static inline void store(const float32x4_t (&acc)[R][NC], float * dst, int64_t d
 // activations, weights and float accumulators (more columns at once spill). Per row and column the
 // two dot products collect blocks (sub-blocks) 0-3 and 4-7 of a group, lane l block l.
 
-// Q8_0 tile of R rows (see csm_q8_kernel.h) times NC columns; y, dy: the first column. The weights
+// Q8_0 tile of R rows (kernel.h) times NC columns; y, dy: the first column. The weights
 // are stored as q + 128; XOR 0x80 gives back the signed q, so SDOT needs no offset term (sb is unused).
 template <int R, int NC>
-static inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, int64_t col_stride,
-                           float * dst, int64_t dst_stride) {
+inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, int64_t col_stride,
+                    float * dst, int64_t dst_stride) {
     float32x4_t acc[R][NC];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = vdupq_n_f32(0.0f);
@@ -187,8 +194,8 @@ static inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, con
 // valid signed bytes); value = d * sc_l * q - dmin * m_l, hence per group and 4 sub-blocks:
 // acc += d sc dy . dot, then acc -= dmin m . (dy sum(y)), with sum(y) = sb / -128.
 template <int R, int NC>
-static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                            int64_t col_stride, float * dst, int64_t dst_stride) {
+inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                     int64_t col_stride, float * dst, int64_t dst_stride) {
     float32x4_t acc[R][NC];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = vdupq_n_f32(0.0f);
@@ -246,8 +253,8 @@ static inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, co
 // NC activation columns (not rounded) with f32 FMAs. Two accumulators per row and column (values
 // 0-3 and 8-11, 4-7 and 12-15) halve the chain of dependent FMAs a single column waits on.
 template <int R, int NC>
-static inline void tile_f16(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, float * dst,
-                            int64_t dst_stride) {
+inline void tile_f16(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, float * dst,
+                     int64_t dst_stride) {
     float32x4_t acc[R][NC][2];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n][0] = acc[r][n][1] = vdupq_n_f32(0.0f);
@@ -270,94 +277,65 @@ static inline void tile_f16(const uint8_t * t, int64_t nch, const float * x, int
 
 // All columns of one F16 tile, two at a time (2 x 4 x 2 accumulators fill half the registers).
 template <int R>
-static inline void tile_f16_cols(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, int64_t n_col,
-                                 float * dst, int64_t dst_stride) {
+inline void tile_f16_cols(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, int64_t n_col,
+                          float * dst, int64_t dst_stride) {
     int64_t c = 0;
     for (; c + 2 <= n_col; c += 2) tile_f16<R, 2>(t, nch, x + c * x_stride, x_stride, dst + c * dst_stride, dst_stride);
     if (c < n_col) tile_f16<R, 1>(t, nch, x + c * x_stride, x_stride, dst + c * dst_stride, dst_stride);
 }
 
-void csm_neon_f16_gemm(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const float * x,
-                       int64_t x_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+void gemm_f16(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const csm_kernel_input & in,
+              int64_t c0, int64_t n_col, float * dst, int64_t dst_stride) {
     const int64_t full = rows / 4 * 4, nch = cols / 16;
+    const float * x = in.x + c0 * in.x_stride;
     int64_t r = r0;
-    for (; r + 4 <= r1 && r + 4 <= full; r += 4) tile_f16_cols<4>(w + r * cols * 2, nch, x, x_stride, n_col, dst + r, dst_stride);
-    for (; r < r1; r++) tile_f16_cols<1>(w + r * cols * 2, nch, x, x_stride, n_col, dst + r, dst_stride);
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) tile_f16_cols<4>(w + r * cols * 2, nch, x, in.x_stride, n_col, dst + r - r0, dst_stride);
+    for (; r < r1; r++) tile_f16_cols<1>(w + r * cols * 2, nch, x, in.x_stride, n_col, dst + r - r0, dst_stride);
 }
 
+// One int8 tile times n <= NC columns.
 template <bool Q4K, int R, int NC>
-static inline void tile_any(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                            int64_t col_stride, float * dst, int64_t dst_stride) {
+inline void tile_any(int64_t n, const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                     int64_t col_stride, float * dst, int64_t dst_stride) {
+    if constexpr (NC > 1) {
+        if (n < NC) return tile_any<Q4K, R, NC - 1>(n, t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+    }
     if constexpr (Q4K) tile_q4k<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
     else tile_q8<R, NC>(t, nbp, y, dy, col_stride, dst, dst_stride);
 }
 
 // All columns of one int8 tile, NC at a time: 2 for 4-row tiles, 4 for single rows (see above).
 template <bool Q4K, int R>
-static inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                             int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                      int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
     constexpr int NC = R == 4 ? 2 : 4;
     for (int64_t c = 0; c < n_col; c += NC) {
-        const int8_t * yc = y + c * 256;
-        const float * dc = dy + c * 8;
-        const int32_t * sc = sb + c * 8;
-        float * oc = dst + c * dst_stride;
-        switch (n_col - c < NC ? n_col - c : NC) {
-            case 1: tile_any<Q4K, R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 2: tile_any<Q4K, R, NC < 2 ? NC : 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 3: tile_any<Q4K, R, NC < 3 ? NC : 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            default: tile_any<Q4K, R, NC>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-        }
+        tile_any<Q4K, R, NC>(n_col - c < NC ? n_col - c : NC, t, nbp, y + c * 256, dy + c * 8, sb + c * 8, col_stride,
+                             dst + c * dst_stride, dst_stride);
     }
 }
 
 // Rows [r0, r1): whole 4-row tiles, then the last rows % 4 rows one by one.
 template <bool Q4K>
-static void gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t row_bytes, int64_t r0, int64_t r1,
-                 const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
-                 float * dst, int64_t dst_stride) {
-    const int64_t full = rows / 4 * 4;
+void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const csm_kernel_input & in,
+               int64_t c0, int64_t n_col, float * dst, int64_t dst_stride) {
+    const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
+    const int8_t * y = in.y + c0 * 256;
+    const float * dy = in.dy + c0 * 8;
+    const int32_t * sb = in.sb + c0 * 8;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4)
-        tile_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
-    for (; r < r1; r++) tile_cols<Q4K, 1>(w + r * row_bytes, nbp, y, dy, sb, col_stride, n_col, dst + r, dst_stride);
+        tile_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
+    for (; r < r1; r++) tile_cols<Q4K, 1>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
 }
 
-void csm_neon_q8_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
-                      const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
-                      float * dst, int64_t dst_stride) {
-    gemm<false>(w, rows, nbp, nbp * 34, r0, r1, y, dy, sb, col_stride, n_col, dst, dst_stride);
+const csm_kernel KERNEL = {
+    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul,
+};
+
+} // namespace
+
+const csm_kernel * csm_kernel_neon() {
+    static const bool ok = cpu_ok();
+    return ok ? &KERNEL : nullptr;
 }
-
-void csm_neon_q4k_gemm(const uint8_t * w, int64_t rows, int64_t nbp, int64_t r0, int64_t r1,
-                       const int8_t * y, const float * dy, const int32_t * sb, int64_t col_stride, int64_t n_col,
-                       float * dst, int64_t dst_stride) {
-    gemm<true>(w, rows, nbp, nbp / 8 * 148, r0, r1, y, dy, sb, col_stride, n_col, dst, dst_stride);
-}
-
-#else // not aarch64 with the dot-product extension
-
-bool csm_neon_available() { return false; }
-
-void csm_neon_quantize(const float *, int64_t, int64_t, int64_t, int64_t, int8_t *, float *, int32_t *) {
-    __builtin_trap();
-}
-
-void csm_neon_q8_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *,
-                      const int32_t *, int64_t, int64_t, float *, int64_t) {
-    __builtin_trap();
-}
-
-void csm_neon_q4k_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const int8_t *, const float *,
-                       const int32_t *, int64_t, int64_t, float *, int64_t) {
-    __builtin_trap();
-}
-
-void csm_neon_f16_gemm(const uint8_t *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, int64_t, float *,
-                       int64_t) {
-    __builtin_trap();
-}
-
-void csm_neon_silu_mul(const float *, const float *, float *, int64_t) { __builtin_trap(); }
-
-#endif

@@ -1,0 +1,203 @@
+// csm_ops.cpp - pycsm's kernels run as ggml custom ops (csm_ops.h). The threads of ggml's pool split
+// each op's 4-row tiles; every thread prepares the op's input itself (cheap next to its share of the
+// weights).
+#include "csm_ops.h"
+
+#include "csm_log.h"
+#include "csm_packed.h"
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct q8_scratch {
+    std::vector<int8_t> y;
+    std::vector<float> dy;
+    std::vector<int32_t> sb;
+};
+
+// The op's input as the kernel reads it: quantised for the int8 formats (into this thread's
+// scratch), the f32 columns for F16.
+csm_kernel_input prepare_input(const ggml_tensor * x, const csm_packed_matrix & W) {
+    csm_kernel_input in;
+    const int64_t n = x->ne[1], x_stride = (int64_t) (x->nb[1] / sizeof(float));
+    if (!csm_wformat_get(W.fmt).int8_input) {
+        in.x = (const float *) x->data;
+        in.x_stride = x_stride;
+        return in;
+    }
+    thread_local q8_scratch s;
+    const size_t nblk = (size_t) (n * W.nbp);
+    if (s.y.size() < nblk * 32) s.y.resize(nblk * 32);
+    if (s.dy.size() < nblk) { s.dy.resize(nblk); s.sb.resize(nblk); }
+    W.kernel->quantize((const float *) x->data, x_stride, n, x->ne[0], W.nbp, s.y.data(), s.dy.data(), s.sb.data());
+    in.y = s.y.data();
+    in.dy = s.dy.data();
+    in.sb = s.sb.data();
+    in.col_stride = n;
+    return in;
+}
+
+// Rows [r0, r1) of W times columns [c0, c0 + n) of the input, to out[c * out_stride + r - r0].
+void gemm_rows(const csm_packed_matrix & W, const csm_kernel_input & in, int64_t c0, int64_t n, int64_t r0, int64_t r1,
+               float * out, int64_t out_stride) {
+    if (r0 < r1) W.kernel->gemm[W.fmt](W.w, W.rows, W.cols, r0, r1, in, c0, n, out, out_stride);
+}
+
+// Thread ith's share [t0, t1) of n_tiles 4-row tiles: contiguous, so each thread streams its part once.
+void tile_share(int64_t n_tiles, int ith, int nth, int64_t & t0, int64_t & t1) {
+    t0 = n_tiles * ith / nth;
+    t1 = n_tiles * (ith + 1) / nth;
+}
+
+// This thread's share of W times columns [c0, c0 + n) of the input.
+void gemm_share(const csm_packed_matrix & W, const csm_kernel_input & in, int64_t c0, int64_t n, float * out,
+                int64_t out_stride, int ith, int nth) {
+    int64_t t0, t1;
+    tile_share((W.rows + 3) / 4, ith, nth, t0, t1);
+    gemm_rows(W, in, c0, n, t0 * 4, std::min(t1 * 4, W.rows), out + t0 * 4, out_stride);
+}
+
+// dst = W x, W = userdata.
+void mul_mat_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_packed_matrix & W = *(const csm_packed_matrix *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const csm_kernel_input in = prepare_input(x, W);
+    gemm_share(W, in, 0, x->ne[1], (float *) dst->data, (int64_t) (dst->nb[1] / sizeof(float)), ith, nth);
+}
+
+// dst[:, b] = heads[ids[b]] x[:, b]; userdata = the model. Runs of columns with the same head are
+// one product (the frame loop gives all sequences the same head).
+void heads_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_model & m = *(const csm_model *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const int32_t * ids = (const int32_t *) dst->src[1]->data;
+    const int64_t n = x->ne[1], n_heads = (int64_t) m.packed_heads.size();
+    const csm_kernel_input in = prepare_input(x, *m.packed_heads[0]);
+    const int64_t stride = (int64_t) (dst->nb[1] / sizeof(float));
+    for (int64_t c0 = 0; c0 < n;) {
+        int64_t c1 = c0 + 1;
+        while (c1 < n && ids[c1] == ids[c0]) c1++;
+        const int64_t h = ids[c0] < 0 ? 0 : ids[c0] >= n_heads ? n_heads - 1 : ids[c0]; // ids come from csm_generate
+        gemm_share(*m.packed_heads[h], in, c0, c1 - c0, (float *) dst->data + c0 * stride, stride, ith, nth);
+        c0 = c1;
+    }
+}
+
+// The group's products one after another in dst: matrix i's [rows_i, n] at the sum of the earlier
+// rows_i * n. The threads split the tiles of all matrices together.
+void group_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_packed_group & G = *(const csm_packed_group *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n = x->ne[1];
+    const csm_kernel_input in = prepare_input(x, *G.mats[0]);
+    int64_t n_tiles = 0;
+    for (const csm_packed_matrix * W : G.mats) n_tiles += (W->rows + 3) / 4;
+    int64_t t0, t1;
+    tile_share(n_tiles, ith, nth, t0, t1);
+    float * out = (float *) dst->data;
+    int64_t first = 0; // the current matrix's first tile in the common numbering
+    for (const csm_packed_matrix * W : G.mats) {
+        const int64_t nt = (W->rows + 3) / 4, a = std::max(t0 - first, (int64_t) 0), b = std::min(t1 - first, nt);
+        if (a < b) gemm_rows(*W, in, 0, n, a * 4, std::min(b * 4, W->rows), out + a * 4, W->rows);
+        out += W->rows * n;
+        first += nt;
+    }
+}
+
+// dst [ff, n] = silu(gate x) * (up x) for the group {gate, up}: this thread's tiles in chunks of
+// rows, both products of a chunk into scratch, then combined.
+void gate_up_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_packed_group & G = *(const csm_packed_group *) userdata;
+    const csm_packed_matrix & gate = *G.mats[0], & up = *G.mats[1];
+    const ggml_tensor * x = dst->src[0];
+    const int64_t n = x->ne[1], ff = gate.rows, stride = (int64_t) (dst->nb[1] / sizeof(float));
+    const csm_kernel_input in = prepare_input(x, gate);
+    const int64_t CHUNK = 128; // rows per chunk (a multiple of 4)
+    thread_local std::vector<float> g, u;
+    if (g.size() < (size_t) (CHUNK * n)) {
+        g.resize((size_t) (CHUNK * n));
+        u.resize((size_t) (CHUNK * n));
+    }
+    int64_t t0, t1;
+    tile_share((ff + 3) / 4, ith, nth, t0, t1);
+    const int64_t r_end = std::min(t1 * 4, ff);
+    for (int64_t r0 = t0 * 4; r0 < r_end; r0 += CHUNK) {
+        const int64_t r1 = std::min(r0 + CHUNK, r_end);
+        gemm_rows(gate, in, 0, n, r0, r1, g.data(), CHUNK);
+        gemm_rows(up, in, 0, n, r0, r1, u.data(), CHUNK);
+        for (int64_t c = 0; c < n; c++) {
+            gate.kernel->silu_mul(g.data() + c * CHUNK, u.data() + c * CHUNK, (float *) dst->data + c * stride + r0, r1 - r0);
+        }
+    }
+}
+
+const csm_packed_group * find_group(const csm_model & m, const ggml_tensor * first) {
+    auto it = m.packed_groups.find(first);
+    return it == m.packed_groups.end() ? nullptr : it->second.get();
+}
+
+void check_input(const csm_packed_matrix & W, const ggml_tensor * x, const char * what) {
+    if (x->type != GGML_TYPE_F32 || x->ne[0] != W.cols || x->ne[2] != 1 || x->ne[3] != 1 || x->nb[0] != sizeof(float)) {
+        csm_fail("internal: '%s' is packed but its input is not f32 rows of %lld", what, (long long) W.cols);
+    }
+}
+
+} // namespace
+
+void csm_mul_mat_qkv(ggml_context * ctx, const csm_model & m, ggml_tensor * wq, ggml_tensor * wk, ggml_tensor * wv,
+                     ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v) {
+    const csm_packed_group * G = find_group(m, wq);
+    if (!G) {
+        *q = csm_mul_mat(ctx, m, wq, x);
+        *k = csm_mul_mat(ctx, m, wk, x);
+        *v = csm_mul_mat(ctx, m, wv, x);
+        return;
+    }
+    check_input(*G->mats[0], x, wq->name);
+    const int64_t n = x->ne[1];
+    int64_t rows = 0;
+    for (const csm_packed_matrix * W : G->mats) rows += W->rows;
+    ggml_tensor * args[1] = {x};
+    ggml_tensor * all = ggml_custom_4d(ctx, GGML_TYPE_F32, rows * n, 1, 1, 1, args, 1, group_op, GGML_N_TASKS_MAX, (void *) G);
+    ggml_tensor ** outs[3] = {q, k, v};
+    size_t offset = 0;
+    for (int i = 0; i < 3; i++) {
+        const int64_t r = G->mats[i]->rows;
+        *outs[i] = ggml_view_2d(ctx, all, r, n, r * sizeof(float), offset);
+        offset += (size_t) (r * n) * sizeof(float);
+    }
+}
+
+ggml_tensor * csm_ffn_gate_up(ggml_context * ctx, const csm_model & m, ggml_tensor * w_gate, ggml_tensor * w_up,
+                              ggml_tensor * x) {
+    const csm_packed_group * G = find_group(m, w_gate);
+    if (!G) return ggml_mul(ctx, ggml_silu(ctx, csm_mul_mat(ctx, m, w_gate, x)), csm_mul_mat(ctx, m, w_up, x));
+    check_input(*G->mats[0], x, w_gate->name);
+    ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, G->mats[0]->rows, x->ne[1], 1, 1, args, 1, gate_up_op, GGML_N_TASKS_MAX,
+                          (void *) G);
+}
+
+ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x) {
+    auto it = m.packed.find(w);
+    if (it == m.packed.end()) return ggml_mul_mat(ctx, w, x);
+    const csm_packed_matrix * W = it->second.get();
+    check_input(*W, x, w->name);
+    ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 1, mul_mat_op, GGML_N_TASKS_MAX, (void *) W);
+}
+
+ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids) {
+    const int64_t V = m.hp.audio_vocab_size, B = x->ne[1];
+    if (m.packed_heads.empty()) {
+        ggml_tensor * l = ggml_mul_mat_id(ctx, m.depth_heads, ggml_reshape_3d(ctx, x, x->ne[0], 1, B), ids);
+        return ggml_reshape_2d(ctx, l, V, B);
+    }
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || x->ne[2] != 1 || x->ne[3] != 1) {
+        csm_fail("internal: depth heads need f32 rows of hidden states");
+    }
+    ggml_tensor * args[2] = {x, ids};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, V, B, 1, 1, args, 2, heads_op, GGML_N_TASKS_MAX, (void *) &m);
+}

@@ -1,0 +1,23 @@
+// csm_ops.h - the matrix products of the graphs: pycsm's kernels as ggml custom ops where the model
+// holds packed copies of the weights (csm_packed.h), ggml's products elsewhere.
+#pragma once
+
+#include "csm_model.h"
+
+// w x for a weight of the model: pycsm's kernel when the model holds a packed copy of w (then x must
+// be f32 [w->ne[0], n], 2-D; its mapped pages are gone), else ggml_mul_mat. Result f32 [w->ne[1], n].
+ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x);
+
+// q, k and v (f32 [rows, n] each) of input x: views of one op's result when the model has the three
+// packed as a group (one quantisation of x, one pass over the threads), else three products.
+void csm_mul_mat_qkv(ggml_context * ctx, const csm_model & m, ggml_tensor * wq, ggml_tensor * wk, ggml_tensor * wv,
+                     ggml_tensor * x, ggml_tensor ** q, ggml_tensor ** k, ggml_tensor ** v);
+
+// The gated feed-forward input silu(gate x) * (up x), f32 [ff, n]: one op when the model has gate
+// and up packed as a group, else ggml's products, silu and mul.
+ggml_tensor * csm_ffn_gate_up(ggml_context * ctx, const csm_model & m, ggml_tensor * w_gate, ggml_tensor * w_up,
+                              ggml_tensor * x);
+
+// The depth heads: column b of x [dp_d, B] times head ids[b] (i32 [1, B]); result f32 [vocab, B].
+// Uses the model's packed heads when it has them, else ggml_mul_mat_id on the F16/F32 copy.
+ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids);

@@ -1,0 +1,394 @@
+// avx512.cpp - the AVX512-VNNI kernel (kernel.h): Q8_0 and Q4_K as int8 dot products (vpdpbusd), F16
+// as fp32 FMAs. The only file built with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mf16c -mfma.
+// Keep it free of C++ library headers: inline library code compiled here with AVX512 enabled could
+// be picked by the linker for other files.
+#include "kernel.h"
+
+#include <immintrin.h>
+
+namespace {
+
+bool cpu_ok() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+}
+
+void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp, int8_t * y, float * dy,
+              int32_t * sb) {
+    const int64_t nb = K / 32;
+    for (int64_t c = 0; c < n_col; c++) {
+        const float * xc = x + c * x_stride;
+        for (int64_t b = 0; b < nb; b++) {
+            const __m512 v0 = _mm512_loadu_ps(xc + b * 32), v1 = _mm512_loadu_ps(xc + b * 32 + 16);
+            const __m512 a = _mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1));
+            const float amax = _mm512_reduce_max_ps(a);
+            const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+            const __m512 vid = _mm512_set1_ps(id);
+            const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid)); // round to nearest even
+            const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+            alignas(32) int32_t chunk[8]; // the block's 32 quants as 8 groups of 4 bytes
+            _mm_store_si128((__m128i *) chunk, _mm512_cvtsepi32_epi8(q0));
+            _mm_store_si128((__m128i *) (chunk + 4), _mm512_cvtsepi32_epi8(q1));
+            const int64_t gi = (b / 8) * n_col + c;
+            int32_t * grp = (int32_t *) (y + gi * 256);
+            for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = chunk[m];
+            dy[gi * 8 + b % 8] = amax / 127.0f;
+            sb[gi * 8 + b % 8] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        }
+        for (int64_t b = nb; b < nbp; b++) {
+            const int64_t gi = (b / 8) * n_col + c;
+            int32_t * grp = (int32_t *) (y + gi * 256);
+            for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
+            dy[gi * 8 + b % 8] = 0.0f;
+            sb[gi * 8 + b % 8] = 0;
+        }
+    }
+}
+
+// exp(x) for x in [-88, 88]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error below 1e-8 there), times 2^n.
+inline __m512 exp_ps(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); // ln2 = 0.693359375 - 2.12194440e-4
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+void silu_mul(const float * g, const float * u, float * out, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (n - i)) - 1);
+        const __m512 gv = _mm512_maskz_loadu_ps(k, g + i), uv = _mm512_maskz_loadu_ps(k, u + i);
+        const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mul_ps(s, uv));
+    }
+}
+
+// With several columns a tile is compute-heavy enough that the core stops running ahead of memory:
+// fetch the weights this many bytes ahead into L2. (Measured on a Zen 5 host: B=4 steps 18 % faster with
+// 4-8 KiB.)
+constexpr int64_t PREFETCH_BYTES = 6144;
+// One column: Q8_0 is best left to the hardware prefetcher (it reads as fast as a plain read loop),
+// but Q4_K and F16, with more instructions per byte, fall behind it; fetching 8 KiB ahead into L2
+// makes one Q4_K stream 10-16 % faster and one F16 stream 5-7 % (Zen 5, frame-by-frame A/B; on an
+// Intel Xeon, depth-decoder-sized Q4_K products 7-10 % faster).
+constexpr int64_t PREFETCH_1COL_BYTES = 8192;
+
+// The float side of every int8 product, shared by the one-column (256-bit) and several-column
+// (512-bit) dot products so that a column's result does not depend on the column count: per group
+// of 8 blocks, lane l of acc += float(dot_l) * (dx_l * dy_l) [- dmin m_l * ysum_l for Q4_K], then
+// the 8 lanes summed in one fixed tree.
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// The two 256-bit halves of an exact integer dot product added: lane l of the result is block l's.
+inline __m256i fold(__m512i v) { return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)); }
+
+template <int R, int NC>
+inline void zero(__m256 (&acc)[R][NC]) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+}
+
+template <int R, int NC>
+inline void store(__m256 (&acc)[R][NC], float * dst, int64_t dst_stride) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
+}
+
+inline __m256 q8_scale(const uint8_t * t, int r, const float * dy) {
+    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16))), _mm256_loadu_ps(dy));
+}
+
+// Q8_0, one column: R rows of a tile (kernel.h). Two chains of dot products (even and odd m) halve
+// the dependency latency.
+template <int R>
+inline void tile_q8_1(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                      int64_t col_stride, float * dst, int64_t dst_stride) {
+    __m256 acc[R][1];
+    zero<R, 1>(acc);
+    const int64_t group = R * (16 + 8 * 32);
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        const uint8_t * qt = t + R * 16;
+        const int8_t * yg = y + g * col_stride * 256;
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            __m256i dot = _mm256_loadu_si256((const __m256i *) (sb + g * col_stride * 8)), dot2 = _mm256_setzero_si256();
+            _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
+                const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
+                const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
+                dot = _mm256_dpbusd_epi32(dot, x0, _mm256_loadu_si256((const __m256i *) (yg + m * 32)));
+                dot2 = _mm256_dpbusd_epi32(dot2, x1, _mm256_loadu_si256((const __m256i *) (yg + m * 32 + 32)));
+            }
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot, dot2)),
+                                        q8_scale(t, r, dy + g * col_stride * 8), acc[r][0]);
+        }
+    }
+    store<R, 1>(acc, dst, dst_stride);
+}
+
+// Q8_0, several columns (a batch, a prompt), where arithmetic rather than memory sets the pace:
+// 512-bit dot products, one zmm load covering vectors m and m + 1 (lanes 0-7 collect the even m,
+// lanes 8-15 the odd m of blocks 0-7), rows in pairs so that each activation load serves two rows.
+template <int R, int NC>
+inline void tile_q8_n(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                      int64_t col_stride, float * dst, int64_t dst_stride) {
+    __m256 acc[R][NC];
+    zero<R, NC>(acc);
+    const int64_t group = R * (16 + 8 * 32);
+    constexpr int RP = R % 2 == 0 ? 2 : 1; // rows per pass
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+            _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        const uint8_t * qt = t + R * 16;
+        _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
+            __m512i dot[RP][NC];
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                const __m512i s = _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *) (sb + (g * col_stride + n) * 8)));
+                _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) dot[r][n] = s;
+            }
+            _Pragma("GCC unroll 4") for (int m2 = 0; m2 < 4; m2++) {
+                __m512i yv[NC];
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+                    yv[n] = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + m2 * 64));
+                _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
+                    const __m512i xv = _mm512_loadu_si512((const void *) (qt + (r0 + r) * 256 + m2 * 64));
+                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv, yv[n]);
+                }
+            }
+            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    acc[r0 + r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(fold(dot[r][n])),
+                                                     q8_scale(t, r0 + r, dy + (g * col_stride + n) * 8), acc[r0 + r][n]);
+                }
+            }
+        }
+    }
+    store<R, NC>(acc, dst, dst_stride);
+}
+
+// Q4_K's per-row factors of a group: d * scale_l and dmin * min_l.
+inline void q4k_factors(const uint8_t * h, __m256 & dsc, __m256 & dmn) {
+    uint16_t d16, m16;
+    __builtin_memcpy(&d16, h, 2);
+    __builtin_memcpy(&m16, h + 2, 2);
+    dsc = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(d16)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (h + 4)))));
+    dmn = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(m16)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (h + 12)))));
+}
+
+// dy * sum(y) per block of a column's group (sb = -128 * sum(y)).
+inline __m256 q4k_ysum(const int32_t * sb, const float * dy) {
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) sb));
+    return _mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(-1.0f / 128.0f)), _mm256_loadu_ps(dy));
+}
+
+// value = d * sc_l * q - dmin * m_l per sub-block l, hence per group: acc += d sc dy . dot - dmin m . (dy sum(y)).
+inline __m256 q4k_acc(__m256 acc, __m256i dot, __m256 dsc, __m256 dmn, const float * dy, __m256 ysum) {
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(dsc, _mm256_loadu_ps(dy)), acc);
+    return _mm256_fnmadd_ps(dmn, ysum, acc);
+}
+
+// Q4_K, one column: lane l of the dot products collects sub-block l (unsigned 4-bit quants: no offset).
+template <int R>
+inline void tile_q4k_1(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                       int64_t col_stride, float * dst, int64_t dst_stride) {
+    __m256 acc[R][1];
+    zero<R, 1>(acc);
+    const int64_t group = R * 148;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+            _mm_prefetch((const char *) t + PREFETCH_1COL_BYTES + o, _MM_HINT_T1);
+        const int8_t * yg = y + g * col_stride * 256;
+        const __m256 ysum = q4k_ysum(sb + g * col_stride * 8, dy + g * col_stride * 8);
+        const uint8_t * qt = t + R * 20;
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            __m256i dot = _mm256_setzero_si256(), dot2 = _mm256_setzero_si256();
+            _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
+                // vector k: activation vector m = k / 2 * 4 + k % 2 in the low nibbles, m + 2 in the high
+                const __m256i p = _mm256_loadu_si256((const __m256i *) (qt + r * 128 + k * 32));
+                const int8_t * ym = yg + (k / 2 * 4 + k % 2) * 32;
+                dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(p, low), _mm256_loadu_si256((const __m256i *) ym));
+                dot2 = _mm256_dpbusd_epi32(dot2, _mm256_and_si256(_mm256_srli_epi16(p, 4), low),
+                                           _mm256_loadu_si256((const __m256i *) (ym + 64)));
+            }
+            __m256 dsc, dmn;
+            q4k_factors(t + r * 20, dsc, dmn);
+            acc[r][0] = q4k_acc(acc[r][0], _mm256_add_epi32(dot, dot2), dsc, dmn, dy + g * col_stride * 8, ysum);
+        }
+    }
+    store<R, 1>(acc, dst, dst_stride);
+}
+
+// Q4_K, several columns: the 64 bytes of vectors 2J and 2J + 1 hold activation vectors 4J, 4J + 1 in
+// their low nibbles and 4J + 2, 4J + 3 in their high nibbles, so each nibble half pairs with one
+// contiguous zmm of activations.
+template <int R, int NC>
+inline void tile_q4k_n(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                       int64_t col_stride, float * dst, int64_t dst_stride) {
+    __m256 acc[R][NC];
+    zero<R, NC>(acc);
+    const int64_t group = R * 148;
+    constexpr int RP = R % 2 == 0 ? 2 : 1; // rows per pass
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+            _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        __m256 ysum[NC];
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+            ysum[n] = q4k_ysum(sb + (g * col_stride + n) * 8, dy + (g * col_stride + n) * 8);
+        const uint8_t * qt = t + R * 20;
+        _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
+            __m512i dot[RP][NC];
+            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++)
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 2") for (int J = 0; J < 2; J++) {
+                _Pragma("GCC unroll 2") for (int hi = 0; hi < 2; hi++) {
+                    __m512i yv[NC];
+                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+                        yv[n] = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + J * 128 + hi * 64));
+                    _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
+                        const __m512i p = _mm512_loadu_si512((const void *) (qt + (r0 + r) * 128 + J * 64));
+                        const __m512i xv = _mm512_and_si512(hi ? _mm512_srli_epi16(p, 4) : p, low);
+                        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv, yv[n]);
+                    }
+                }
+            }
+            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
+                __m256 dsc, dmn;
+                q4k_factors(t + (r0 + r) * 20, dsc, dmn);
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
+                    acc[r0 + r][n] = q4k_acc(acc[r0 + r][n], fold(dot[r][n]), dsc, dmn, dy + (g * col_stride + n) * 8, ysum[n]);
+            }
+        }
+    }
+    store<R, NC>(acc, dst, dst_stride);
+}
+
+// The 16 lanes of an F16 accumulator summed in one fixed tree: halves, quarters, pairs, neighbours.
+// (The masked forms of the shuffles: GCC 12 warns about the undefined source of the plain ones.)
+inline float hsum512(__m512 v) {
+    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0xB1));
+    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0xB1));
+    return _mm512_cvtss_f32(v);
+}
+
+// F16 tile: per chunk of 16 columns, the R rows' 16 halves converted to fp32 and multiplied into
+// the NC activation columns with fp32 FMAs (the activations are not rounded). Each column has its
+// own accumulators, updated in the same order whatever NC is.
+template <int R, int NC>
+inline void tile_f16(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, float * dst, int64_t dst_stride) {
+    __m512 acc[R][NC];
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nch; c++, t += R * 32) {
+        constexpr int64_t ahead = NC > 1 ? PREFETCH_BYTES : PREFETCH_1COL_BYTES;
+        if constexpr (R * 32 >= 64) {
+            _Pragma("GCC unroll 4") for (int o = 0; o < R * 32; o += 64) _mm_prefetch((const char *) t + ahead + o, _MM_HINT_T1);
+        } else if (c % 2 == 0) { // a 1-row tile's chunk is half a cache line
+            _mm_prefetch((const char *) t + ahead, _MM_HINT_T1);
+        }
+        __m512 xv[NC];
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) xv[n] = _mm512_loadu_ps(x + n * x_stride + c * 16);
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
+            const __m512 wv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (t + r * 32)));
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm512_fmadd_ps(wv, xv[n], acc[r][n]);
+        }
+    }
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum512(acc[r][n]);
+}
+
+template <int R>
+inline void f16_cols(const uint8_t * t, int64_t nch, const float * x, int64_t x_stride, int64_t n_col, float * dst,
+                     int64_t dst_stride) {
+    for (int64_t c = 0; c < n_col; c += 4) {
+        const float * xc = x + c * x_stride;
+        float * oc = dst + c * dst_stride;
+        switch (n_col - c < 4 ? n_col - c : 4) {
+            case 1: tile_f16<R, 1>(t, nch, xc, x_stride, oc, dst_stride); break;
+            case 2: tile_f16<R, 2>(t, nch, xc, x_stride, oc, dst_stride); break;
+            case 3: tile_f16<R, 3>(t, nch, xc, x_stride, oc, dst_stride); break;
+            default: tile_f16<R, 4>(t, nch, xc, x_stride, oc, dst_stride); break;
+        }
+    }
+}
+
+void gemm_f16(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const csm_kernel_input & in,
+              int64_t c0, int64_t n_col, float * dst, int64_t dst_stride) {
+    const int64_t full = rows / 4 * 4, nch = cols / 16;
+    const float * x = in.x + c0 * in.x_stride;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) f16_cols<4>(w + r * cols * 2, nch, x, in.x_stride, n_col, dst + r - r0, dst_stride);
+    for (; r < r1; r++) f16_cols<1>(w + r * cols * 2, nch, x, in.x_stride, n_col, dst + r - r0, dst_stride);
+}
+
+template <bool Q4K, int R, int NC>
+inline void tile_any(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                     int64_t col_stride, float * dst, int64_t dst_stride) {
+    if constexpr (Q4K && NC > 1) tile_q4k_n<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+    else if constexpr (Q4K) tile_q4k_1<R>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+    else if constexpr (NC > 1) tile_q8_n<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+    else tile_q8_1<R>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
+}
+
+// All columns of one tile, four at a time.
+template <bool Q4K, int R>
+inline void int8_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+                      int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
+    for (int64_t c = 0; c < n_col; c += 4) {
+        const int8_t * yc = y + c * 256;
+        const float * dc = dy + c * 8;
+        const int32_t * sc = sb + c * 8;
+        float * oc = dst + c * dst_stride;
+        switch (n_col - c < 4 ? n_col - c : 4) {
+            case 1: tile_any<Q4K, R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 2: tile_any<Q4K, R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 3: tile_any<Q4K, R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            default: tile_any<Q4K, R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+        }
+    }
+}
+
+// Rows [r0, r1): whole 4-row tiles, then the last rows % 4 rows one by one.
+template <bool Q4K>
+void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1, const csm_kernel_input & in,
+               int64_t c0, int64_t n_col, float * dst, int64_t dst_stride) {
+    const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
+    const int8_t * y = in.y + c0 * 256;
+    const float * dy = in.dy + c0 * 8;
+    const int32_t * sb = in.sb + c0 * 8;
+    int64_t r = r0;
+    for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
+        int8_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
+    }
+    for (; r < r1; r++) int8_cols<Q4K, 1>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
+}
+
+const csm_kernel KERNEL = {
+    "avx512", "AVX512-VNNI", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul,
+};
+
+} // namespace
+
+const csm_kernel * csm_kernel_avx512() {
+    static const bool ok = cpu_ok();
+    return ok ? &KERNEL : nullptr;
+}
