@@ -5,11 +5,12 @@
 
 `CSM.stream_converse` speaks the script below with both speakers' voice references (5 s of codes
 each) in every prompt. A random-weight model (benchmarks/make_model.py) never ends a turn, so every
-turn runs to its cap and the context fills as fast as it can: from the twelfth turn or so on, each
-prompt holds the references and the most recent turns that fit beside the turn's 125 frames, close
-to the 2048 positions of the context. Per turn it prints the prompt positions, how many earlier
+turn runs to its cap and the context fills as fast as it can: from the thirteenth turn on, each
+prompt holds the references and the twelve most recent turns, which fit beside the turn's 125
+frames, close to the 2048 positions of the context. Per turn it prints the prompt positions, how many earlier
 turns the prompt kept, the time to the turn's first audio chunk (prefill + 4 frames + their decode)
-and the turn's whole time. Not a test: pytest does not collect it.
+and the turn's whole time; --json gets every measurement, rewritten after each turn (an interrupted
+run keeps what it measured). Not a test: pytest does not collect it.
 """
 
 from __future__ import annotations
@@ -28,27 +29,27 @@ if str(REPO) not in sys.path:  # a source checkout: import this pycsm
 
 import pycsm  # noqa: E402
 
-SCRIPT = [
-    ("Ann", "Morning! Did you sleep at all with that storm going on?"),
-    ("Bob", "Barely. The shutters kept banging until about three."),
-    ("Ann", "Same here. I finally got up and tied ours shut with a scarf."),
-    ("Bob", "That is resourceful. Did it hold?"),
-    ("Ann", "It held. The scarf did not survive, though."),
-    ("Bob", "A noble sacrifice. Coffee?"),
+SCRIPT = [  # one sentence per turn: one piece of up to the cap each
+    ("Ann", "Morning, did you sleep at all with that storm going on?"),
+    ("Bob", "Barely, the shutters kept banging until about three."),
+    ("Ann", "Same here, so I finally got up and tied ours shut with a scarf."),
+    ("Bob", "That is resourceful, did it hold?"),
+    ("Ann", "It held, but the scarf did not survive."),
+    ("Bob", "A noble sacrifice, would you like some coffee?"),
     ("Ann", "Please, and make it strong, I have the quarterly review at ten."),
-    ("Bob", "Oh no, is that today? I thought it was next week."),
-    ("Ann", "It was moved. Did you not get the email on Friday?"),
-    ("Bob", "I get about two hundred emails on a Friday. Which one was it?"),
+    ("Bob", "Oh no, is that today, I thought it was next week?"),
+    ("Ann", "It was moved, did you not get the email on Friday?"),
+    ("Bob", "I get about two hundred emails on a Friday, which one was it?"),
     ("Ann", "The one with the red flag and the subject line in capitals."),
-    ("Bob", "Ah. That narrows it down to about forty."),
+    ("Bob", "That narrows it down to about forty."),
     ("Ann", "Well, it is at ten, in the big room, and you are presenting the numbers."),
-    ("Bob", "I am presenting the numbers? Since when?"),
-    ("Ann", "Since you volunteered at the last meeting. You said, and I quote, leave it to me."),
-    ("Bob", "I say that about everything. Nobody is supposed to take it seriously."),
-    ("Ann", "Apparently someone did. You have two hours."),
-    ("Bob", "Right. Coffee first, panic second, slides third."),
+    ("Bob", "I am presenting the numbers, since when?"),
+    ("Ann", "Since you volunteered at the last meeting and said, leave it to me."),
+    ("Bob", "I say that about everything, nobody is supposed to take it seriously."),
+    ("Ann", "Apparently someone did, and you have two hours."),
+    ("Bob", "Right, coffee first, panic second, slides third."),
     ("Ann", "I will help with the slides if you bring me a croissant."),
-    ("Bob", "Deal. Two croissants, even. You might be saving my job."),
+    ("Bob", "Deal, two croissants even, you might be saving my job."),
 ]
 VOICE_FRAMES = 63  # 5 s of reference codes per speaker
 
@@ -85,6 +86,12 @@ def main() -> int:
         start = first = None
         current = -1
 
+        def save(total=None) -> None:
+            if args.json:
+                Path(args.json).write_text(json.dumps(
+                    {"model": args.model, "threads": args.threads, "cap_s": args.cap, "context": context,
+                     "load_s": load_s, "total_s": total, "turns": rows}, indent=2))
+
         def close_turn(end: float) -> None:
             pieces = [p for p in st.pieces if p.turn == current]
             frames = sum(p.codes.shape[0] for p in pieces)
@@ -94,6 +101,7 @@ def main() -> int:
                    "frames": frames, "first_audio_s": first - start, "turn_s": end - start,
                    "s_per_s_audio": (end - start) / max(frames * 0.08, 1e-9)}
             rows.append(row)
+            save()
             print(f"{row['turn']:>4} {row['speaker']:>4} {max(row['prompt_positions']):>6} {row['kept_turns']:>4} "
                   f"{frames:>6} {row['first_audio_s']:>13.2f} {row['turn_s']:>7.2f} {row['s_per_s_audio']:>9.2f}",
                   flush=True)
@@ -115,10 +123,7 @@ def main() -> int:
     positions = [max(r["prompt_positions"]) for r in rows]
     print(f"{len(rows)} turns in {total:.1f} s ({total / len(rows):.1f} s per turn); prompts {min(positions)}.."
           f"{max(positions)} positions of {context}; stop reason {st.stop_reason}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "threads": args.threads, "cap_s": args.cap,
-                                               "context": context, "load_s": load_s, "total_s": total,
-                                               "turns": rows}, indent=2))
+    save(total)
     return 0
 
 
