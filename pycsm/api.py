@@ -29,7 +29,7 @@ from .audio import SAMPLE_RATE, Audio, check_samples, read_audio
 from .budget import ContextBudget
 from .errors import CSMError
 from .generator import Generator
-from .model import Model
+from .model import Model, check_n_threads
 from .options import SEED_BITS, GenerationOptions
 from .prompt import build_prompt
 from .resample import check_rate, resample
@@ -259,8 +259,7 @@ class CSM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):
-        if n_threads is not None and (not _is_int(n_threads) or n_threads < 1):
-            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        n_threads = check_n_threads(n_threads) or None  # pycsm.model's rule, once, before any work
         self.n_threads = n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -503,11 +502,11 @@ class CSM:
             return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=opts.seed)
 
     def stream(self, text: str, speaker: int | None = None, context=(), options: GenerationOptions | None = None,
-               *, chunk_frames: int = 4, **option_kw) -> AudioStream:
+               *, chunk_frames: int = 4, on_frame=None, **option_kw) -> AudioStream:
         """Like `generate`, but yields float32 chunks of `chunk_frames` frames (80 ms each; the last
         may be shorter) while the model is still speaking. Generation runs in a worker thread; the
         chunks are decoded by a streaming Mimi decoder, and joined they equal `generate(...)` with
-        the same seed. Closing the stream early stops generation.
+        the same seed. Closing the stream early stops generation. on_frame: as for `generate`.
         """
         text = _check_text(text)
         speaker = _speaker(speaker, context)
@@ -518,7 +517,7 @@ class CSM:
         def body(result: dict):
             with self._locked():
                 prompt = self._prompt(text, speaker, segments, opts.parse_special)
-                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result)
+                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result, on_frame)
 
         return AudioStream(body, self.sample_rate, opts.seed)
 
@@ -529,7 +528,7 @@ class CSM:
 
         def put(index, codes):
             frames.put(codes)
-            return on_frame is None or on_frame(index, codes)
+            return on_frame is None or on_frame(index, codes) is not False
 
         job = self._start(prompt, native, seed, on_frame=put, done=lambda: frames.put(_DONE))
         try:
@@ -648,7 +647,9 @@ class CSM:
             apply (max_audio_length_ms 10 s per turn or sentence, parse_special False). Piece k (a
             turn, or a sentence of a long turn) uses seed + k.
         kw also: gap_ms (between turns, default 300), pause_ms (between the sentences of a long
-            turn, 150), max_chars, progress(done_turns, total) (returning False stops).
+            turn, 150), max_chars, progress(done_turns, total) (returning False stops),
+            on_frame(index, codes) (after each frame of each piece, in a worker thread; returning
+            False stops that piece).
         Each prompt holds the voice references and the most recent turns that fit beside the
         piece's own cap (`pycsm.budget`); see `pycsm.conversation` and docs/dialogue.md.
         """

@@ -70,7 +70,7 @@ class ContextBudget:
         self._tags: list = []
 
     def _rows(self, speaker: int, text: str, codes=None) -> np.ndarray:
-        return segment_rows(self.tokenizer, speaker, text, codes, self.parse_special)
+        return segment_rows(self.tokenizer, speaker, text, codes, parse_special=self.parse_special)
 
     @property
     def references_positions(self) -> int:

@@ -193,7 +193,7 @@ def _check_ms(value, name: str, low: float, high: float) -> float:
 
 def stream_converse(tts, turns, voices=None, options: GenerationOptions | None = None, *,
                     gap_ms: float = DEFAULT_GAP_MS, pause_ms: float = 150, progress=None,
-                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4,
+                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4, on_frame=None,
                     **option_kw) -> ConversationStream:
     """See `CSM.stream_converse`."""
     spoken = normalize_turns(turns)
@@ -244,11 +244,11 @@ def stream_converse(tts, turns, voices=None, options: GenerationOptions | None =
                         prompt, kept = budget.prompt(sid, sentence, native["max_frames"])
                         p_seed = (seed + k) & _SEED_MASK
                         if chunk_frames is None:
-                            codes, reason = tts._run(prompt, native, p_seed)
+                            codes, reason = tts._run(prompt, native, p_seed, on_frame)
                             yield DialogueChunk(t, key, tts._decode(codes))
                         else:
                             out = {}
-                            for chunk in tts._stream_chunks(prompt, native, p_seed, chunk_frames, out):
+                            for chunk in tts._stream_chunks(prompt, native, p_seed, chunk_frames, out, on_frame):
                                 yield DialogueChunk(t, key, chunk)
                             codes, reason = out["codes"], out["stop_reason"]
                         pieces.append(Piece(k, t, sid, sentence, p_seed, tuple(kept), prompt.shape[0], codes, reason))

@@ -196,7 +196,7 @@ def test_script_not_utf8(run, model, tmp_path):
     script = tmp_path / "bad.txt"
     script.write_bytes(b"0: caf\xe9\n")
     rc, _, err = run([script, "-m", model, "-o", tmp_path / "x.wav", *CAP])
-    one_line_error(rc, err, 2, r"bad.txt is not UTF-8 text \(byte 6 is 0xe9\)")
+    one_line_error(rc, err, 1, r"script .*bad.txt is not UTF-8 text: byte 0xe9 at offset 6")
 
 
 def test_ctrl_c_leaves_no_partial_file(model, tmp_path):

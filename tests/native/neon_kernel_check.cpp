@@ -159,7 +159,7 @@ std::vector<float> make_activations(int64_t cols, rng & r) {
     return x;
 }
 
-// Q8_0-style quantisation of one column (what csm_q8_kernel.h specifies): per 32 values amax =
+// Q8_0-style quantisation of one column (what kernels/kernel.h specifies): per 32 values amax =
 // max |x|, q = round-half-even(x * (127 / amax)), scale amax / 127, in float as the kernels do.
 void reference_quantize(const float * x, int64_t cols, int8_t * q, float * d, int32_t * sum) {
     for (int64_t b = 0; b < cols / 32; b++) {
