@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {  # name: (source, compiler flags, /proc/cpuinfo flags the kernel needs)
     "avx512": ("avx512.cpp", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma"],
                ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")),
+    "avx2": ("avx2.cpp", ["-mavx2", "-mfma", "-mf16c"], ("avx2", "fma", "f16c")),
 }
 
 
@@ -229,3 +230,22 @@ def test_columns_are_batch_invariant_at_real_widths(driver, fmt):
             got = got if fmt == 3 else got[0]
             want = np.roll(ref, -n, axis=0)[:n]
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (rows, cols, n)
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 3], ids=["q8_0", "q4_k", "f16"])
+def test_x86_kernels_agree_bit_for_bit(driver_exe, fmt):
+    """The AVX2 kernel keeps the AVX512 kernel's float order (kernel.h), so a model gives the same
+    codes on either: their products, tail rows and 1-5 columns included, have the same bits."""
+    if not all(_cpu_has(KERNELS[k][2]) for k in KERNELS):
+        pytest.skip("needs a CPU that runs every x86 kernel")
+    rng = np.random.default_rng(100 + fmt)
+    for rows, cols, n_col in [(7, 512, 1), (130, 1024, 5), (2051, 256, 3)]:
+        if fmt == 0:
+            blocks = _q8_0_blocks(rng, rows, cols)[0]
+        elif fmt == 1:
+            blocks = _q4_k_blocks_raw(rng, rows, cols)
+        else:
+            blocks = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float16)
+        x = rng.standard_normal((n_col, cols)).astype(np.float32)
+        outs = [_call((driver_exe, k), [rows, cols, n_col, 2, fmt], blocks, x) for k in KERNELS]
+        assert all(o == outs[0] for o in outs[1:]), (rows, cols, n_col)
