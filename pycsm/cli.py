@@ -52,7 +52,6 @@ CRISPASR_NO_EFFECT = {
     "--consent-log": (True, "pycsm writes no consent log"), "--i-have-rights": (False, "no consent gate here"),
     "--accept-marking-responsibility": (False, "no marking gate here"),
     "--accept-license": (True, "no license gate here"), "--dry-run-resolve": (False, "not implemented"),
-    "-fp16": (False, "the GGUF's types are used"),
 }
 
 
@@ -634,11 +633,9 @@ def _speak_lines(args) -> int:
         line.output.parent.mkdir(parents=True, exist_ok=True)
         check_writable(line.output)
 
-    voices = {}
-    for spec in {line.voice or args.voice for line in lines} - {None}:
-        from .voices import find_voice
+    from .voices import find_voice
 
-        voices[spec] = find_voice(spec, args.voice_dir)
+    voices = {spec: find_voice(spec, args.voice_dir) for spec in {line.voice or args.voice for line in lines} - {None}}
     with _native_log(args.verbose):
         tts = _load(args)
         with tts:

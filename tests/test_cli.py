@@ -316,7 +316,7 @@ def test_info(run, model):
     d = json.loads(out)
     assert d["bb_n_layers"] == 2 and d["n_tensors"] > 0 and d["file_bytes"] == os.path.getsize(model)
     # which kernel runs quantised matrices, as the library reports it
-    assert d["system"].startswith("ggml ") and ("matmul: pycsm AVX512-VNNI" in d["system"]) == (
+    assert d["system"].startswith("ggml ") and ("matmul: pycsm " in d["system"]) == (
         "matmul: ggml" not in d["system"])
     rc, _, err = run(["info", "/no/such/model.gguf"])
     assert_one_line_error(rc, err, 1, "not found")
