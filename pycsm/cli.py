@@ -108,6 +108,7 @@ def _device(text: str) -> str:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     """-m and the flags that find and run a model: shared by speaking and `voice create`."""
+    from ._native import CSM_MAX_THREADS
     from .hub import DEFAULT_REPO, QUANTS
 
     g = p.add_argument_group("model")
@@ -123,7 +124,8 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME's)")
     g.add_argument("--backend", type=_backend, default="csm",
                    help="crispasr's backend name: csm and its aliases are accepted")
-    g.add_argument("-t", "--threads", type=_number(int, 1), default=None, help="CPU threads (default: all cores)")
+    g.add_argument("-t", "--threads", type=_number(int, 1, maximum=CSM_MAX_THREADS), default=None,
+                   help="CPU threads (default: all cores)")
     g.add_argument("--device", "-dev", type=_device, default="auto",
                    help="compute device: auto (default), cpu, gpu (or crispasr's GPU index)")
     g.add_argument("-ng", "--no-gpu", action="store_true", help="run on the CPU (as --device cpu)")
@@ -332,8 +334,9 @@ def _model_path(args) -> Path:
 
 
 def threads_in_use(n_threads: int | None) -> int:
-    """The CPU threads a context runs with for `n_threads` (None: all cores), as the library chooses
-    them (csm_default_threads: at most the cores, 512 when asked, 64 by default)."""
+    """The CPU threads a context runs with for `n_threads` (None: all cores), by the library's rule
+    (csm_default_threads in native/src/csm_backend.cpp: at most the cores; 512 when asked, 64 by
+    default)."""
     cores = os.cpu_count() or 4
     return min(n_threads, cores, 512) if n_threads else min(cores, 64)
 

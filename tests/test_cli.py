@@ -223,6 +223,7 @@ def test_long_text_to_one_file_without_bar_when_piped(run, model, tts, tmp_path)
     (["Hi.", "-m", "{model}", "--temperature", "1e300"], "", 2, "--temperature: must be <= 10"),
     (["Hi.", "-m", "{model}", "-t", "0.5"], "", 2, "--threads: expected an integer"),
     (["Hi.", "-m", "{model}", "-t", "0"], "", 2, "--threads: must be >= 1"),
+    (["Hi.", "-m", "{model}", "-t", "1025"], "", 2, "--threads: must be <= 1024"),
     (["Hi.", "-m", "{model}", "--seed", "-1"], "", 2, "--seed: must be >= 0"),
     (["Hi.", "-m", "{model}", "--seed", str(2**64)], "", 2, "--seed: must be <="),
     (["Hi.", "-m", "{model}", "--sample-rate", "10"], "", 2, "--sample-rate: must be >= 1000"),
