@@ -119,8 +119,11 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="let -m NAME download the file into the Hugging Face cache when it is not there")
     g.add_argument("--quant", "--model-quant", choices=QUANTS, default=None, type=str.lower,
                    help="published file to use: %(choices)s (default q8_0)")
-    g.add_argument("--repo", "--hf-repo", "-hfr", default=None,
-                   help=f"Hugging Face repository (default {DEFAULT_REPO})")
+    g.add_argument("--repo", default=None, help=f"Hugging Face repository (default {DEFAULT_REPO})")
+    g.add_argument("--hf-repo", "-hfr", metavar="REPO[:FILE]",
+                   help="crispasr's: --repo REPO (and --hf-file FILE), implying --auto-download")
+    g.add_argument("--hf-file", "-hff", metavar="FILE",
+                   help="crispasr's: the published file csm-1b-QUANT.gguf, implying --auto-download")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME's)")
     g.add_argument("--backend", type=_backend, default="csm",
                    help="crispasr's backend name: csm and its aliases are accepted")
@@ -333,6 +336,29 @@ def _model_path(args) -> Path:
     return download(quant, repo, cache_dir=args.cache_dir, progress=not args.quiet)
 
 
+def _hub_flags(args) -> None:
+    """crispasr's --hf-repo REPO[:FILE] / --hf-file FILE as --repo / --quant, with --auto-download."""
+    import re
+
+    repo, _, file = (args.hf_repo or "").partition(":")
+    file = args.hf_file or file
+    if repo:
+        if args.repo is not None and args.repo != repo:
+            raise UsageError(f"--repo {args.repo} and --hf-repo {repo} name different repositories")
+        args.repo = repo
+    if file:
+        m = re.fullmatch(r"csm-1b-(f16|q8_0|q4_k)\.gguf", file, re.IGNORECASE)
+        if m is None:
+            raise UsageError(f"--hf-file {file}: pycsm finds the published files csm-1b-{{f16,q8_0,q4_k}}.gguf")
+        if args.quant is not None and args.quant != m.group(1).lower():
+            raise UsageError(f"--quant {args.quant} and --hf-file {file} name different files")
+        args.quant = m.group(1).lower()
+    if repo or file:
+        args.auto_download = True
+        if args.model is None:
+            args.model = "csm"
+
+
 def threads_in_use(n_threads: int | None) -> int:
     """The CPU threads a context runs with for `n_threads` (None: all cores), by the library's rule
     (csm_default_threads in native/src/csm_backend.cpp: at most the cores; 512 when asked, 64 by
@@ -349,6 +375,7 @@ def _load(args):
         if not args.quiet:
             _note(f"--device {device[4:]}: using ggml's first GPU (set CUDA_VISIBLE_DEVICES to choose one)")
         device = "gpu"
+    _hub_flags(args)
     path = _model_path(args)
     return CSM(path, n_threads=args.threads, device=device)
 
