@@ -19,6 +19,8 @@ from .api import CSM, AudioStream, Segment
 from .audio import Audio
 from .errors import CSMError
 from .model import Model, quantize, set_log_callback, system_info
+from .options import GenerationOptions
+from .voices import Voice
 
 __all__ = ["CSM", "Audio", "AudioStream", "Segment", "CSMError", "Model", "quantize", "convert",
-           "set_log_callback", "system_info", "__version__"]
+           "set_log_callback", "system_info", "__version__", "GenerationOptions", "Voice"]
