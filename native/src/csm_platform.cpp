@@ -20,7 +20,19 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 
-#include <string>
+// UTF-8 to UTF-16 for the wide CRT and Win32 calls (the narrow ones read the ANSI code page);
+// an invalid UTF-8 path gives an empty string (and EINVAL).
+static std::wstring wide(const char * path) {
+    const int n = MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, nullptr, 0);
+    if (n <= 0) {
+        errno = EINVAL;
+        return std::wstring();
+    }
+    std::wstring w((size_t) n, L'\0');
+    MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, &w[0], n);
+    w.resize((size_t) n - 1);
+    return w;
+}
 
 // Win32 calls report GetLastError(); callers read errno, so the common causes are mapped to it.
 static void set_errno_from_win32() {
@@ -33,19 +45,22 @@ static void set_errno_from_win32() {
     }
 }
 
+int csm_os_is_regular_path(const char * path) {
+    const std::wstring w = wide(path);
+    struct _stat64 st;
+    if (w.empty() || _wstat64(w.c_str(), &st) != 0) return -1;
+    return (st.st_mode & _S_IFMT) == _S_IFREG ? 1 : 0;
+}
+
 int csm_os_open_read(const char * path) {
-    // The narrow CRT functions would read the path in the ANSI code page; convert from UTF-8.
-    const int n = MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, nullptr, 0);
-    if (n <= 0) {
-        errno = EINVAL;
-        return -1;
-    }
-    std::wstring wide((size_t) n, L'\0');
-    MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, path, -1, &wide[0], n);
-    return _wopen(wide.c_str(), _O_RDONLY | _O_BINARY);
+    const std::wstring w = wide(path);
+    if (w.empty()) return -1;
+    return _wopen(w.c_str(), _O_RDONLY | _O_BINARY);
 }
 
 void csm_os_close(int fd) { _close(fd); }
+
+std::string csm_os_fd_path(int, const char * path) { return path; }
 
 int64_t csm_os_regular_file_size(int fd) {
     struct _stat64 st;
@@ -117,6 +132,68 @@ void csm_os_aligned_free(void * p) { _aligned_free(p); }
 
 void csm_os_advise_huge_pages(void *, size_t) {} // large pages need a privilege users do not have
 
+uint64_t csm_os_physical_memory() {
+    MEMORYSTATUSEX ms;
+    ms.dwLength = sizeof(ms);
+    return GlobalMemoryStatusEx(&ms) ? (uint64_t) ms.ullTotalPhys : 0;
+}
+
+FILE * csm_os_fopen_read(const char * path) {
+    const std::wstring w = wide(path);
+    return w.empty() ? nullptr : _wfopen(w.c_str(), L"rb");
+}
+
+FILE * csm_os_create_temp(std::string & path) {
+    const size_t n = path.size();
+    if (n < 6 || path.compare(n - 6, 6, "XXXXXX") != 0) {
+        errno = EINVAL;
+        return nullptr;
+    }
+    static const char digits[] = "abcdefghijklmnopqrstuvwxyz0123456789";
+    uint64_t x = GetTickCount64() ^ ((uint64_t) GetCurrentProcessId() << 32) ^ (uint64_t) (uintptr_t) &path;
+    for (int attempt = 0; attempt < 100; attempt++) {
+        for (size_t i = n - 6; i < n; i++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            path[i] = digits[(x >> 33) % 36];
+        }
+        const std::wstring w = wide(path.c_str());
+        if (w.empty()) return nullptr;
+        const int fd = _wopen(w.c_str(), _O_CREAT | _O_EXCL | _O_WRONLY | _O_BINARY, _S_IREAD | _S_IWRITE);
+        if (fd < 0) {
+            if (errno == EEXIST) continue;
+            return nullptr;
+        }
+        FILE * f = _fdopen(fd, "wb");
+        if (!f) {
+            _close(fd);
+            _wremove(w.c_str());
+        }
+        return f;
+    }
+    errno = EEXIST;
+    return nullptr;
+}
+
+int64_t csm_os_fsize(FILE * f) {
+    if (_fseeki64(f, 0, SEEK_END) != 0) return -1;
+    return (int64_t) _ftelli64(f);
+}
+
+int csm_os_fseek(FILE * f, uint64_t offset) { return _fseeki64(f, (__int64) offset, SEEK_SET); }
+
+int csm_os_replace(const char * from, const char * to) {
+    const std::wstring a = wide(from), b = wide(to);
+    if (a.empty() || b.empty()) return -1;
+    if (MoveFileExW(a.c_str(), b.c_str(), MOVEFILE_REPLACE_EXISTING)) return 0;
+    set_errno_from_win32();
+    return -1;
+}
+
+int csm_os_remove(const char * path) {
+    const std::wstring w = wide(path);
+    return w.empty() ? -1 : _wremove(w.c_str());
+}
+
 #else // POSIX
 
 #include <fcntl.h>
@@ -124,9 +201,20 @@ void csm_os_advise_huge_pages(void *, size_t) {} // large pages need a privilege
 #include <sys/stat.h>
 #include <unistd.h>
 
-int csm_os_open_read(const char * path) { return open(path, O_RDONLY | O_CLOEXEC); }
+int csm_os_is_regular_path(const char * path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return S_ISREG(st.st_mode) ? 1 : 0;
+}
+
+int csm_os_open_read(const char * path) { return open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC); }
 
 void csm_os_close(int fd) { close(fd); }
+
+std::string csm_os_fd_path(int fd, const char * path) {
+    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
+    return access(proc.c_str(), R_OK) == 0 ? proc : path;
+}
 
 int64_t csm_os_regular_file_size(int fd) {
     struct stat st;
@@ -172,5 +260,37 @@ void csm_os_advise_huge_pages(void * addr, size_t size) {
     (void) size;
 #endif
 }
+
+uint64_t csm_os_physical_memory() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
+}
+
+FILE * csm_os_fopen_read(const char * path) { return fopen(path, "rb"); }
+
+FILE * csm_os_create_temp(std::string & path) {
+    const int fd = mkstemp(&path[0]);
+    if (fd < 0) return nullptr;
+    fchmod(fd, 0644); // mkstemp's 0600 would otherwise become the output file's mode
+    FILE * f = fdopen(fd, "wb");
+    if (!f) {
+        const int e = errno;
+        close(fd);
+        remove(path.c_str());
+        errno = e;
+    }
+    return f;
+}
+
+int64_t csm_os_fsize(FILE * f) {
+    if (fseeko(f, 0, SEEK_END) != 0) return -1;
+    return (int64_t) ftello(f);
+}
+
+int csm_os_fseek(FILE * f, uint64_t offset) { return fseeko(f, (off_t) offset, SEEK_SET); }
+
+int csm_os_replace(const char * from, const char * to) { return rename(from, to); }
+
+int csm_os_remove(const char * path) { return remove(path); }
 
 #endif
