@@ -31,11 +31,27 @@ CSM_N_CODEBOOKS = 32
 CSM_N_COLUMNS = 33
 CSM_TEXT_COLUMN = 32
 
+CSM_MAX_THREADS = 1024
+CSM_MAX_KV_BYTES = 8 << 30
+CSM_API_VERSION = 2
+
 # enum csm_log_level
 CSM_LOG_DEBUG = 0
 CSM_LOG_INFO = 1
 CSM_LOG_WARN = 2
 CSM_LOG_ERROR = 3
+
+# enum csm_struct
+CSM_STRUCT_MODEL_PARAMS = 0
+CSM_STRUCT_HPARAMS = 1
+CSM_STRUCT_QUANTIZE_PARAMS = 2
+CSM_STRUCT_CONTEXT_PARAMS = 3
+CSM_STRUCT_SAMPLING_PARAMS = 4
+CSM_STRUCT_GENERATE_PARAMS = 5
+CSM_STRUCT_GENERATE_RESULT = 6
+CSM_STRUCT_BATCH_PARAMS = 7
+CSM_STRUCT_STREAM_PARAMS = 8
+CSM_STRUCT_BATCH_EVENT = 9
 
 # enum csm_device
 CSM_DEVICE_AUTO = 0
@@ -188,6 +204,8 @@ _SIGNATURES = {
     "csm_ggml_version": (c_char_p, []),
     "csm_ggml_build_version": (c_char_p, []),
     "csm_system_info": (c_char_p, []),
+    "csm_api_version": (c_int32, []),
+    "csm_struct_size": (c_int64, [c_int32]),
     "csm_model_default_params": (csm_model_params, []),
     "csm_model_load": (csm_model_p, [c_char_p, csm_model_params]),
     "csm_model_free": (None, [csm_model_p]),
@@ -272,7 +290,37 @@ def _preload_ggml() -> None:
         return
 
 
+def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
+    """Refuse a library built from another csm.h than these declarations (a stale build tree): a
+    struct of another size would be passed by value and read as garbage on either side."""
+    rebuild = "rebuild it from these sources (cmake --build build/dev) or reinstall pycsm"
+    if not hasattr(lib, "csm_api_version") or not hasattr(lib, "csm_struct_size"):
+        raise ImportError(f"{path} is older than this pycsm (it has no ABI version): {rebuild}")
+    lib.csm_api_version.restype = c_int32
+    lib.csm_api_version.argtypes = []
+    lib.csm_struct_size.restype = c_int64
+    lib.csm_struct_size.argtypes = [c_int32]
+    version = lib.csm_api_version()
+    if version != CSM_API_VERSION:
+        raise ImportError(f"{path} has C API version {version}, this pycsm expects {CSM_API_VERSION}: {rebuild}")
+    for which, struct in _STRUCTS.items():
+        size = lib.csm_struct_size(which)
+        if size != ctypes.sizeof(struct):
+            raise ImportError(f"{path}: struct {struct.__name__} is {size} bytes in the library but "
+                              f"{ctypes.sizeof(struct)} in pycsm: {rebuild}")
+
+
+_STRUCTS = {CSM_STRUCT_MODEL_PARAMS: csm_model_params, CSM_STRUCT_HPARAMS: csm_hparams,
+            CSM_STRUCT_QUANTIZE_PARAMS: csm_quantize_params, CSM_STRUCT_CONTEXT_PARAMS: csm_context_params,
+            CSM_STRUCT_SAMPLING_PARAMS: csm_sampling_params, CSM_STRUCT_GENERATE_PARAMS: csm_generate_params,
+            CSM_STRUCT_GENERATE_RESULT: csm_generate_result, CSM_STRUCT_BATCH_PARAMS: csm_batch_params,
+            CSM_STRUCT_STREAM_PARAMS: csm_stream_params, CSM_STRUCT_BATCH_EVENT: csm_batch_event}
+
+
 def _load() -> ctypes.CDLL:
+    # ggml_abort attaches gdb to print a backtrace unless this is set (it reads the variable when it
+    # aborts); a user's own setting wins
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     if sys.platform.startswith("linux"):
         _preload_ggml()
     errors = []
@@ -287,7 +335,15 @@ def _load() -> ctypes.CDLL:
     else:
         detail = "; ".join(errors) or "not found next to the package (was it built? `pip install .`)"
         raise ImportError(f"cannot load pycsm's native library: {detail}")
+    # PYCSM_SKIP_ABI_CHECK=1 loads an older library anyway, leaving out what it lacks: only for
+    # replaying a finding against an old build (docs/hardening.md), never for use
+    skip_abi = os.environ.get("PYCSM_SKIP_ABI_CHECK") == "1"
+    if not skip_abi:
+        _check_abi(lib, path)
     for fname, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, fname, None)
+        if fn is None and skip_abi:
+            continue
         fn = getattr(lib, fname)
         fn.restype = restype
         fn.argtypes = argtypes

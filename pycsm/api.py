@@ -5,6 +5,9 @@
 ...     audio = tts.generate("Hello from pycsm.", speaker=0, seed=42)
 ...     audio.save("hello.wav")
 
+Every method takes the sampling options as one `GenerationOptions` (pycsm/options.py) and/or as
+keywords; `context=` takes `Segment`s and saved voices (`Voice`, pycsm/voices.py).
+
 Threads: a `CSM` holds one generation context. Its methods take an internal lock, so calls from
 several threads on one `CSM` are safe but run one after another; for parallel synthesis create one
 `CSM` per thread (each loads its own copy of the weights) or use `generate_batch`. A method called
@@ -28,7 +31,7 @@ from ._native import CSM_N_CODEBOOKS
 from .audio import SAMPLE_RATE, Audio, check_samples, read_audio
 from .errors import CSMError
 from .generator import Generator
-from .model import Model
+from .model import Model, check_n_threads
 from .options import SEED_BITS, GenerationOptions
 from .prompt import build_prompt
 from .resample import check_rate, resample
@@ -258,8 +261,7 @@ class CSM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):
-        if n_threads is not None and (not _is_int(n_threads) or n_threads < 1):
-            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        n_threads = check_n_threads(n_threads) or None  # pycsm.model's rule, once, before any work
         self.n_threads = n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -497,11 +499,11 @@ class CSM:
             return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=opts.seed)
 
     def stream(self, text: str, speaker: int | None = None, context=(), options: GenerationOptions | None = None,
-               *, chunk_frames: int = 4, **option_kw) -> AudioStream:
+               *, chunk_frames: int = 4, on_frame=None, **option_kw) -> AudioStream:
         """Like `generate`, but yields float32 chunks of `chunk_frames` frames (80 ms each; the last
         may be shorter) while the model is still speaking. Generation runs in a worker thread; the
         chunks are decoded by a streaming Mimi decoder, and joined they equal `generate(...)` with
-        the same seed. Closing the stream early stops generation.
+        the same seed. Closing the stream early stops generation. on_frame: as for `generate`.
         """
         text = _check_text(text)
         speaker = _speaker(speaker, context)
@@ -512,7 +514,7 @@ class CSM:
         def body(result: dict):
             with self._locked():
                 prompt = self._prompt(text, speaker, segments, opts.parse_special)
-                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result)
+                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result, on_frame)
 
         return AudioStream(body, self.sample_rate, opts.seed)
 
@@ -523,7 +525,7 @@ class CSM:
 
         def put(index, codes):
             frames.put(codes)
-            return on_frame is None or on_frame(index, codes)
+            return on_frame is None or on_frame(index, codes) is not False
 
         job = self._start(prompt, native, seed, on_frame=put, done=lambda: frames.put(_DONE))
         try:

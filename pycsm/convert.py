@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -499,11 +500,17 @@ def convert(checkpoint_dir, out_path, outtype: str = "f16") -> dict:
         add(f"{prefix}.attn.qkv_w",
             lambda p=parts: np.concatenate([ckpt.load(p["q"]), ckpt.load(p["k"]), ckpt.load(p["v"])], axis=0))
 
-    # Write next to the target and rename, so a failure never leaves a truncated .gguf behind.
-    tmp = Path(str(out_path) + ".tmp")
+    # Write next to the target and rename, so a failure never leaves a truncated .gguf behind. The
+    # temporary name is unpredictable and created exclusively: a fixed "<out>.tmp" let a planted
+    # symlink redirect the write to another file.
+    out_path = Path(out_path)
+    fd, tmp_name = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
     w.path = tmp
     try:
         w.write()
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would otherwise become the model file's mode
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

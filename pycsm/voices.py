@@ -221,28 +221,30 @@ def check_name(name: str) -> str:
     return name
 
 
-def voice_path(name: str) -> Path:
-    return voices_dir() / f"{check_name(name)}{SUFFIX}"
+def voice_path(name: str, folder: str | os.PathLike | None = None) -> Path:
+    """Where voice NAME is kept (in `folder`, default `voices_dir()`)."""
+    return Path(folder or voices_dir()) / f"{check_name(name)}{SUFFIX}"
 
 
-def save_voice(voice: Voice, name: str, overwrite: bool = False) -> Path:
+def save_voice(voice: Voice, name: str, overwrite: bool = False, folder: str | os.PathLike | None = None) -> Path:
     """Store `voice` as NAME in the voices folder (created if needed)."""
-    path = voice_path(name)
+    path = voice_path(name, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     return voice.save(path, overwrite=overwrite)
 
 
-def list_voices() -> list[str]:
+def list_voices(folder: str | os.PathLike | None = None) -> list[str]:
     """The names of the stored voices, sorted."""
-    folder = voices_dir()
+    folder = Path(folder or voices_dir())
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}") if _NAME.fullmatch(p.name[: -len(SUFFIX)]))
+    names = (p.name[: -len(SUFFIX)] for p in folder.glob(f"*{SUFFIX}"))
+    return sorted(n for n in names if _NAME.fullmatch(n))
 
 
-def remove_voice(name: str) -> Path:
+def remove_voice(name: str, folder: str | os.PathLike | None = None) -> Path:
     """Delete a stored voice; FileNotFoundError naming the folder when there is none of that name."""
-    path = voice_path(name)
+    path = voice_path(name, folder)
     try:
         path.unlink()
     except FileNotFoundError:
@@ -250,14 +252,19 @@ def remove_voice(name: str) -> Path:
     return path
 
 
-def find_voice(spec: str | os.PathLike) -> Voice:
-    """A voice by name (in the voices folder) or by path (anything ending in .csmvoice or holding a
-    path separator)."""
+def is_voice_file(spec: str | os.PathLike) -> bool:
+    """Whether `spec` names a file rather than a stored voice: it ends in .csmvoice or holds a path
+    separator."""
     s = os.fspath(spec)
-    if s.endswith(SUFFIX) or os.sep in s or (os.altsep and os.altsep in s):
-        return Voice.load(s)
-    path = voice_path(s)
+    return s.endswith(SUFFIX) or os.sep in s or bool(os.altsep and os.altsep in s)
+
+
+def find_voice(spec: str | os.PathLike, folder: str | os.PathLike | None = None) -> Voice:
+    """A voice by name (in the voices folder) or by path (see `is_voice_file`)."""
+    if is_voice_file(spec):
+        return Voice.load(spec)
+    path = voice_path(os.fspath(spec), folder)
     if not path.is_file():
-        raise FileNotFoundError(f"no voice named {s!r} in {path.parent} (`pycsm voice list` shows them; "
-                                "`pycsm voice create` makes one)")
+        raise FileNotFoundError(f"no voice named {os.fspath(spec)!r} in {path.parent} (`pycsm voice list` shows "
+                                "them; `pycsm voice create` makes one)")
     return Voice.load(path)

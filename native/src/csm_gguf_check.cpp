@@ -184,7 +184,10 @@ void csm_gguf_precheck(int fd, size_t file_size, const char * path, const csm_gg
 
 void csm_gguf_precheck_path(const char * path, const csm_gguf_limits & limits) {
     if (!path) csm_fail("no path given");
-    const int fd = open(path, O_RDONLY);
+    // as the loader: a FIFO must not block the open (stat first, then O_NONBLOCK and fstat)
+    struct stat pre;
+    if (stat(path, &pre) == 0 && !S_ISREG(pre.st_mode)) csm_fail("'%s' is not a regular file", path);
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) csm_fail("cannot open '%s': %s", path, strerror(errno));
     struct stat st;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {

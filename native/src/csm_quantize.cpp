@@ -13,12 +13,16 @@
 #include "gguf.h"
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 static bool ends_with(const std::string & s, const char * suf) {
     size_t n = strlen(suf);
@@ -111,6 +115,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
         csm_fail("unsupported target type %d", p.type);
     }
     if (ggml_quantize_requires_imatrix(q)) csm_fail("type %s needs an importance matrix, which is not supported", ggml_type_name(q));
+    if (p.n_threads > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all cores)", p.n_threads, CSM_MAX_THREADS);
     const int n_cores = (int) std::max(1u, std::thread::hardware_concurrency());
     const int n_threads = p.n_threads > 0 ? std::min(p.n_threads, n_cores) : n_cores;
 
@@ -154,9 +159,19 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
         gguf_add_tensor(out.get(), dst[i]);
     }
 
-    const std::string tmp_path = std::string(out_path) + ".part";
-    file_ptr fout(fopen(tmp_path.c_str(), "wb"));
-    if (!fout) csm_fail("cannot create '%s': %s", tmp_path.c_str(), strerror(errno));
+    // The output is written to a temporary file of an unpredictable name, created exclusively (no
+    // symlink followed, nothing overwritten) next to the output, then renamed over it: a fixed
+    // "<out>.part" let a planted symlink redirect the write to another file.
+    std::string tmp_path = std::string(out_path) + ".XXXXXX";
+    const int tmp_fd = mkstemp(&tmp_path[0]);
+    if (tmp_fd < 0) csm_fail("cannot create a temporary file next to '%s': %s", out_path, strerror(errno));
+    fchmod(tmp_fd, 0644);  // mkstemp's 0600 would otherwise become the model file's mode
+    file_ptr fout(fdopen(tmp_fd, "wb"));
+    if (!fout) {
+        close(tmp_fd);
+        remove(tmp_path.c_str());
+        csm_fail("cannot write '%s': %s", tmp_path.c_str(), strerror(errno));
+    }
     bool ok = false;
     struct remover {
         const std::string & path; bool & ok;
