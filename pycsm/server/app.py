@@ -118,8 +118,9 @@ def create_app(engine: Engine, config: ServerConfig, voices: Voices, metrics: Me
     models = (config.model_name, "csm-1b") + OPENAI_MODELS
     sample_rate = int(engine.model.hparams.sample_rate)
     frame_rate = float(engine.model.hparams.frame_rate)
-    max_frames = max(1, math.ceil(config.max_audio_seconds * frame_rate))
     context_size = int(engine.model.hparams.bb_max_pos)
+    max_frames = GenerationOptions(max_audio_length_ms=config.max_audio_seconds * 1000).max_frames(
+        1000.0 / frame_rate, context_size)
     vocab_size = int(engine.model.hparams.audio_vocab_size)
 
     @app.exception_handler(APIError)
