@@ -28,6 +28,10 @@
 // and Mimi codecs used from different threads at once. A csm_context or csm_mimi_codec must be used
 // by one thread at a time. csm_last_error() is thread-local. csm_log_set() is global.
 //
+// Lifetime: every handle is reference counted. A context or codec keeps its model alive, so
+// csm_model_free may come before theirs; a *_free while a call on that handle runs (from another
+// thread, or from the call's own callback) takes effect when the call returns.
+//
 // The library never prints by itself: messages go to the callback set with csm_log_set().
 
 #ifndef CSM_H
@@ -38,7 +42,7 @@
 #include <stdint.h>
 
 #ifdef CSM_SHARED
-#    if defined(_WIN32) && !defined(__MINGW32__)
+#    if defined(_WIN32)
 #        ifdef CSM_BUILD
 #            define CSM_API __declspec(dllexport)
 #        else
@@ -59,6 +63,10 @@ extern "C" {
 #define CSM_N_COLUMNS   33   // prompt columns per position: 32 audio codes + 1 text token
 #define CSM_TEXT_COLUMN 32   // index of the text column in a prompt row
 
+#define CSM_MAX_THREADS  1024                 // n_threads above this is refused everywhere
+#define CSM_MAX_KV_BYTES (8LL << 30)          // a context's KV caches: refused beyond 8 GiB
+#define CSM_API_VERSION  2                    // bumped when a declaration of this header changes
+
 typedef struct csm_model      csm_model;       // weights + hyper-parameters (read-only, shareable)
 typedef struct csm_context    csm_context;     // generation state: KV caches, graphs, thread pool
 typedef struct csm_mimi_codec csm_mimi_codec;  // Mimi decoder/encoder state for streaming
@@ -77,12 +85,32 @@ enum csm_log_level {
 // Receives every message of the library (and of ggml while a csm call runs). text ends in '\n'.
 typedef void (*csm_log_callback)(int32_t level, const char * text, void * user_data);
 
-CSM_API void         csm_log_set(csm_log_callback callback, void * user_data); // NULL: silence
+// Sets the callback and its user data together; NULL silences. A message that another thread had
+// begun to deliver when this returns may still reach the previous pair: keep it valid (pycsm installs
+// one callback for the life of the process and switches its target in Python).
+CSM_API void         csm_log_set(csm_log_callback callback, void * user_data);
 CSM_API const char * csm_last_error(void);      // message of the last failure on this thread ("" if none)
-CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH"
+CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH" (+ "+cuNNN" in CUDA wheels)
 CSM_API const char * csm_ggml_version(void);    // version of the ggml library actually loaded
 CSM_API const char * csm_ggml_build_version(void); // version of ggml this library was compiled against
 CSM_API const char * csm_system_info(void);     // backends and CPU features, one line
+
+// ABI handshake for bindings (pycsm/_native.py): the CSM_API_VERSION the library was built with and
+// sizeof() of each public struct, so that a binding refuses a library built from another header.
+enum csm_struct {
+    CSM_STRUCT_MODEL_PARAMS     = 0,
+    CSM_STRUCT_HPARAMS          = 1,
+    CSM_STRUCT_QUANTIZE_PARAMS  = 2,
+    CSM_STRUCT_CONTEXT_PARAMS   = 3,
+    CSM_STRUCT_SAMPLING_PARAMS  = 4,
+    CSM_STRUCT_GENERATE_PARAMS  = 5,
+    CSM_STRUCT_GENERATE_RESULT  = 6,
+    CSM_STRUCT_BATCH_PARAMS     = 7,
+    CSM_STRUCT_STREAM_PARAMS    = 8,
+    CSM_STRUCT_BATCH_EVENT      = 9,
+};
+CSM_API int32_t      csm_api_version(void);
+CSM_API int64_t      csm_struct_size(int32_t which); // enum csm_struct; -1 for an unknown value
 
 // ---------------------------------------------------------------------------------------------
 // Model
@@ -97,7 +125,9 @@ enum csm_device {
 struct csm_model_params {
     int32_t device;        // enum csm_device
     int32_t gpu_index;     // which GPU device when several (0 = first)
-    bool    use_mmap;      // map the file instead of reading it (CPU weights only)
+    bool    use_mmap;      // map the file instead of reading it (CPU weights, without use_repack, tensors
+                           // aligned to 32 bytes). A mapped file must not be rewritten or truncated while
+                           // the model lives: the next read of a changed page is SIGBUS
     bool    use_repack;    // CPU: copy matrices into faster layouts (Q8_0: pycsm's AVX512-VNNI kernel, with
                            // the depth heads as Q8_0 in quantised files; Q4_K/Q4_0: ggml's repack)
 };
@@ -272,6 +302,79 @@ CSM_API void    csm_mimi_codec_reset(csm_mimi_codec * codec);  // forget all str
 // Decodes n_frames more frames; writes n_frames * samples_per_frame samples. -1 on error.
 CSM_API int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int32_t n_frames,
                                       float * out_pcm, int64_t max_samples);
+
+// ---------------------------------------------------------------------------------------------
+// Continuous batching: streams join and leave a running batch between frames
+// ---------------------------------------------------------------------------------------------
+//
+// A csm_batch generates up to max_streams utterances ("streams") together, as csm_generate_batch
+// does, but a stream joins at any frame boundary and leaves at its end frame, its frame cap, a full
+// context, or when removed. Each csm_batch_step() runs one frame of every running stream and, while
+// a stream is joining, one chunk of its prompt prefill (prefill_chunk rows), so that the running
+// streams wait about one frame's time at most while another one joins. Streams join in the order
+// they were added, one prefill at a time. Each stream has its own sampling parameters, seed and cap;
+// its codes equal csm_generate's with the same prompt and parameters, whatever else is in the batch,
+// when the matrix products give each column the same result for any number of columns.
+//
+//     struct csm_batch_params bp = csm_batch_default_params();
+//     bp.max_streams = 4;
+//     csm_batch * batch = csm_batch_new(model, bp);
+//     struct csm_stream_params sp = csm_stream_default_params();
+//     sp.sampling.seed = 42;
+//     int64_t id = csm_batch_add(batch, prompt, n_pos, sp);      // any time, up to max_streams
+//     struct csm_batch_event ev[4];
+//     while (csm_batch_n_streams(batch) > 0) {
+//         int32_t n = csm_batch_step(batch, ev, 4);              // ev[i]: a frame and/or an end
+//     }
+//     csm_batch_free(batch);
+//
+// Threading: a csm_batch must be used by one thread at a time.
+
+typedef struct csm_batch csm_batch;             // running streams: one context of max_streams sequences
+
+struct csm_batch_params {
+    int32_t n_threads;          // CPU threads; <= 0 means all cores
+    int32_t max_pos;            // context length of each stream; 0 = the model's (bb_max_pos)
+    int32_t max_streams;        // streams at once, running or joining (1..64)
+    int32_t prefill_chunk;      // prompt rows prefilled per step while streams run (1..256); 0 = about
+                                // one frame's time, from the measured speeds. Alone, a stream
+                                // prefills 256 rows per step.
+};
+
+struct csm_stream_params {
+    struct csm_sampling_params sampling; // how this stream's codes are drawn (its own seed)
+    int32_t max_frames;         // stop after this many frames (<= 0: until EOS or a full context)
+    bool    stop_at_eos;        // end at an all-zero frame
+};
+
+// What one step did for one stream.
+struct csm_batch_event {
+    int64_t stream;             // the id csm_batch_add returned
+    int32_t frame_index;        // index of the frame in codes within the stream; -1: no frame
+    int32_t stop_reason;        // -1: the stream runs on; else enum csm_stop_reason: it has left the batch
+    int32_t codes[CSM_N_CODEBOOKS]; // the frame (when frame_index >= 0), each in [0, 2048)
+};
+
+CSM_API struct csm_batch_params  csm_batch_default_params(void);
+CSM_API struct csm_stream_params csm_stream_default_params(void);
+CSM_API csm_batch * csm_batch_new(const csm_model * model, struct csm_batch_params params);
+CSM_API void        csm_batch_free(csm_batch * batch);   // NULL is fine
+
+// Adds a stream after the prompt (n_pos rows of CSM_N_COLUMNS, copied); it joins during the next
+// steps. Returns its id (>= 0, never reused by this batch), or -1 when the batch holds max_streams
+// streams already or the prompt or parameters are invalid.
+CSM_API int64_t csm_batch_add(csm_batch * batch, const int32_t * prompt, int32_t n_pos,
+                              struct csm_stream_params params);
+// Removes a stream now, running or joining (no event follows for it). 0, or -1 when the batch
+// holds no such stream.
+CSM_API int32_t csm_batch_remove(csm_batch * batch, int64_t stream);
+// Runs one step: a prefill chunk of the first joining stream, then one frame of every running
+// stream. Writes one event per stream that produced a frame or ended (at most max_streams;
+// max_events must be at least that). Returns the number of events, or -1 on error; after an error
+// the batch is empty (every stream has left) and can be used again.
+CSM_API int32_t csm_batch_step(csm_batch * batch, struct csm_batch_event * events, int32_t max_events);
+CSM_API int32_t csm_batch_n_streams(const csm_batch * batch);  // streams in the batch, running or joining
+CSM_API int32_t csm_batch_n_running(const csm_batch * batch);  // streams past their prefill
 
 #ifdef __cplusplus
 }

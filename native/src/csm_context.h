@@ -38,11 +38,15 @@ struct csm_kv_layer {
     ggml_tensor * v = nullptr; // f32 [1, n_ctx * head_dim * n_kv_heads * n_seq]: position fastest
 };
 
-struct csm_context {
+// Reference counted (csm_ref.h): every call holds its context, csm_context_free drops the caller's
+// reference. model_ref keeps the model alive as long as the context (destroyed last).
+struct csm_context : csm_refcounted {
+    csm_hold<const csm_model> model_ref;
     const csm_model * model = nullptr;
     csm_context_params params{};
     int32_t n_ctx = 0;       // backbone positions per sequence
     int32_t n_seq = 1;       // sequences generated together
+    int32_t n_active = 1;    // sequences the step and depth graphs run: [0, n_active) (a csm_batch varies it)
     int32_t n_dctx = 0;      // depth decoder positions (n_codebooks, padded)
 
     ggml_backend_t backend = nullptr;
@@ -63,11 +67,11 @@ struct csm_context {
 // Graph construction (csm_graph.cpp). Each leaves the graph allocated and ready for inputs.
 // Prefill of T prompt rows of sequence `seq`, starting at n_past[seq]; logits = codebook 0.
 void csm_build_prefill(csm_context & c, int32_t seq, int32_t T, int32_t n_kv);
-// One frame position for all n_seq sequences (audio rows only); logits = codebook 0.
+// One frame position for the first n_active sequences (audio rows only); logits = codebook 0.
 void csm_build_step(csm_context & c, int32_t n_kv);
-// Depth decoder position 0 (input: h_buf) for all sequences; no logits.
+// Depth decoder position 0 (input: h_buf) for the first n_active sequences; no logits.
 void csm_build_depth0(csm_context & c);
-// Depth decoder position k >= 1 for all sequences (input: audio_ids, head_ids); logits.
+// Depth decoder position k >= 1 for the first n_active sequences (input: audio_ids, head_ids); logits.
 void csm_build_depthk(csm_context & c);
 
 // Runs a built graph on the context's backend. Throws on failure.

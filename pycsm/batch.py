@@ -1,0 +1,114 @@
+"""Continuous batching: a native csm_batch whose streams join and leave between frames.
+
+>>> batch = Batch(model, max_streams=4)
+>>> a = batch.add(prompt_a, seed=1)
+>>> events = batch.step()            # a's prefill (in chunks), then one frame per step
+>>> b = batch.add(prompt_b, seed=2)  # joins while a runs
+>>> while batch.n_streams:
+...     for ev in batch.step(): ...  # StreamEvent(stream, frame_index, codes, stop_reason)
+
+Each stream's codes equal `Generator.generate` with the same prompt, options and seed, whatever
+else is in the batch. One thread at a time per Batch; a Model can be shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _native as N
+from .errors import CSMError
+from .generator import STOP_REASONS, _check_prompt, _i32p
+from .model import Model
+
+
+@dataclass
+class StreamEvent:
+    """What one step did for one stream: a new frame (codes, int32 (32,)) and/or its end."""
+
+    stream: int                  # the id `Batch.add` returned
+    frame_index: int | None      # index of `codes` within the stream; None when no frame came
+    codes: np.ndarray | None
+    stop_reason: str | None      # None while the stream runs on; else "eos", "max_frames", "context_full"
+
+
+class Batch:
+    """Up to max_streams generations sharing every weight read; streams join at any step.
+
+    prefill_chunk: prompt rows prefilled per step while other streams run (0: about one frame's
+    time, from the measured speeds), so a joining stream delays the running ones by about a frame.
+    """
+
+    def __init__(self, model: Model, max_streams: int = 4, n_threads: int | None = None, max_pos: int = 0,
+                 prefill_chunk: int = 0):
+        params = N.lib.csm_batch_default_params()
+        params.n_threads = int(n_threads or 0)
+        params.max_pos = int(max_pos)
+        params.max_streams = int(max_streams)
+        params.prefill_chunk = int(prefill_chunk)
+        self.model = model  # the native batch reads the model's weights: keep it alive
+        self.max_streams = int(max_streams)
+        self._events = (N.csm_batch_event * self.max_streams)()
+        self._handle = N.check_ptr(N.lib.csm_batch_new(model.handle, params), "cannot create a batch")
+
+    @property
+    def handle(self):
+        if not self._handle:
+            raise CSMError("the batch is closed")
+        return self._handle
+
+    def add(self, prompt, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None, depth_top_k=None,
+            seed: int = 0, max_frames: int = 0, stop_at_eos: bool = True) -> int:
+        """Add a stream after `prompt` (int32 (positions, 33)); returns its id. CSMError when the
+        batch is full (`n_streams == max_streams`) or the prompt does not fit the context."""
+        p = _check_prompt(prompt)
+        sp = N.lib.csm_stream_default_params()
+        sp.sampling.temperature = float(temperature)
+        sp.sampling.top_k = int(top_k)
+        sp.sampling.depth_temperature = -1.0 if depth_temperature is None else float(depth_temperature)
+        sp.sampling.depth_top_k = -1 if depth_top_k is None else int(depth_top_k)
+        sp.sampling.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+        sp.max_frames = int(max_frames)
+        sp.stop_at_eos = bool(stop_at_eos)
+        return N.check_status(N.lib.csm_batch_add(self.handle, _i32p(p), p.shape[0], sp), "cannot add a stream")
+
+    def remove(self, stream: int) -> None:
+        """Remove a stream now (running or joining); no event follows for it."""
+        N.check_status(N.lib.csm_batch_remove(self.handle, int(stream)), "cannot remove a stream")
+
+    def step(self) -> list[StreamEvent]:
+        """One prefill chunk of the first joining stream, then one frame of every running stream.
+        On CSMError every stream has left the batch."""
+        n = N.check_status(N.lib.csm_batch_step(self.handle, self._events, self.max_streams), "batch step failed")
+        out = []
+        for ev in self._events[:n]:
+            has_frame = ev.frame_index >= 0
+            out.append(StreamEvent(int(ev.stream), int(ev.frame_index) if has_frame else None,
+                                   np.ctypeslib.as_array(ev.codes).copy() if has_frame else None,
+                                   STOP_REASONS.get(ev.stop_reason, "unknown") if ev.stop_reason >= 0 else None))
+        return out
+
+    @property
+    def n_streams(self) -> int:
+        """Streams in the batch, running or joining."""
+        return int(N.lib.csm_batch_n_streams(self.handle))
+
+    @property
+    def n_running(self) -> int:
+        """Streams past their prefill."""
+        return int(N.lib.csm_batch_n_running(self.handle))
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            N.lib.csm_batch_free(self._handle)
+            self._handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
