@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native as N
-from .errors import CSMError
+from ._handle import NativeHandle
 from .generator import STOP_REASONS, _check_prompt, _i32p
-from .model import Model
+from .model import Model, check_n_threads
 
 
 @dataclass
@@ -43,20 +43,20 @@ class Batch:
     def __init__(self, model: Model, max_streams: int = 4, n_threads: int | None = None, max_pos: int = 0,
                  prefill_chunk: int = 0):
         params = N.lib.csm_batch_default_params()
-        params.n_threads = int(n_threads or 0)
+        params.n_threads = check_n_threads(n_threads)
         params.max_pos = int(max_pos)
         params.max_streams = int(max_streams)
         params.prefill_chunk = int(prefill_chunk)
-        self.model = model  # the native batch reads the model's weights: keep it alive
+        self.model = model
         self.max_streams = int(max_streams)
         self._events = (N.csm_batch_event * self.max_streams)()
-        self._handle = N.check_ptr(N.lib.csm_batch_new(model.handle, params), "cannot create a batch")
+        with model._native.use() as mh:  # the native batch holds its model from here on
+            ptr = N.check_ptr(N.lib.csm_batch_new(mh, params), "cannot create a batch")
+        self._native = NativeHandle(ptr, N.lib.csm_batch_free, "batch")
 
     @property
-    def handle(self):
-        if not self._handle:
-            raise CSMError("the batch is closed")
-        return self._handle
+    def closed(self) -> bool:
+        return self._native.closed
 
     def add(self, prompt, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None, depth_top_k=None,
             seed: int = 0, max_frames: int = 0, stop_at_eos: bool = True) -> int:
@@ -71,16 +71,19 @@ class Batch:
         sp.sampling.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         sp.max_frames = int(max_frames)
         sp.stop_at_eos = bool(stop_at_eos)
-        return N.check_status(N.lib.csm_batch_add(self.handle, _i32p(p), p.shape[0], sp), "cannot add a stream")
+        with self._native.use() as h:
+            return N.check_status(N.lib.csm_batch_add(h, _i32p(p), p.shape[0], sp), "cannot add a stream")
 
     def remove(self, stream: int) -> None:
         """Remove a stream now (running or joining); no event follows for it."""
-        N.check_status(N.lib.csm_batch_remove(self.handle, int(stream)), "cannot remove a stream")
+        with self._native.use() as h:
+            N.check_status(N.lib.csm_batch_remove(h, int(stream)), "cannot remove a stream")
 
     def step(self) -> list[StreamEvent]:
         """One prefill chunk of the first joining stream, then one frame of every running stream.
         On CSMError every stream has left the batch."""
-        n = N.check_status(N.lib.csm_batch_step(self.handle, self._events, self.max_streams), "batch step failed")
+        with self._native.use() as h:
+            n = N.check_status(N.lib.csm_batch_step(h, self._events, self.max_streams), "batch step failed")
         out = []
         for ev in self._events[:n]:
             has_frame = ev.frame_index >= 0
@@ -92,17 +95,20 @@ class Batch:
     @property
     def n_streams(self) -> int:
         """Streams in the batch, running or joining."""
-        return int(N.lib.csm_batch_n_streams(self.handle))
+        with self._native.use() as h:
+            return int(N.lib.csm_batch_n_streams(h))
 
     @property
     def n_running(self) -> int:
         """Streams past their prefill."""
-        return int(N.lib.csm_batch_n_running(self.handle))
+        with self._native.use() as h:
+            return int(N.lib.csm_batch_n_running(h))
 
     def close(self) -> None:
-        if getattr(self, "_handle", None):
-            N.lib.csm_batch_free(self._handle)
-            self._handle = None
+        """Free the batch; a step running meanwhile finishes first. Later calls raise CSMError."""
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
 
     def __enter__(self):
         return self

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 PROG = "pycsm"
-SUBCOMMANDS = ("convert", "quantize", "info", "voice", "dialogue")
+SUBCOMMANDS = ("convert", "quantize", "info", "voice", "dialogue", "serve")
 DEFAULT_BATCH = 4
 
 # crispasr flags with no meaning for pycsm: accepted (with their value) and named in one notice.
@@ -920,13 +920,19 @@ def _info(argv) -> int:
 
 # ---------------------------------------------------------------------------------------------
 
+def _serve(argv) -> int:
+    from .server.cli import serve
+
+    return serve(argv)
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0, 1 runtime error, 2 usage, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return {"convert": _convert, "quantize": _quantize, "info": _info, "voice": _voice,
-                    "dialogue": _dialogue}[argv[0]](argv[1:])
+                    "dialogue": _dialogue, "serve": _serve}[argv[0]](argv[1:])
         return _speak(argv)
     except UsageError as e:
         _err(e)

@@ -169,7 +169,7 @@ class Synthesizer:
                     codes[stream_row[ev.stream]].append(ev.codes)
         audio = np.empty(n, dtype=object)
         for i, frames in enumerate(codes):
-            pcm = decode(self._model.handle, np.array(frames, dtype=np.int32), self.n_threads) if frames else []
+            pcm = decode(self._model, np.array(frames, dtype=np.int32), self.n_threads) if frames else []
             audio[i] = np.asarray(pcm, dtype=np.float32).reshape(-1)
         out = dict(batch)
         out["audio"] = audio

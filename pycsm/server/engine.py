@@ -162,7 +162,7 @@ class Engine:
             d = self._decoders.pop()
             d.reset()
             return d
-        return MimiStreamDecoder(self.model.handle, self.n_threads)
+        return MimiStreamDecoder(self.model, self.n_threads)
 
     def _release(self, r: Request) -> None:
         if r.stream is not None:
