@@ -72,11 +72,6 @@ class ContextBudget:
     def _rows(self, speaker: int, text: str, codes=None) -> np.ndarray:
         return segment_rows(self.tokenizer, speaker, text, codes, parse_special=self.parse_special)
 
-    @property
-    def references_positions(self) -> int:
-        """|R|."""
-        return self._fixed
-
     def check(self, speaker: int, text: str, what: str) -> None:
         """ValueError when `text` cannot be spoken even with no history (|R| + |T| > C)."""
         need = self._fixed + self._rows(speaker, text).shape[0]
@@ -100,3 +95,8 @@ class ContextBudget:
         if codes.shape[0]:
             self._history.append(self._rows(speaker, text, codes))
             self._tags.append(tag)
+            # pieces beyond the most recent C positions can never be kept again: forget them
+            total = sum(h.shape[0] for h in self._history)
+            while total - self._history[0].shape[0] >= self.context:
+                total -= self._history.pop(0).shape[0]
+                self._tags.pop(0)
