@@ -31,11 +31,27 @@ CSM_N_CODEBOOKS = 32
 CSM_N_COLUMNS = 33
 CSM_TEXT_COLUMN = 32
 
+CSM_MAX_THREADS = 1024
+CSM_MAX_KV_BYTES = 8 << 30
+CSM_API_VERSION = 2
+
 # enum csm_log_level
 CSM_LOG_DEBUG = 0
 CSM_LOG_INFO = 1
 CSM_LOG_WARN = 2
 CSM_LOG_ERROR = 3
+
+# enum csm_struct
+CSM_STRUCT_MODEL_PARAMS = 0
+CSM_STRUCT_HPARAMS = 1
+CSM_STRUCT_QUANTIZE_PARAMS = 2
+CSM_STRUCT_CONTEXT_PARAMS = 3
+CSM_STRUCT_SAMPLING_PARAMS = 4
+CSM_STRUCT_GENERATE_PARAMS = 5
+CSM_STRUCT_GENERATE_RESULT = 6
+CSM_STRUCT_BATCH_PARAMS = 7
+CSM_STRUCT_STREAM_PARAMS = 8
+CSM_STRUCT_BATCH_EVENT = 9
 
 # enum csm_device
 CSM_DEVICE_AUTO = 0
@@ -188,6 +204,8 @@ _SIGNATURES = {
     "csm_ggml_version": (c_char_p, []),
     "csm_ggml_build_version": (c_char_p, []),
     "csm_system_info": (c_char_p, []),
+    "csm_api_version": (c_int32, []),
+    "csm_struct_size": (c_int64, [c_int32]),
     "csm_model_default_params": (csm_model_params, []),
     "csm_model_load": (csm_model_p, [c_char_p, csm_model_params]),
     "csm_model_free": (None, [csm_model_p]),
@@ -236,13 +254,13 @@ _SIGNATURES = {
 }
 
 
-def _library_candidates() -> list[Path]:
+def _library_candidates(platform: str = sys.platform) -> list[Path]:
     env = os.environ.get("PYCSM_LIBRARY")
     if env:
         return [Path(env)]
     here = Path(__file__).resolve().parent
     names = {"linux": "libcsm.so", "darwin": "libcsm.dylib", "win32": "csm.dll"}
-    name = names.get(sys.platform, "libcsm.so")
+    name = names.get(platform, "libcsm.so")
     found = [here / name]
     # a development build next to the sources (cmake -B build/dev first); sanitizer builds need
     # their runtime preloaded, so they are only used through PYCSM_LIBRARY
@@ -251,17 +269,35 @@ def _library_candidates() -> list[Path]:
     return found
 
 
-def _preload_ggml() -> None:
-    """Load the libggml package's libraries first (global symbols), so that a libcsm whose RUNPATH
-    does not point at them (a build-tree library) still finds libggml*.so.0 by soname."""
+def _ggml_library_dirs() -> list[Path]:
+    """The libggml package's folders of ggml libraries: lib64 / lib (Linux, macOS), bin (Windows DLLs)."""
     try:
         import libggml
     except ImportError:
-        return
+        return []
     root = Path(libggml.__file__).resolve().parent
-    for sub in ("lib64", "lib"):
-        d = root / sub
-        if not d.is_dir():
+    return [root / sub for sub in ("bin", "lib64", "lib") if (root / sub).is_dir()]
+
+
+_dll_directories = []  # os.add_dll_directory handles: the folders stay searchable while these live
+
+
+def _prepare_ggml(platform: str = sys.platform) -> None:
+    """Make libggml-python's libraries findable by the library about to be loaded.
+
+    Linux: load them first (global symbols), so that a libcsm whose RUNPATH does not point at them
+    (a build-tree library) still finds libggml*.so.0 by soname. Windows: Python does not search PATH
+    for a DLL's dependencies, so ggml's folder is added with os.add_dll_directory. macOS: nothing,
+    libcsm.dylib finds them through its @loader_path rpath."""
+    dirs = _ggml_library_dirs()
+    if platform == "win32":
+        for d in dirs:
+            _dll_directories.append(os.add_dll_directory(str(d)))
+        return
+    if not platform.startswith("linux"):
+        return
+    for d in dirs:
+        if d.name == "bin":
             continue
         for name in ("libggml-base.so.0", "libggml-cpu.so.0", "libggml.so.0"):
             if (d / name).exists():
@@ -272,9 +308,38 @@ def _preload_ggml() -> None:
         return
 
 
+def _check_abi(lib: ctypes.CDLL, path: Path) -> None:
+    """Refuse a library built from another csm.h than these declarations (a stale build tree): a
+    struct of another size would be passed by value and read as garbage on either side."""
+    rebuild = "rebuild it from these sources (cmake --build build/dev) or reinstall pycsm"
+    if not hasattr(lib, "csm_api_version") or not hasattr(lib, "csm_struct_size"):
+        raise ImportError(f"{path} is older than this pycsm (it has no ABI version): {rebuild}")
+    lib.csm_api_version.restype = c_int32
+    lib.csm_api_version.argtypes = []
+    lib.csm_struct_size.restype = c_int64
+    lib.csm_struct_size.argtypes = [c_int32]
+    version = lib.csm_api_version()
+    if version != CSM_API_VERSION:
+        raise ImportError(f"{path} has C API version {version}, this pycsm expects {CSM_API_VERSION}: {rebuild}")
+    for which, struct in _STRUCTS.items():
+        size = lib.csm_struct_size(which)
+        if size != ctypes.sizeof(struct):
+            raise ImportError(f"{path}: struct {struct.__name__} is {size} bytes in the library but "
+                              f"{ctypes.sizeof(struct)} in pycsm: {rebuild}")
+
+
+_STRUCTS = {CSM_STRUCT_MODEL_PARAMS: csm_model_params, CSM_STRUCT_HPARAMS: csm_hparams,
+            CSM_STRUCT_QUANTIZE_PARAMS: csm_quantize_params, CSM_STRUCT_CONTEXT_PARAMS: csm_context_params,
+            CSM_STRUCT_SAMPLING_PARAMS: csm_sampling_params, CSM_STRUCT_GENERATE_PARAMS: csm_generate_params,
+            CSM_STRUCT_GENERATE_RESULT: csm_generate_result, CSM_STRUCT_BATCH_PARAMS: csm_batch_params,
+            CSM_STRUCT_STREAM_PARAMS: csm_stream_params, CSM_STRUCT_BATCH_EVENT: csm_batch_event}
+
+
 def _load() -> ctypes.CDLL:
-    if sys.platform.startswith("linux"):
-        _preload_ggml()
+    # ggml_abort attaches gdb to print a backtrace unless this is set (it reads the variable when it
+    # aborts); a user's own setting wins
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    _prepare_ggml()
     errors = []
     for path in _library_candidates():
         if not path.exists():
@@ -287,7 +352,15 @@ def _load() -> ctypes.CDLL:
     else:
         detail = "; ".join(errors) or "not found next to the package (was it built? `pip install .`)"
         raise ImportError(f"cannot load pycsm's native library: {detail}")
+    # PYCSM_SKIP_ABI_CHECK=1 loads an older library anyway, leaving out what it lacks: only for
+    # replaying a finding against an old build (docs/hardening.md), never for use
+    skip_abi = os.environ.get("PYCSM_SKIP_ABI_CHECK") == "1"
+    if not skip_abi:
+        _check_abi(lib, path)
     for fname, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, fname, None)
+        if fn is None and skip_abi:
+            continue
         fn = getattr(lib, fname)
         fn.restype = restype
         fn.argtypes = argtypes

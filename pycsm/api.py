@@ -5,6 +5,9 @@
 ...     audio = tts.generate("Hello from pycsm.", speaker=0, seed=42)
 ...     audio.save("hello.wav")
 
+Every method takes the sampling options as one `GenerationOptions` (pycsm/options.py) and/or as
+keywords; `context=` takes `Segment`s and saved voices (`Voice`, pycsm/voices.py).
+
 Threads: a `CSM` holds one generation context. Its methods take an internal lock, so calls from
 several threads on one `CSM` are safe but run one after another; for parallel synthesis create one
 `CSM` per thread (each loads its own copy of the weights) or use `generate_batch`. A method called
@@ -14,11 +17,9 @@ deadlocking.
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 import queue
-import secrets
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,12 +28,16 @@ from pathlib import Path
 import numpy as np
 
 from ._native import CSM_N_CODEBOOKS
-from .audio import SAMPLE_RATE, Audio, check_samples, read_audio, resample
+from .audio import SAMPLE_RATE, Audio, check_samples, read_audio
+from .budget import ContextBudget
 from .errors import CSMError
 from .generator import Generator
-from .model import Model
+from .model import Model, check_n_threads
+from .options import SEED_BITS, GenerationOptions
 from .prompt import build_prompt
+from .resample import check_rate, resample
 from .text import DEFAULT_MAX_CHARS, split_sentences
+from .voices import Voice
 
 MAX_BATCH = 4  # utterances per native batch in generate_batch
 
@@ -40,6 +45,7 @@ MAX_BATCH = 4  # utterances per native batch in generate_batch
 _STOP_REASONS = {"eos": "eos", "max_frames": "max_length", "context_full": "context_full", "aborted": "aborted"}
 # for generate_long: the reason reported when sentences ended differently (most notable first)
 _STOP_RANK = ["aborted", "context_full", "max_length", "eos"]
+_SEED_MASK = (1 << SEED_BITS) - 1  # seed + i wraps around, as the native uint64 does
 
 
 def _is_int(x) -> bool:
@@ -58,27 +64,12 @@ def _check_text(text, what: str = "text") -> str:
     stripped = text.strip()
     if not stripped:
         raise ValueError(f"{what} is empty")
+    try:
+        stripped.encode("utf-8")
+    except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, decoded with surrogateescape
+        raise ValueError(f"{what} is not valid Unicode text (character {e.start} is a lone surrogate, "
+                         "as bytes that are not UTF-8 become)") from None
     return stripped
-
-
-def _check_temperature(t, name: str) -> float:
-    if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {t!r}")
-    return float(t)
-
-
-def _check_top_k(k, name: str) -> int:
-    if not _is_int(k) or k < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0 = no top-k cut), got {k!r}")
-    return int(k)
-
-
-def _check_seed(seed) -> int:
-    if seed is None:
-        return secrets.randbits(32)
-    if not _is_int(seed):
-        raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
-    return int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,7 +109,7 @@ class Segment:
             else:
                 check_samples(a.samples, "Segment audio")
                 self._samples = a.samples if a.sample_rate == SAMPLE_RATE else \
-                    resample(a.samples, a.sample_rate, SAMPLE_RATE).astype(np.float32)
+                    resample(a.samples, a.sample_rate, SAMPLE_RATE)
             return
         arr = np.asarray(a)
         if arr.dtype.kind in "iu":
@@ -135,7 +126,9 @@ class Segment:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, text: str, speaker: int = 0) -> "Segment":
-        """A segment from a sound file of any rate (resampled to 24 kHz; channels averaged)."""
+        """A segment from a sound file of any rate (resampled to 24 kHz; channels averaged). Its
+        header is checked first: a rate outside [1000, 768000] Hz or more audio than the published
+        model's context holds (163.84 s) is a ValueError before any samples are read."""
         return cls(speaker, text, read_audio(path, SAMPLE_RATE))
 
     @property
@@ -165,9 +158,12 @@ def _check_codes(codes) -> np.ndarray:
 def _as_segment(seg) -> Segment:
     if isinstance(seg, Segment):
         return seg
+    if isinstance(seg, Voice):
+        return seg.segment()
     if isinstance(seg, tuple) and len(seg) == 3:
         return Segment(*seg)
-    raise TypeError(f"context items must be Segment or (speaker, text, audio) tuples, not {type(seg).__name__}")
+    raise TypeError(f"context items must be Segment, Voice or (speaker, text, audio) tuples, not "
+                    f"{type(seg).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +262,7 @@ class CSM:
     """
 
     def __init__(self, path: str | os.PathLike, n_threads: int | None = None, device: str = "auto"):
-        if n_threads is not None and (not _is_int(n_threads) or n_threads < 1):
-            raise ValueError(f"n_threads must be a positive integer or None, got {n_threads!r}")
+        n_threads = check_n_threads(n_threads) or None  # pycsm.model's rule, once, before any work
         self.n_threads = n_threads
         self._lock = threading.Lock()
         self._owner: int | None = None
@@ -365,19 +360,32 @@ class CSM:
 
     def encode(self, samples, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         """Mimi codes (frames, 32) of mono float samples (resampled to 24 kHz if needed)."""
-        x = np.asarray(samples, dtype=np.float64)
+        x = np.asarray(samples, dtype=np.float32)
         if x.ndim != 1:
             raise ValueError(f"samples must be 1-D (mono), got shape {x.shape}")
         check_samples(x)
-        if sample_rate != self.sample_rate:
-            x = resample(x, int(sample_rate), self.sample_rate)
+        rate = check_rate(sample_rate)
+        self._check_context_length(x.shape[0] / rate)  # before resampling: the work is bounded too
+        if rate != self.sample_rate:
+            x = resample(x, rate, self.sample_rate)
         with self._locked():
             return self._encode(x)
+
+    @property
+    def max_context_seconds(self) -> float:
+        """The longest audio the model's context can hold (all its positions as 80 ms frames)."""
+        return self.model.hparams.bb_max_pos * self.frame_ms / 1000.0
+
+    def _check_context_length(self, seconds: float) -> None:
+        if seconds > self.max_context_seconds:
+            raise ValueError(f"context audio of {seconds:.1f} s cannot fit: the model's context holds at most "
+                             f"{self.max_context_seconds:g} s of audio")
 
     def _encode(self, pcm) -> np.ndarray:
         from . import codec
 
         pcm = np.ascontiguousarray(pcm, dtype=np.float32)
+        self._check_context_length(pcm.shape[0] / self.sample_rate)
         return np.asarray(codec.encode(self.model.handle, pcm, self.n_threads), dtype=np.int32)
 
     def decode(self, codes) -> Audio:
@@ -404,39 +412,40 @@ class CSM:
 
     # ------------------------------------------------------------------ requests
 
-    def _options(self, temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms) -> dict:
-        opts = {
-            "temperature": _check_temperature(temperature, "temperature"),
-            "top_k": _check_top_k(top_k, "top_k"),
-            "depth_temperature": None if depth_temperature is None
-            else _check_temperature(depth_temperature, "depth_temperature"),
-            "depth_top_k": None if depth_top_k is None else _check_top_k(depth_top_k, "depth_top_k"),
-        }
-        if max_audio_length_ms is None:
-            opts["max_frames"] = 0  # until the end frame or a full context
-        else:
-            ms = max_audio_length_ms
-            if isinstance(ms, bool) or not isinstance(ms, numbers.Real) or not math.isfinite(ms) or ms <= 0:
-                raise ValueError(f"max_audio_length_ms must be a number > 0 (or None), got {ms!r}")
-            # 80 ms per frame, rounded up; round() first so 560.0000000001 ms stays 7 frames
-            opts["max_frames"] = max(1, math.ceil(round(float(ms) / self.frame_ms, 6)))
-        return opts
+    def _request(self, options, overrides: dict) -> tuple[GenerationOptions, dict]:
+        """The call's options (`options` with the keyword overrides; seed fixed) and the arguments of
+        `Generator.generate` they give on this model (top-k clamped to the codebook size, the frame
+        cap to the context)."""
+        opts = GenerationOptions.resolve(options, **overrides).with_seed()
+        hp = self.model.hparams
+        native = opts.sampling(int(hp.audio_vocab_size))
+        native["max_frames"] = opts.max_frames(self.frame_ms, int(hp.bb_max_pos))
+        return opts, native
 
     def _context(self, context) -> list:
+        if isinstance(context, Voice):
+            return [context.segment()]
         if isinstance(context, (Segment, str, bytes)):
-            raise TypeError("context must be a sequence of Segment (wrap a single one in a list)")
+            raise TypeError("context must be a Voice or a sequence of Segment / Voice (wrap a single Segment "
+                            "in a list)")
         return [_as_segment(s) for s in context]
 
-    def _prompt(self, text: str, speaker: int, segments: list, extra=()) -> np.ndarray:
+    def _prompt(self, text: str, speaker: int, segments: list, parse_special: bool, extra=()) -> np.ndarray:
         ctx = [s._resolve(self._encode) for s in segments] + list(extra)
-        return build_prompt(self.model.tokenizer, text, speaker, ctx)
+        return build_prompt(self.model.tokenizer, text, speaker, ctx, parse_special=parse_special)
 
-    def _start(self, prompt: np.ndarray, opts: dict, seed: int, on_frame=None, done=None) -> _Job:
+    def _budget(self, segments: list, parse_special: bool, history_limit: int | None = None) -> ContextBudget:
+        """The context budget (pycsm.budget) of a growing conversation after `segments`."""
+        return ContextBudget(self.model.tokenizer, self.model.hparams.bb_max_pos,
+                             [s._resolve(self._encode) for s in segments], history_limit, parse_special)
+
+    def _start(self, prompt: np.ndarray, native: dict, seed: int, on_frame=None, done=None) -> _Job:
         """Start one utterance on the main context in a worker thread (lock held by the caller).
 
         Generation never runs in the calling thread: a Ctrl-C there (KeyboardInterrupt, main thread
         only) would otherwise land inside the per-frame ctypes callback, where it cannot propagate.
-        on_frame(index, codes) runs in the worker; done() is called there when it ends.
+        on_frame(index, codes) runs in the worker (returning False stops generation); done() is
+        called there when it ends.
         """
         if self._gen is None:  # closed from a callback of this very call
             raise CSMError("this CSM is closed")
@@ -449,7 +458,7 @@ class CSM:
 
         def work():
             try:
-                r = self._gen.generate(prompt, seed=seed, stop_at_eos=True, on_frame=cb, **opts)
+                r = self._gen.generate(prompt, seed=seed, stop_at_eos=True, on_frame=cb, **native)
                 job.codes, job.stop_reason = r.codes, _STOP_REASONS.get(r.stop_reason, r.stop_reason)
             except BaseException as e:  # noqa: BLE001 - re-raised by the waiting thread
                 job.error = e
@@ -463,66 +472,68 @@ class CSM:
         job.thread.start()
         return job
 
-    def _run(self, prompt: np.ndarray, opts: dict, seed: int):
+    def _run(self, prompt: np.ndarray, native: dict, seed: int, on_frame=None):
         """One utterance (lock held). Returns (codes, stop_reason)."""
-        job = self._start(prompt, opts, seed)
+        job = self._start(prompt, native, seed, on_frame=on_frame)
         job.finish(wait=True)
         return job.result()
 
     # ------------------------------------------------------------------ generate
 
-    def generate(self, text: str, speaker: int = 0, context=(), temperature: float = 0.9, top_k: int = 50,
-                 seed: int | None = None, max_audio_length_ms: float | None = 90_000,
-                 depth_temperature: float | None = None, depth_top_k: int | None = None) -> Audio:
-        """Speak `text` as `speaker` after the `context` segments (oldest first).
+    def generate(self, text: str, speaker: int | None = None, context=(), options: GenerationOptions | None = None,
+                 *, on_frame=None, **option_kw) -> Audio:
+        """Speak `text` as `speaker` after the `context` (a `Voice`, or a list of `Segment` / `Voice`,
+        oldest first).
 
-        temperature / top_k: sampling of every codebook (temperature 0 = greedy); depth_temperature /
-            depth_top_k: separate values for codebooks 1..31 (None = the same).
-        seed: None draws a random seed (returned as `Audio.seed`); an int reproduces the output.
-        max_audio_length_ms: cap on the audio length (rounded up to 80 ms frames; None = no cap
-            beyond the 2048-position context).
+        speaker: None = the speaker of the first `Voice` in the context, else 0.
+        options / option_kw: the sampling options (`GenerationOptions`: temperature, top_k,
+            depth_temperature, depth_top_k, max_audio_length_ms, seed, parse_special), as an object,
+            as keywords, or both (keywords win). seed=None draws a random seed (`Audio.seed`).
+        on_frame(index, codes): called after each frame (in a worker thread); returning False stops
+            (stop_reason "aborted").
         The utterance ends when the model emits the all-zero end frame (Sesame's rule: all 32 codes
         0), at the length cap, or when the context is full (`Audio.stop_reason`). CSMError with the
         native message when the prompt (text plus context) does not fit the context.
         """
         text = _check_text(text)
-        speaker = _check_speaker(speaker)
-        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
-        seed = _check_seed(seed)
+        speaker = _speaker(speaker, context)
+        opts, native = self._request(options, option_kw)
         segments = self._context(context)
         with self._locked():
-            codes, reason = self._run(self._prompt(text, speaker, segments), opts, seed)
-            return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=seed)
+            prompt = self._prompt(text, speaker, segments, opts.parse_special)
+            codes, reason = self._run(prompt, native, opts.seed, on_frame)
+            return Audio(self._decode(codes), self.sample_rate, codes=codes, stop_reason=reason, seed=opts.seed)
 
-    def stream(self, text: str, speaker: int = 0, context=(), temperature: float = 0.9, top_k: int = 50,
-               seed: int | None = None, max_audio_length_ms: float | None = 90_000,
-               depth_temperature: float | None = None, depth_top_k: int | None = None,
-               chunk_frames: int = 4) -> AudioStream:
+    def stream(self, text: str, speaker: int | None = None, context=(), options: GenerationOptions | None = None,
+               *, chunk_frames: int = 4, on_frame=None, **option_kw) -> AudioStream:
         """Like `generate`, but yields float32 chunks of `chunk_frames` frames (80 ms each; the last
         may be shorter) while the model is still speaking. Generation runs in a worker thread; the
         chunks are decoded by a streaming Mimi decoder, and joined they equal `generate(...)` with
-        the same seed. Closing the stream early stops generation.
+        the same seed. Closing the stream early stops generation. on_frame: as for `generate`.
         """
         text = _check_text(text)
-        speaker = _check_speaker(speaker)
-        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        speaker = _speaker(speaker, context)
+        opts, native = self._request(options, option_kw)
         chunk_frames = _check_chunk(chunk_frames)
-        seed = _check_seed(seed)
         segments = self._context(context)
 
         def body(result: dict):
             with self._locked():
-                prompt = self._prompt(text, speaker, segments)
-                yield from self._stream_chunks(prompt, opts, seed, chunk_frames, result)
+                prompt = self._prompt(text, speaker, segments, opts.parse_special)
+                yield from self._stream_chunks(prompt, native, opts.seed, chunk_frames, result, on_frame)
 
-        return AudioStream(body, self.sample_rate, seed)
+        return AudioStream(body, self.sample_rate, opts.seed)
 
-    def _stream_chunks(self, prompt, opts, seed, chunk_frames, out):
+    def _stream_chunks(self, prompt, native, seed, chunk_frames, out, on_frame=None):
         """Generate in a worker thread, decode here; yields chunks. Lock held by the caller."""
         frames: queue.Queue = queue.Queue()
         decoder = self._stream_decoder()
-        job = self._start(prompt, opts, seed, on_frame=lambda _i, codes: frames.put(codes),
-                          done=lambda: frames.put(_DONE))
+
+        def put(index, codes):
+            frames.put(codes)
+            return on_frame is None or on_frame(index, codes) is not False
+
+        job = self._start(prompt, native, seed, on_frame=put, done=lambda: frames.put(_DONE))
         try:
             pending = []
             while True:
@@ -545,43 +556,47 @@ class CSM:
 
     # ------------------------------------------------------------------ long text
 
-    def generate_long(self, text: str, speaker: int = 0, context=(), pause_ms: float = 150, progress=None,
-                      max_chars: int = DEFAULT_MAX_CHARS, **gen_kwargs) -> Audio:
+    def generate_long(self, text: str, speaker: int | None = None, context=(),
+                      options: GenerationOptions | None = None, *, pause_ms: float = 150, progress=None,
+                      max_chars: int = DEFAULT_MAX_CHARS, on_frame=None, **option_kw) -> Audio:
         """Speak a long text sentence by sentence (`pycsm.text.split_sentences`).
 
         Each sentence is generated with the user's `context` followed by the previous sentence (its
-        text and codes) as context, and the sentences are joined with `pause_ms` of silence.
-        gen_kwargs: temperature, top_k, seed, max_audio_length_ms (per sentence), depth_temperature,
-        depth_top_k, as for `generate`; sentence i uses seed + i.
+        text and codes) as context, and the sentences are joined with `pause_ms` of silence. The
+        previous sentence is left out when it does not fit beside the sentence's own length cap
+        (`pycsm.budget`), so a long text never fails for a full context; ValueError before anything
+        is generated when a sentence does not fit even alone with `context`.
+        options / option_kw: as for `generate` (max_audio_length_ms caps each sentence); sentence i
+        uses seed + i.
         progress(done, total) is called before the first sentence and after each one; returning
-        False stops (the audio made so far is returned with stop_reason "aborted").
+        False stops (the audio made so far is returned with stop_reason "aborted"). on_frame(index,
+        codes) is called after each frame of each sentence (index counts within the sentence).
         stop_reason otherwise: "eos" when every sentence ended on its own, else the most notable
         other reason of a sentence ("context_full", then "max_length").
         """
         pieces = []
-        st = self.stream_long(text, speaker, context, pause_ms=pause_ms, progress=progress,
-                              max_chars=max_chars, chunk_frames=None, **gen_kwargs)
+        st = self.stream_long(text, speaker, context, options, pause_ms=pause_ms, progress=progress,
+                              max_chars=max_chars, chunk_frames=None, on_frame=on_frame, **option_kw)
         with st:
             for chunk in st:
                 pieces.append(chunk)
         samples = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
         return Audio(samples, self.sample_rate, codes=st.codes, stop_reason=st.stop_reason, seed=st.seed)
 
-    def stream_long(self, text: str, speaker: int = 0, context=(), pause_ms: float = 150, progress=None,
-                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4,
-                    temperature: float = 0.9, top_k: int = 50, seed: int | None = None,
-                    max_audio_length_ms: float | None = 90_000, depth_temperature: float | None = None,
-                    depth_top_k: int | None = None) -> AudioStream:
+    def stream_long(self, text: str, speaker: int | None = None, context=(),
+                    options: GenerationOptions | None = None, *, pause_ms: float = 150, progress=None,
+                    max_chars: int = DEFAULT_MAX_CHARS, chunk_frames: int | None = 4, on_frame=None,
+                    **option_kw) -> AudioStream:
         """`generate_long` as a stream of float32 chunks (pauses included); joined, they equal
         `generate_long(...)` with the same seed. chunk_frames=None yields whole sentences."""
         text = _check_text(text)
-        speaker = _check_speaker(speaker)
-        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
+        speaker = _speaker(speaker, context)
+        opts, native = self._request(options, option_kw)
         if chunk_frames is not None:
             chunk_frames = _check_chunk(chunk_frames)
         if isinstance(pause_ms, bool) or not isinstance(pause_ms, numbers.Real) or not 0 <= pause_ms < 60_000:
             raise ValueError(f"pause_ms must be a number in [0, 60000), got {pause_ms!r}")
-        seed = _check_seed(seed)
+        seed = opts.seed
         segments = self._context(context)
         sentences = split_sentences(text, max_chars) or [text]
         silence = np.zeros(int(round(pause_ms * self.sample_rate / 1000)), dtype=np.float32)
@@ -591,25 +606,27 @@ class CSM:
             all_codes, reasons = [], []
             with self._locked():
                 try:
+                    budget = self._budget(segments, opts.parse_special, history_limit=1)
+                    for i, sentence in enumerate(sentences):  # before any work: each must fit
+                        budget.check(speaker, sentence, f"sentence {i + 1}")
                     if progress is not None and progress(0, total) is False:
                         reasons.append("aborted")
                         return
-                    prev = ()
                     for i, sentence in enumerate(sentences):
                         if i and silence.size:
                             yield silence
-                        prompt = self._prompt(sentence, speaker, segments, prev)
-                        s_seed = (seed + i) & 0xFFFFFFFFFFFFFFFF
+                        prompt, _ = budget.prompt(speaker, sentence, native["max_frames"])
+                        s_seed = (seed + i) & _SEED_MASK
                         if chunk_frames is None:
-                            codes, reason = self._run(prompt, opts, s_seed)
+                            codes, reason = self._run(prompt, native, s_seed, on_frame)
                             yield self._decode(codes)
                         else:
                             out = {}
-                            yield from self._stream_chunks(prompt, opts, s_seed, chunk_frames, out)
+                            yield from self._stream_chunks(prompt, native, s_seed, chunk_frames, out, on_frame)
                             codes, reason = out["codes"], out["stop_reason"]
                         all_codes.append(codes)
                         reasons.append(reason)
-                        prev = [(speaker, sentence, codes)] if codes.shape[0] else ()
+                        budget.add(speaker, sentence, codes)
                         if progress is not None and progress(i + 1, total) is False and i + 1 < total:
                             reasons.append("aborted")
                             return
@@ -620,29 +637,63 @@ class CSM:
 
         return AudioStream(body, self.sample_rate, seed)
 
+    # ------------------------------------------------------------------ dialogue
+
+    def converse(self, turns, voices=None, options: GenerationOptions | None = None, **kw):
+        """Speak a dialogue turn by turn, each turn after the earlier ones; returns a
+        `pycsm.conversation.Conversation` (`.audio` joined, `.turns` one Audio per turn, `.pieces`).
+
+        turns: (speaker, text) pairs, {"speaker", "text"} dicts or text-only Segments; a speaker is
+            an id or a name (names are numbered in order of appearance). voices: speaker -> Voice
+            or Segment, that speaker's reference, kept in every prompt under the dialogue's id.
+        options / option keywords: as for `generate`; without `options` the dialogue defaults
+            apply (max_audio_length_ms 10 s per turn or sentence, parse_special False). Piece k (a
+            turn, or a sentence of a long turn) uses seed + k.
+        kw also: gap_ms (between turns, default 300), pause_ms (between the sentences of a long
+            turn, 150), max_chars, progress(done_turns, total) (returning False stops),
+            on_frame(index, codes) (after each frame of each piece, in a worker thread; returning
+            False stops that piece).
+        Each prompt holds the voice references and the most recent turns that fit beside the
+        piece's own cap (`pycsm.budget`); see `pycsm.conversation` and docs/dialogue.md.
+        """
+        from .conversation import converse
+
+        return converse(self, turns, voices, options, **kw)
+
+    def stream_converse(self, turns, voices=None, options: GenerationOptions | None = None, *,
+                        chunk_frames: int | None = 4, **kw):
+        """`converse` as a stream of `pycsm.conversation.DialogueChunk` (turn, speaker, samples,
+        gap), yielded as the frames are generated; chunk_frames=None yields whole pieces. Joined,
+        the samples are the conversation; the stream's `pieces` fill as pieces end."""
+        from .conversation import stream_converse
+
+        return stream_converse(self, turns, voices, options, chunk_frames=chunk_frames, **kw)
+
     # ------------------------------------------------------------------ batch
 
-    def generate_batch(self, texts, speaker=0, context=(), temperature: float = 0.9, top_k: int = 50,
-                       seed: int | None = None, max_audio_length_ms: float | None = 90_000,
-                       depth_temperature: float | None = None, depth_top_k: int | None = None) -> list[Audio]:
+    def generate_batch(self, texts, speaker=None, context=(), options: GenerationOptions | None = None,
+                       **option_kw) -> list[Audio]:
         """Speak several texts together (up to 4 at a time share every weight read; faster than one
-        by one). speaker: one for all or one per text; context: shared by all. Text i uses seed + i
-        and gives the same audio as `generate(texts[i], ..., seed=seed + i)`."""
+        by one). speaker: one for all or one per text (None: as for `generate`); context: shared by
+        all; options / option_kw: as for `generate`. Text i uses seed + i and gives the same audio as
+        `generate(texts[i], ..., seed=seed + i)`."""
         if isinstance(texts, str):
             raise TypeError("texts must be a list of str (use generate() for one text)")
         texts = [_check_text(t, f"texts[{i}]") for i, t in enumerate(texts)]
+        opts, native = self._request(options, option_kw)
         if not texts:
             return []
-        speakers = [speaker] * len(texts) if isinstance(speaker, numbers.Integral) else list(speaker)
+        if speaker is None or isinstance(speaker, numbers.Integral):
+            speakers = [_speaker(speaker, context)] * len(texts)
+        else:
+            speakers = list(speaker)
         if len(speakers) != len(texts):
             raise ValueError(f"{len(speakers)} speakers for {len(texts)} texts")
         speakers = [_check_speaker(s) for s in speakers]
-        opts = self._options(temperature, top_k, depth_temperature, depth_top_k, max_audio_length_ms)
-        seed = _check_seed(seed)
         segments = self._context(context)
         results = []
         with self._locked():
-            prompts = [self._prompt(t, s, segments) for t, s in zip(texts, speakers)]
+            prompts = [self._prompt(t, s, segments, opts.parse_special) for t, s in zip(texts, speakers)]
             need = min(MAX_BATCH, len(texts))
             if self._batch_gen is None or self._batch_gen.n_batch < need:
                 if self._batch_gen is not None:
@@ -650,13 +701,26 @@ class CSM:
                     self._batch_gen = None
                 self._batch_gen = Generator(self.model, n_threads=self.n_threads, n_batch=need)
             for start in range(0, len(texts), MAX_BATCH):
-                b_seed = (seed + start) & 0xFFFFFFFFFFFFFFFF
+                b_seed = (opts.seed + start) & _SEED_MASK
                 for j, r in enumerate(self._batch_gen.generate_batch(prompts[start:start + MAX_BATCH], seed=b_seed,
-                                                                     stop_at_eos=True, **opts)):
+                                                                     stop_at_eos=True, **native)):
                     results.append(Audio(self._decode(r.codes), self.sample_rate, codes=r.codes,
                                          stop_reason=_STOP_REASONS.get(r.stop_reason, r.stop_reason),
-                                         seed=(b_seed + j) & 0xFFFFFFFFFFFFFFFF))
+                                         seed=(b_seed + j) & _SEED_MASK))
         return results
+
+
+def _speaker(speaker, context) -> int:
+    """The speaker of a call: as given, else the first Voice's in the context, else 0."""
+    if speaker is not None:
+        return _check_speaker(speaker)
+    if isinstance(context, Voice):
+        return context.speaker
+    if isinstance(context, (list, tuple)):
+        for item in context:
+            if isinstance(item, Voice):
+                return item.speaker
+    return 0
 
 
 def _check_chunk(chunk_frames) -> int:

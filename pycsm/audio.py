@@ -1,39 +1,68 @@
-"""Audio results, files and resampling.
+"""Audio results and audio files: `Audio`, the file writers, and reading voice-context recordings.
 
 `Audio` is what `CSM.generate` returns: float32 mono samples at 24 kHz plus the Mimi codes they were
-decoded from. Files are written through `soundfile` to a temporary name next to the target and renamed
-into place when complete, so an error or Ctrl-C never leaves a partial file behind.
+decoded from. Files are written through `soundfile` (libsndfile) to a temporary name next to the
+target and renamed into place when complete, so an error or Ctrl-C never leaves a partial file
+behind. The path "-" is standard output: a WAV whose header declares an unknown length, written as
+the audio comes (as sox and ffmpeg write WAV to a pipe). Resampling is `pycsm.resample` (libsoxr).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import secrets
-from dataclasses import dataclass
+import struct
+import sys
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-SAMPLE_RATE = 24000
+from .resample import StreamResampler, check_rate, resample
 
-# suffix -> (soundfile format, subtype). WAV and FLAC hold 16-bit PCM written from Audio.to_int16(),
-# so a saved file has exactly the samples of the raw s16le output; Ogg holds Vorbis.
+SAMPLE_RATE = 24000
+STDOUT = "-"
+
+# suffix -> (soundfile format, subtype, libsndfile version that first writes it). WAV and FLAC hold
+# 16-bit PCM written from Audio.to_int16(), so a saved file has exactly the samples of the raw s16le
+# output; Ogg holds Vorbis, .opus Opus in Ogg, .mp3 MPEG layer III.
 FORMATS = {
-    ".wav": ("WAV", "PCM_16"),
-    ".flac": ("FLAC", "PCM_16"),
-    ".ogg": ("OGG", "VORBIS"),
+    ".wav": ("WAV", "PCM_16", "1.0"),
+    ".flac": ("FLAC", "PCM_16", "1.0"),
+    ".ogg": ("OGG", "VORBIS", "1.0"),
+    ".opus": ("OGG", "OPUS", "1.0.29"),
+    ".mp3": ("MP3", "MPEG_LAYER_III", "1.1.0"),
+}
+# the sample rates each codec can encode (None: any)
+_RATES = {
+    "OPUS": (8000, 12000, 16000, 24000, 48000),
+    "MPEG_LAYER_III": (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000),
 }
 
 
-def output_format(path: str | os.PathLike) -> tuple[str, str]:
-    """(format, subtype) for a file name from its suffix; ValueError for an unknown suffix."""
+def output_format(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> tuple[str, str]:
+    """(format, subtype) for a file name from its suffix ("-": WAV on standard output).
+
+    ValueError for an unknown suffix, a rate the codec cannot encode, or a format the installed
+    libsndfile cannot write (naming the version it needs)."""
+    if os.fspath(path) == STDOUT:
+        return "WAV", "PCM_16"
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        known = ", ".join(FORMATS)
         raise ValueError(f"unknown audio file type {suffix or '(no suffix)'!r} for {os.fspath(path)}: "
-                         f"use one of {known}")
-    return FORMATS[suffix]
+                         f"use one of {', '.join(FORMATS)}")
+    fmt, subtype, needs = FORMATS[suffix]
+    import soundfile as sf
+
+    if not sf.check_format(fmt, subtype):
+        raise ValueError(f"cannot write {suffix} files: they need libsndfile >= {needs} built with that codec, "
+                         f"and soundfile here uses libsndfile {sf.__libsndfile_version__}")
+    rates = _RATES.get(subtype)
+    if rates is not None and sample_rate not in rates:
+        raise ValueError(f"{suffix} cannot hold {sample_rate} Hz audio: use one of "
+                         f"{', '.join(map(str, rates))} Hz (--sample-rate)")
+    return fmt, subtype
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -43,32 +72,81 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OSError (FileNotFoundError, IsADirectoryError, PermissionError...) now, before any audio
+    is made, when a file could not be written at `path`: its folder is missing, it is a directory,
+    or creating a file there fails (read-only folder, /proc...). "-" (standard output) passes."""
+    if os.fspath(path) == STDOUT:
+        return
+    path = Path(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {folder}")
+    if path.is_dir():
+        raise IsADirectoryError(f"output path is a directory: {path}")
+    try:  # the writer creates a temporary file in that folder: try exactly that
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot write to {folder}: {e.strerror or e}") from None
+
+
 def float_to_int16(samples: np.ndarray) -> np.ndarray:
     """Clip to [-1, 1] and scale to int16 (round to nearest)."""
     x = np.clip(np.asarray(samples, dtype=np.float32), -1.0, 1.0)
     return np.rint(x * 32767.0).astype(np.int16)
 
 
+def check_samples(samples: np.ndarray, what: str = "audio") -> None:
+    """ValueError for empty audio or NaN / infinite samples."""
+    if samples.size == 0:
+        raise ValueError(f"{what} is empty")
+    if not np.all(np.isfinite(samples)):
+        raise ValueError(f"{what} contains NaN or infinite samples")
+
+
+# The data size sox writes to a pipe and reads back as "unknown: up to the end of the stream"
+# (libsndfile and Python's wave module clamp it to what the stream holds).
+WAV_UNKNOWN_LENGTH = 0x7FFFF000
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """The 44-byte header of a 16-bit mono WAV of unknown length, as sox writes to a pipe."""
+    return (b"RIFF" + struct.pack("<I", WAV_UNKNOWN_LENGTH + 36) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16)
+            + b"data" + struct.pack("<I", WAV_UNKNOWN_LENGTH))
+
+
 class AudioWriter:
-    """Writes a sound file incrementally to a temporary name; renames it into place on success.
+    """Writes a sound file incrementally (24 kHz float32 chunks in, resampled to `out_rate` when it
+    differs). A file goes to a temporary name and is renamed into place on success; "-" writes a
+    WAV to standard output as the chunks come.
 
     >>> with AudioWriter("out.wav") as w:
     ...     w.write(chunk)          # float32 mono chunks
     """
 
-    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE):
+    def __init__(self, path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, out_rate: int | None = None):
+        self.sample_rate = int(sample_rate)
+        self.out_rate = self.sample_rate if out_rate is None else check_rate(out_rate, "output sample rate")
+        self._resampler = StreamResampler(self.sample_rate, self.out_rate) if self.out_rate != self.sample_rate \
+            else None
+        self.format, self.subtype = output_format(path, self.out_rate)
+        self.frames = 0  # input samples written
+        self._file = self._tmp = self._pipe = None
+        if os.fspath(path) == STDOUT:
+            self.path = None
+            self._pipe = getattr(sys.stdout, "buffer", sys.stdout)
+            self._pipe.write(wav_stream_header(self.out_rate))
+            self._pipe.flush()
+            return
         import soundfile as sf
 
         self.path = Path(path)
-        self.format, self.subtype = output_format(self.path)
-        self.sample_rate = int(sample_rate)
-        directory = self.path.parent
-        if not directory.is_dir():
-            raise FileNotFoundError(f"output folder does not exist: {directory}")
+        check_writable(self.path)
         self._tmp = partial_path(self.path)
-        self.frames = 0
         try:
-            self._file = sf.SoundFile(os.fspath(self._tmp), mode="w", samplerate=self.sample_rate, channels=1,
+            self._file = sf.SoundFile(os.fspath(self._tmp), mode="w", samplerate=self.out_rate, channels=1,
                                       format=self.format, subtype=self.subtype)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
@@ -76,19 +154,33 @@ class AudioWriter:
 
     def write(self, samples) -> None:
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        if self.subtype == "PCM_16":
+        if samples.size:
+            check_samples(samples, "the audio to write")
+        self.frames += samples.shape[0]
+        self._put(samples if self._resampler is None else self._resampler(samples))
+
+    def _put(self, samples: np.ndarray) -> None:
+        if self._pipe is not None:
+            self._pipe.write(float_to_int16(samples).astype("<i2").tobytes())
+            self._pipe.flush()
+        elif self.subtype == "PCM_16":
             self._file.write(float_to_int16(samples))
         else:
             self._file.write(samples)
-        self.frames += samples.shape[0]
 
     def commit(self) -> None:
-        """Close the file and move it to its final name."""
+        """Write what the resampler holds back, close the file and move it to its final name."""
+        if self._resampler is not None:
+            self._put(self._resampler(np.zeros(0, dtype=np.float32), last=True))
+        if self._pipe is not None:
+            return
         self._file.close()
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
-        """Close and delete the temporary file."""
+        """Close and delete the temporary file (standard output: stop writing)."""
+        if self._pipe is not None:
+            return
         try:
             self._file.close()
         finally:
@@ -132,9 +224,7 @@ class Audio:
         if s.ndim != 1:
             raise ValueError(f"Audio samples must be 1-D (mono), got shape {s.shape}")
         self.samples = np.ascontiguousarray(s)
-        if int(self.sample_rate) <= 0:
-            raise ValueError(f"sample_rate must be positive, got {self.sample_rate!r}")
-        self.sample_rate = int(self.sample_rate)
+        self.sample_rate = check_rate(self.sample_rate, "Audio sample_rate")
         if self.codes is not None:
             self.codes = np.ascontiguousarray(self.codes, dtype=np.int32)
 
@@ -150,15 +240,24 @@ class Audio:
         """Samples as int16 PCM (clipped to [-1, 1], scaled by 32767)."""
         return float_to_int16(self.samples)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a .wav (16-bit PCM), .flac (16-bit) or .ogg (Vorbis) file, chosen by the suffix.
+    def resample(self, sample_rate: int) -> "Audio":
+        """This audio at another rate (libsoxr); codes, stop_reason and seed are kept (the same speech)."""
+        rate = check_rate(sample_rate)
+        return replace(self, samples=resample(self.samples, self.sample_rate, rate), sample_rate=rate)
+
+    def save(self, path: str | os.PathLike, sample_rate: int | None = None) -> Path | None:
+        """Write a .wav / .flac (16-bit PCM), .ogg (Vorbis), .opus or .mp3 file, chosen by the suffix,
+        at `sample_rate` Hz (None: this audio's rate); "-" writes a WAV to standard output.
 
         The file is written to a temporary name in the same folder and renamed when complete.
-        Returns the path. ValueError for another suffix.
+        Returns the path (None for "-"). ValueError for another suffix, a format this libsndfile
+        cannot write, or NaN / infinite samples (nothing is written).
         """
-        with AudioWriter(path, self.sample_rate) as w:
+        if self.samples.size:
+            check_samples(self.samples, "the audio to save")
+        with AudioWriter(path, self.sample_rate, sample_rate) as w:
             w.write(self.samples)
-        return Path(path)
+        return w.path
 
     def __repr__(self) -> str:
         frames = None if self.codes is None else self.codes.shape[0]
@@ -167,14 +266,21 @@ class Audio:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading and resampling
+# Reading voice-context recordings
 # ---------------------------------------------------------------------------------------------
 
-def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+# The longest recording read as voice context: what the published model's context holds (2048
+# positions of 80 ms frames). A CSM checks the encoded length against its own context again.
+MAX_READ_SECONDS = 2048 * 0.08
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE,
+               max_seconds: float = MAX_READ_SECONDS) -> np.ndarray:
     """Read a sound file as float32 mono at `sample_rate` (channels averaged, resampled).
 
-    FileNotFoundError when it does not exist; ValueError when it cannot be decoded, is empty or holds
-    NaN / infinite samples.
+    The header's rate and length are checked before the samples are read: ValueError for a rate
+    outside [1000, 768000] Hz or more than `max_seconds` of audio. FileNotFoundError when the file
+    does not exist; ValueError when it cannot be decoded, is empty or holds NaN / infinite samples.
     """
     import soundfile as sf
 
@@ -182,68 +288,15 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     if not path.is_file():
         raise FileNotFoundError(f"audio file not found: {path}")
     try:
-        data, rate = sf.read(os.fspath(path), dtype="float32", always_2d=True)
-    except (RuntimeError, sf.SoundFileError, OSError, ValueError) as e:
+        with sf.SoundFile(os.fspath(path)) as f:
+            rate = check_rate(f.samplerate, f"the sample rate of {path}")
+            if f.frames > max_seconds * rate:
+                raise ValueError(f"audio file {path} holds {f.frames / rate:.1f} s; at most {max_seconds:g} s "
+                                 "fit the model's context")
+            data = f.read(dtype="float32", always_2d=True)
+    except (RuntimeError, sf.SoundFileError, OSError) as e:
         detail = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ValueError(f"cannot read audio file {path}: {detail}") from None
-    mono = data.mean(axis=1, dtype=np.float64) if data.shape[1] > 1 else data[:, 0].astype(np.float64)
+    mono = data.mean(axis=1, dtype=np.float64) if data.shape[1] > 1 else data[:, 0]
     check_samples(mono, f"audio file {path}")
-    return resample(mono, int(rate), int(sample_rate)).astype(np.float32)
-
-
-def check_samples(samples: np.ndarray, what: str = "audio") -> None:
-    """ValueError for empty audio or NaN / infinite samples."""
-    if samples.size == 0:
-        raise ValueError(f"{what} is empty")
-    if not np.all(np.isfinite(samples)):
-        raise ValueError(f"{what} contains NaN or infinite samples")
-
-
-def _kaiser_lowpass(up: int, down: int) -> np.ndarray:
-    """The anti-aliasing filter of scipy.signal.resample_poly (Kaiser window, beta 5, 10 zero
-    crossings of the narrower band each side), with gain `up` for the zero-stuffed input."""
-    max_rate = max(up, down)
-    half_len = 10 * max_rate
-    n = np.arange(-half_len, half_len + 1, dtype=np.float64)
-    cutoff = 1.0 / max_rate  # relative to Nyquist
-    h = cutoff * np.sinc(cutoff * n) * np.kaiser(2 * half_len + 1, 5.0)
-    return h / h.sum() * up
-
-
-def resample(x: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
-    """Polyphase windowed-sinc resampling of a 1-D signal (the same filter and alignment as
-    ``scipy.signal.resample_poly(x, up, down)`` with up/down = rate_out/rate_in reduced).
-
-    Output length is ceil(len(x) * rate_out / rate_in). float64 in, float64 out.
-    """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    if rate_in <= 0 or rate_out <= 0:
-        raise ValueError(f"sample rates must be positive, got {rate_in} -> {rate_out}")
-    g = math.gcd(rate_in, rate_out)
-    up, down = rate_out // g, rate_in // g
-    if up == down:
-        return x.copy()
-    h = _kaiser_lowpass(up, down)
-    half_len = (h.shape[0] - 1) // 2
-    n_in = x.shape[0]
-    n_out = -(-n_in * up // down)
-    # Polyphase form: output m sits at t = m*down + half_len on the zero-stuffed (xup) grid and is
-    # sum_k h[k] * xup[t - k]; only k = t - i*up (input i) contribute. Phase p = t % up uses taps
-    # h[p], h[p + up], ... against inputs t//up, t//up - 1, ...
-    n_taps = -(-h.shape[0] // up)
-    taps = np.zeros(n_taps * up)
-    taps[: h.shape[0]] = h
-    poly = taps.reshape(n_taps, up).T  # poly[p, j] = h[p + j*up]
-    base_max = ((n_out - 1) * down + half_len) // up
-    pad_l, pad_r = n_taps, max(0, base_max - n_in + 1)
-    xp = np.concatenate([np.zeros(pad_l), x, np.zeros(pad_r)])
-    out = np.empty(n_out)
-    step = max(1, (1 << 22) // n_taps)  # bound the gather to ~4M elements per block
-    j = np.arange(n_taps)
-    for start in range(0, n_out, step):
-        m = np.arange(start, min(n_out, start + step))
-        t = m * down + half_len
-        base, phase = t // up, t % up
-        vals = xp[(base + pad_l)[:, None] - j[None, :]]
-        out[start:start + m.shape[0]] = np.einsum("ij,ij->i", poly[phase], vals)
-    return out
+    return resample(mono, rate, int(sample_rate))

@@ -10,7 +10,8 @@ with an ``_as_parameter_``) so they work with any wrapper that owns the loaded m
         for chunk in chunks:
             play(dec.decode(chunk))
 
-The model must outlive every call and every stream decoder made from it.
+A pycsm.Model may be passed instead of its handle. A stream decoder keeps its model alive (in C,
+and the Model object in Python); a one-shot call must not start after the model was closed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import ctypes
 
 import numpy as np
 
+from ._handle import NativeHandle
 from ._native import CSM_N_CODEBOOKS, check_ptr, check_status, lib
 from .errors import CSMError
+from .model import check_n_threads
 
 __all__ = ["SAMPLES_PER_FRAME", "SAMPLE_RATE", "MimiStreamDecoder", "decode", "encode"]
 
@@ -35,6 +38,8 @@ _F32P = ctypes.POINTER(ctypes.c_float)
 def _handle(model) -> ctypes.c_void_p:
     if model is None:
         raise CSMError("model handle is None")
+    if hasattr(model, "_native"):  # a pycsm.Model
+        model = model.handle
     model = getattr(model, "_as_parameter_", model)
     if isinstance(model, ctypes.c_void_p):
         if not model.value:
@@ -48,7 +53,7 @@ def _handle(model) -> ctypes.c_void_p:
 
 
 def _threads(n_threads: int | None) -> int:
-    return 0 if n_threads is None else int(n_threads)
+    return check_n_threads(n_threads)
 
 
 def _codes_array(codes) -> np.ndarray:
@@ -118,45 +123,45 @@ class MimiStreamDecoder:
     """
 
     def __init__(self, model, n_threads: int | None = None):
-        self._model = _handle(model)
-        self._spf = _samples_per_frame(self._model)
-        self._codec = check_ptr(lib.csm_mimi_codec_new(self._model, _threads(n_threads)), "Mimi stream decoder")
+        self._owner = model  # a pycsm.Model stays referenced (the native codec holds its model too)
+        h = _handle(model)
+        n_threads = _threads(n_threads)
+        self._spf = _samples_per_frame(h)
+        self._native = NativeHandle(check_ptr(lib.csm_mimi_codec_new(h, n_threads), "Mimi stream decoder"),
+                                    lib.csm_mimi_codec_free, "Mimi stream decoder")
         self.frames = 0  # frames decoded since creation or the last reset()
 
     @property
     def closed(self) -> bool:
-        return not self._codec
-
-    def _live(self):
-        if not self._codec:
-            raise CSMError("the Mimi stream decoder is closed")
-        return self._codec
+        return self._native.closed
 
     def decode(self, codes) -> np.ndarray:
         """Decode the next frames ([frames, 32] or one frame [32]); returns frames * 1920 samples."""
-        codec = self._live()
+        self._native.get()  # closed: say so before looking at the codes
         arr = _codes_array(codes)
         out = np.empty(arr.shape[0] * self._spf, dtype=np.float32)
         if arr.shape[0] == 0:
             return out
-        n = lib.csm_mimi_codec_decode(codec, arr.ctypes.data_as(_I32P), arr.shape[0], out.ctypes.data_as(_F32P),
-                                      out.size)
+        with self._native.use() as codec:
+            n = lib.csm_mimi_codec_decode(codec, arr.ctypes.data_as(_I32P), arr.shape[0],
+                                          out.ctypes.data_as(_F32P), out.size)
         check_status(n, "Mimi stream decode")
         self.frames += arr.shape[0]
         return out[:n]
 
     def reset(self) -> None:
         """Forget the streamed state: the next decode() starts a new utterance."""
-        lib.csm_mimi_codec_reset(self._live())
+        with self._native.use() as codec:
+            lib.csm_mimi_codec_reset(codec)
         self.frames = 0
 
     def close(self) -> None:
-        if self._codec:
-            lib.csm_mimi_codec_free(self._codec)
-            self._codec = None
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
 
     def __enter__(self):
-        self._live()
+        self._native.get()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native as N
-from .errors import CSMError
-from .model import Model
+from ._handle import NativeHandle
+from .model import Model, check_n_threads
 
 STOP_REASONS = {N.CSM_STOP_EOS: "eos", N.CSM_STOP_MAX_FRAMES: "max_frames",
                 N.CSM_STOP_CONTEXT_FULL: "context_full", N.CSM_STOP_ABORTED: "aborted"}
@@ -46,17 +46,21 @@ class Generator:
     def __init__(self, model: Model, n_threads: int | None = None, max_pos: int = 0, n_batch: int = 1):
         self.model = model
         params = N.lib.csm_context_default_params()
-        params.n_threads = int(n_threads or 0)
+        params.n_threads = check_n_threads(n_threads)
         params.max_pos = int(max_pos)
         params.n_batch = int(n_batch)
         self.n_batch = int(n_batch)
-        self._handle = N.check_ptr(N.lib.csm_context_new(model.handle, params), "cannot create a context")
+        with model._native.use() as mh:
+            ptr = N.check_ptr(N.lib.csm_context_new(mh, params), "cannot create a context")
+        self._native = NativeHandle(ptr, N.lib.csm_context_free, "generator")
 
     @property
     def handle(self):
-        if not self._handle:
-            raise CSMError("the generator is closed")
-        return self._handle
+        return self._native.get()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
 
     def _params(self, temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos):
         p = N.lib.csm_generate_default_params()
@@ -104,7 +108,8 @@ class Generator:
         cb = N.csm_frame_callback(_cb)
         params.on_frame = cb
         res = N.csm_generate_result()
-        n = N.lib.csm_generate(self.handle, _i32p(p), p.shape[0], params, _i32p(out), cap, ctypes.byref(res))
+        with self._native.use() as h:  # a close() meanwhile (even from on_frame) waits for the return
+            n = N.lib.csm_generate(h, _i32p(p), p.shape[0], params, _i32p(out), cap, ctypes.byref(res))
         if failure:
             raise failure[0]
         if n >= 0 and res.stop_reason == N.CSM_STOP_ABORTED and not user_stop:
@@ -128,8 +133,9 @@ class Generator:
         out_ptrs = (ctypes.POINTER(ctypes.c_int32) * B)(*[_i32p(o) for o in outs])
         n_pos = (ctypes.c_int32 * B)(*[p.shape[0] for p in ps])
         results = (N.csm_generate_result * B)()
-        N.check_status(N.lib.csm_generate_batch(self.handle, B, prompt_ptrs, n_pos, params, out_ptrs, cap, results),
-                       "batched generation failed")
+        with self._native.use() as h:
+            status = N.lib.csm_generate_batch(h, B, prompt_ptrs, n_pos, params, out_ptrs, cap, results)
+        N.check_status(status, "batched generation failed")
         return [GenerateResult(o[:r.n_frames].copy(), STOP_REASONS.get(r.stop_reason, "unknown"), r.n_prompt,
                                r.t_prefill_ms, r.t_backbone_ms, r.t_depth_ms) for o, r in zip(outs, results)]
 
@@ -141,22 +147,26 @@ class Generator:
         l0 = np.zeros(V, dtype=np.float32)
         fp = ctypes.POINTER(ctypes.c_float)
         if codes is None:
-            N.check_status(N.lib.csm_eval_frame_logits(self.handle, _i32p(p), p.shape[0], None,
-                                                       l0.ctypes.data_as(fp), None), "evaluation failed")
+            with self._native.use() as h:
+                status = N.lib.csm_eval_frame_logits(h, _i32p(p), p.shape[0], None, l0.ctypes.data_as(fp), None)
+            N.check_status(status, "evaluation failed")
             return l0, None
         c = np.ascontiguousarray(codes, dtype=np.int32).reshape(-1)
         if c.shape[0] != N.CSM_N_CODEBOOKS:
             raise ValueError(f"codes must hold {N.CSM_N_CODEBOOKS} values")
         dl = np.zeros((N.CSM_N_CODEBOOKS - 1, V), dtype=np.float32)
-        N.check_status(N.lib.csm_eval_frame_logits(self.handle, _i32p(p), p.shape[0], _i32p(c),
-                                                   l0.ctypes.data_as(fp), dl.ctypes.data_as(fp)),
-                       "evaluation failed")
+        with self._native.use() as h:
+            status = N.lib.csm_eval_frame_logits(h, _i32p(p), p.shape[0], _i32p(c), l0.ctypes.data_as(fp),
+                                                 dl.ctypes.data_as(fp))
+        N.check_status(status, "evaluation failed")
         return l0, dl
 
     def close(self) -> None:
-        if getattr(self, "_handle", None):
-            N.lib.csm_context_free(self._handle)
-            self._handle = None
+        """Release the context; a generation running meanwhile finishes first. Later calls raise
+        CSMError("the generator is closed")."""
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
 
     def __enter__(self):
         return self

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
+import numbers
 import os
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import _native as N
-from .errors import CSMError
+from ._handle import NativeHandle
 
 DEVICES = {"auto": N.CSM_DEVICE_AUTO, "cpu": N.CSM_DEVICE_CPU, "gpu": N.CSM_DEVICE_GPU}
 
@@ -64,26 +64,44 @@ class HParams:
 
 
 _log_lock = threading.Lock()
-_log_ref = None  # keeps the ctypes callback alive
+_log_target = None  # the Python callback messages go to
+
+
+def _log_dispatch(level, text, _ud):
+    target = _log_target
+    if target is None:
+        return
+    try:
+        target(int(level), text.decode("utf-8", "replace"))
+    except Exception:  # never let an exception cross into C
+        pass
+
+
+# One C callback for the life of the process: a thread that is delivering a message while another
+# replaces the Python callback still calls a live function (a dropped ctypes thunk would be freed
+# code), and it reads the new target or the old one, both valid.
+_log_thunk = N.csm_log_callback(_log_dispatch)
 
 
 def set_log_callback(callback) -> None:
     """Route the native library's messages to callback(level: int, text: str); None silences it."""
-    global _log_ref
+    global _log_target
     with _log_lock:
-        if callback is None:
-            _log_ref = None
-            N.lib.csm_log_set(N.csm_log_callback(), None)
-            return
+        _log_target = callback
+        N.lib.csm_log_set(_log_thunk if callback is not None else N.csm_log_callback(), None)
 
-        def _cb(level, text, _ud):
-            try:
-                callback(int(level), text.decode("utf-8", "replace"))
-            except Exception:  # never let an exception cross into C
-                pass
 
-        _log_ref = N.csm_log_callback(_cb)
-        N.lib.csm_log_set(_log_ref, None)
+def check_n_threads(n_threads) -> int:
+    """The one rule for every thread count in pycsm, applied before any work: None or 0 means all
+    cores; otherwise 1 to CSM_MAX_THREADS (1024), and more than the machine's cores are capped to
+    them. Returns the value for the C API (0 for all cores)."""
+    if n_threads is None:
+        return 0
+    if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
+        raise TypeError(f"n_threads must be an integer or None, got {n_threads!r}")
+    if not 0 <= n_threads <= N.CSM_MAX_THREADS:
+        raise ValueError(f"n_threads must be between 1 and {N.CSM_MAX_THREADS} (0 or None: all cores), got {n_threads}")
+    return int(n_threads)
 
 
 def system_info() -> str:
@@ -102,7 +120,9 @@ def _tokenizer_for(path: str, mtime_ns: int, size: int):
 class Model:
     """A CSM GGUF loaded by the native library.
 
-    device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU).
+    device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU, and only with
+    use_repack=False: a load that copies the matrices reads the file, so that nothing a frame reads
+    stays mapped). A mapped file must not be rewritten or truncated while the model lives (SIGBUS).
     use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0, Q4_K and F16
     go to pycsm's AVX512 kernels where the CPU has AVX512-VNNI (then the depth heads of a quantised
     file run as Q8_0 too, those of an F16 file as F16), Q4_0 to ggml's repacked layout. False keeps
@@ -125,15 +145,25 @@ class Model:
         params.use_mmap = bool(use_mmap)
         params.use_repack = bool(use_repack)
         self.path = path
-        self._handle = N.check_ptr(N.lib.csm_model_load(os.fsencode(path), params), f"cannot load {path}")
-        self.hparams = HParams.from_native(N.lib.csm_model_hparams(self._handle))
+        ptr = N.check_ptr(N.lib.csm_model_load(os.fsencode(path), params), f"cannot load {path}")
+        self._native = NativeHandle(ptr, N.lib.csm_model_free, "model")
+        with self._native.use() as h:
+            self.hparams = HParams.from_native(N.lib.csm_model_hparams(h))
         self._tokenizer = None
 
     @property
     def handle(self) -> int:
-        if not self._handle:
-            raise CSMError("the model is closed")
-        return self._handle
+        """The csm_model* for native calls (pycsm.codec). Contexts and codecs made from it keep the
+        model alive in C; a call on the bare handle must not start after close()."""
+        return self._native.get()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def _query(self, fn):
+        with self._native.use() as h:
+            return fn(h)
 
     @property
     def tokenizer(self):
@@ -144,28 +174,28 @@ class Model:
 
     @property
     def file_type(self) -> str:
-        ft = N.lib.csm_model_file_type(self.handle)
+        ft = self._query(N.lib.csm_model_file_type)
         return FILE_TYPES.get(ft, "f16/f32 (unset)" if ft < 0 else f"type {ft}")
 
     @property
     def name(self) -> str:
-        return N.lib.csm_model_name(self.handle).decode("utf-8", "replace")
+        return self._query(N.lib.csm_model_name).decode("utf-8", "replace")
 
     @property
     def n_params(self) -> int:
-        return int(N.lib.csm_model_n_params(self.handle))
+        return int(self._query(N.lib.csm_model_n_params))
 
     @property
     def n_bytes(self) -> int:
-        return int(N.lib.csm_model_n_bytes(self.handle))
+        return int(self._query(N.lib.csm_model_n_bytes))
 
     @property
     def n_tensors(self) -> int:
-        return int(N.lib.csm_model_n_tensors(self.handle))
+        return int(self._query(N.lib.csm_model_n_tensors))
 
     @property
     def device(self) -> str:
-        return N.lib.csm_model_device(self.handle).decode()
+        return self._query(N.lib.csm_model_device).decode()
 
     def info(self) -> dict:
         """Hyper-parameters, quantisation and size, for `pycsm info`."""
@@ -176,9 +206,11 @@ class Model:
         return d
 
     def close(self) -> None:
-        if getattr(self, "_handle", None):
-            N.lib.csm_model_free(self._handle)
-            self._handle = None
+        """Release the model. Generators and stream decoders made from it keep working (they hold
+        the native model); this object raises CSMError("the model is closed") from now on."""
+        native = getattr(self, "_native", None)
+        if native is not None:
+            native.close()
 
     def __enter__(self):
         return self
@@ -204,7 +236,7 @@ def quantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str
         raise FileNotFoundError(f"input model not found: {in_path}")
     params = N.lib.csm_quantize_default_params()
     params.type = types[qtype]
-    params.n_threads = n_threads or 0
+    params.n_threads = check_n_threads(n_threads)
     failure, user_stop = [], []
 
     def _cb(done, total, _ud):  # always set, so that Ctrl-C stops between tensors

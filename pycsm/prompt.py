@@ -28,9 +28,13 @@ def audio_rows(codes) -> np.ndarray:
     return rows
 
 
-def segment_rows(tokenizer, speaker: int, text: str, codes=None) -> np.ndarray:
-    """Rows of one segment: its text, then (when codes are given) its frames and the all-zero end frame."""
-    parts = [text_rows(tokenizer.encode_segment(text, speaker))]
+def segment_rows(tokenizer, speaker: int, text: str, codes=None, *, parse_special: bool = True) -> np.ndarray:
+    """Rows of one segment: its text, then (when codes are given) its frames and the all-zero end frame.
+
+    parse_special=False reads special-token text in `text` (``<|end_of_text|>``...) as plain
+    characters, so that it cannot end the segment or start another speaker's.
+    """
+    parts = [text_rows(tokenizer.encode_segment(text, speaker, parse_special=parse_special))]
     if codes is not None:
         codes = np.asarray(codes, dtype=np.int32)
         parts.append(audio_rows(codes))
@@ -38,11 +42,13 @@ def segment_rows(tokenizer, speaker: int, text: str, codes=None) -> np.ndarray:
     return np.concatenate(parts, axis=0)
 
 
-def build_prompt(tokenizer, text: str, speaker: int, context=()) -> np.ndarray:
+def build_prompt(tokenizer, text: str, speaker: int, context=(), *, parse_special: bool = True) -> np.ndarray:
     """Prompt rows for speaking `text` as `speaker` after the context segments.
 
     context: iterable of (speaker, text, codes) with codes an int array (frames, 32) or None.
+    parse_special: True (the reference's behaviour) turns special-token text in the texts into those
+    tokens; pass False for text from users, files or the network (it is then spoken as written).
     """
-    parts = [segment_rows(tokenizer, s, t, c) for (s, t, c) in context]
-    parts.append(segment_rows(tokenizer, speaker, text))
+    parts = [segment_rows(tokenizer, s, t, c, parse_special=parse_special) for (s, t, c) in context]
+    parts.append(segment_rows(tokenizer, speaker, text, parse_special=parse_special))
     return np.ascontiguousarray(np.concatenate(parts, axis=0), dtype=np.int32)

@@ -49,6 +49,8 @@ _SPECIAL_FORM = re.compile(r"<\|.*\|>", re.DOTALL)
 
 GGUF_TOKENS_KEY = "tokenizer.ggml.tokens"
 GGUF_MERGES_KEY = "tokenizer.ggml.merges"
+GGUF_TEXT_VOCAB_KEY = "csm.text_vocab_size"
+MAX_MERGES = 1 << 20  # Llama 3 has 280 147
 
 
 class Tokenizer:
@@ -121,13 +123,19 @@ class Tokenizer:
         Only the file's header and metadata are read (memory-mapped); a truncated or corrupt file,
         or one without these two string arrays, raises :class:`ValueError`.
         """
-        meta = read_gguf_metadata(path, keys=(GGUF_TOKENS_KEY, GGUF_MERGES_KEY))
+        meta = read_gguf_metadata(path, keys=(GGUF_TOKENS_KEY, GGUF_MERGES_KEY, GGUF_TEXT_VOCAB_KEY))
+        # the bounds libcsm's loader applies (csm_model.cpp): no more strings than text tokens, at
+        # most MAX_MERGES merges
+        limits = {GGUF_TOKENS_KEY: meta.get(GGUF_TEXT_VOCAB_KEY), GGUF_MERGES_KEY: MAX_MERGES}
         for key in (GGUF_TOKENS_KEY, GGUF_MERGES_KEY):
             if key not in meta:
                 raise ValueError(f"{os.fspath(path)}: GGUF file has no '{key}' metadata")
             value = meta[key]
             if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
                 raise ValueError(f"{os.fspath(path)}: GGUF metadata '{key}' is not an array of strings")
+            limit = limits[key]
+            if isinstance(limit, int) and len(value) > limit:
+                raise ValueError(f"{os.fspath(path)}: GGUF metadata '{key}' has {len(value)} entries, more than {limit}")
         return cls(meta[GGUF_TOKENS_KEY], meta[GGUF_MERGES_KEY], bos_id=bos_id, eos_id=eos_id)
 
     # ------------------------------------------------------------------ properties

@@ -447,7 +447,8 @@ class Mutator:
     def op_any(self, rng, bname):
         """One random mutation of base `bname` (for the atheris mode)."""
         ops = [self.op_bitflip, self.op_bytepatch, self.op_span, self.op_truncate, self.op_kv, self.op_tensor,
-               self.op_counts, self.op_strings, self.op_alignment, self.op_data, self.op_multi]
+               self.op_counts, self.op_strings, self.op_alignment, self.op_data, self.op_multi, self.op_depth,
+               self.op_tokenizer]
         return rng.choice(ops)(rng, self.bases[bname], False)
 
     def build(self, base, g, desc, relayout=True, n_tensors=None, n_kv=None, fill=b"\0", truncate=None):
@@ -473,7 +474,8 @@ class Mutator:
         full = bname.startswith("full")
         ops = [(self.op_bitflip, 14), (self.op_bytepatch, 8), (self.op_span, 22), (self.op_truncate, 6),
                (self.op_kv, 20), (self.op_tensor, 18), (self.op_counts, 4), (self.op_strings, 6),
-               (self.op_alignment, 3), (self.op_data, 0 if full else 6), (self.op_multi, 5), (self.op_none, 1)]
+               (self.op_alignment, 3), (self.op_data, 0 if full else 6), (self.op_multi, 5), (self.op_none, 1),
+               (self.op_depth, 0 if full else 3), (self.op_tokenizer, 3)]
         fn = rng.choices([o for o, _ in ops], [w for _, w in ops])[0]
         c = fn(rng, base, full)
         c.desc.insert(0, bname)
@@ -802,6 +804,55 @@ class Mutator:
         elif op == "extra":
             g.tensors.append(Tensor(b"extra.tensor", [rng.choice([1, 32, 1 << 20])], 0, 0, (0, 0)))
         return self.build(base, g, desc, relayout=relayout and not full)
+
+    # the sizes that set the graphs' sizes: blocks of the backbone and the depth decoder, Mimi layers
+    DEPTH_KEYS = {b"backbone.blk.": b"csm.backbone.n_layers", b"depth.blk.": b"csm.depth.n_layers",
+                  b"mimi.dec_tfm.layers.": b"csm.mimi.n_layers", b"mimi.enc_tfm.layers.": b"csm.mimi.n_layers"}
+
+    def op_depth(self, rng, base, full):
+        """A deeper (or shallower) model that is consistent: blocks added as copies of block 0 (same
+        bytes), or dropped, with the layer count set to match; sometimes off by one."""
+        g = base[2].copy()
+        prefix = rng.choice([b"backbone.blk.", b"depth.blk.", b"mimi.dec_tfm.layers."])
+        key = self.DEPTH_KEYS[prefix]
+        prefixes = [p for p, k in self.DEPTH_KEYS.items() if k == key]  # Mimi: encoder and decoder together
+        n = rng.choice([1, 3, 17, 64, 129, 140, 200, 300])
+        for pfx in prefixes:
+            have = {t.name for t in g.tensors if t.name.startswith(pfx)}
+            block0 = [t for t in g.tensors if t.name.startswith(pfx + b"0.")]
+            g.tensors = [t for t in g.tensors if not t.name.startswith(pfx) or int(t.name[len(pfx):].split(b".")[0]) < n]
+            for i in range(1, n):
+                for t in block0:
+                    name = pfx + str(i).encode() + t.name[len(pfx) + 1:]
+                    if name not in have:
+                        g.tensors.append(Tensor(name, list(t.ne), t.ttype, 0, t.src))
+        claimed = n + rng.choice([0, 0, 0, 0, 1, -1])
+        i = g.find(key)
+        g.kvs[i] = [key, T_U32, enc_value(T_U32, claimed)]
+        return self.build(base, g, [f"depth {key.decode()} = {claimed} ({n} blocks)"])
+
+    def op_tokenizer(self, rng, base, full):
+        """tokenizer.ggml.tokens / merges: as long as the vocabulary, one longer, far longer, empty,
+        of another element type or not an array."""
+        g = base[2].copy()
+        vocab = dec_value(T_U32, g.kvs[g.find(b"csm.text_vocab_size")][2])
+        key = rng.choice([b"tokenizer.ggml.tokens", b"tokenizer.ggml.merges"])
+        kind = rng.choice(["count", "count", "count", "etype", "scalar"])
+        if kind == "count":
+            n = rng.choice([0, 1, vocab - 1, vocab, vocab + 1, 2 * vocab, 100_000, (1 << 20) + 1])
+            payload = enc_array(T_STR, [b"t%d" % j for j in range(n)])
+            vt, desc = T_ARR, f"{n} strings"
+        elif kind == "etype":
+            vt, desc = T_ARR, "u32 elements"
+            payload = enc_array(T_U32, list(range(rng.choice([1, vocab, vocab + 1]))))
+        else:
+            vt, payload, desc = T_U32, enc_value(T_U32, vocab), "a u32"
+        i = g.find(key)
+        if i >= 0:
+            g.kvs[i] = [key, vt, payload]
+        else:
+            g.kvs.append([key, vt, payload])
+        return self.build(base, g, [f"{key.decode()}: {desc}"], relayout=not full)
 
     def op_data(self, rng, base, full):
         """Non-finite or extreme weights in a valid file."""

@@ -9,7 +9,7 @@ import gguf
 
 def rewrite(src, dst, *, drop_tensors=(), reshape=None, retype=None, set_kv=None, drop_kv=(), add_tensors=None):
     """reshape: {name: numpy shape}; retype: {name: 'f16'|'f32'|'i32'}; set_kv: {key: value}
-    (str -> string, int -> u32, float -> f32); add_tensors: {name: np.ndarray}."""
+    (str -> string, int -> u32, float -> f32, list -> array); add_tensors: {name: np.ndarray}."""
     reshape, retype, set_kv = reshape or {}, retype or {}, set_kv or {}
     r = gguf.GGUFReader(str(src))
     arch = set_kv.get("general.architecture", r.fields["general.architecture"].contents())
@@ -25,7 +25,9 @@ def rewrite(src, dst, *, drop_tensors=(), reshape=None, retype=None, set_kv=None
     for key, value in set_kv.items():
         if key == "general.architecture":
             continue
-        if isinstance(value, str):
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, str):
             w.add_string(key, value)
         elif isinstance(value, float):
             w.add_float32(key, value)

@@ -7,6 +7,7 @@ The tiny random model never emits the end frame, so every generation here is bou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -14,10 +15,9 @@ import time
 import numpy as np
 import pytest
 import soundfile as sf
-from scipy import signal
 
 import pycsm
-from pycsm import CSM, Audio, CSMError, Segment
+from pycsm import CSM, Audio, CSMError, GenerationOptions, Segment, Voice
 from pycsm.audio import read_audio, resample
 from pycsm.text import split_sentences
 
@@ -140,6 +140,14 @@ def test_max_audio_length_rounds_up_to_frames(tts, ms, frames):  # codec
     (dict(depth_temperature=-1.0), ValueError, "depth_temperature"),
     (dict(depth_top_k=-2), ValueError, "depth_top_k"),
     (dict(seed="1"), TypeError, "seed"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(temperature=1e300), ValueError, "temperature"),
+    (dict(temperature=10.5), ValueError, "temperature"),
+    (dict(depth_temperature=1e300), ValueError, "depth_temperature"),
+    (dict(parse_special=1), TypeError, "parse_special"),
+    (dict(tempreature=0.5), TypeError, "unexpected keyword argument 'tempreature'"),
+    (dict(options=dict(temperature=0.5)), TypeError, "GenerationOptions"),
     (dict(context=Segment(0, "x")), TypeError, "context"),
     (dict(context=[("x",)]), TypeError, "context"),
 ])
@@ -149,6 +157,52 @@ def test_generate_validates_arguments(tts, kwargs, exc, match):
         tts.generate(**args)
     with pytest.raises(exc, match=match):
         tts.stream(**args)
+
+
+def test_generation_options_are_one_definition(tts):  # codec
+    opts = GenerationOptions(temperature=0.5, top_k=10, seed=7, max_audio_length_ms=MS)
+    ref = tts.generate("Hi there.", temperature=0.5, top_k=10, seed=7, max_audio_length_ms=MS)
+    np.testing.assert_array_equal(tts.generate("Hi there.", options=opts).codes, ref.codes)
+    # keywords override the object's fields
+    np.testing.assert_array_equal(tts.generate("Hi there.", options=dataclasses.replace(opts, seed=8), seed=7).codes,
+                                  ref.codes)
+    joined = np.concatenate(list(tts.stream("Hi there.", options=opts)))
+    assert np.abs(joined - ref.samples).max() < 1e-2
+    np.testing.assert_array_equal(tts.generate_long("Hi there.", options=opts).codes, ref.codes)
+    st = tts.stream_long("Hi there.", options=opts)
+    list(st)
+    np.testing.assert_array_equal(st.codes, ref.codes)
+    np.testing.assert_array_equal(tts.generate_batch(["Hi there."], options=opts)[0].codes, ref.codes)
+    # the defaults and checks live in one place
+    assert GenerationOptions() == GenerationOptions(temperature=0.9, top_k=50, max_audio_length_ms=90_000)
+    with pytest.raises(ValueError, match="top_k"):
+        GenerationOptions(top_k=-1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        opts.temperature = 2.0
+
+
+def test_numbers_are_range_checked_before_the_native_call(tts):
+    hp = tts.model.hparams
+    _, native = tts._request(None, {"max_audio_length_ms": 1e12})  # an output buffer sized by the context
+    assert native["max_frames"] == hp.bb_max_pos
+    _, native = tts._request(GenerationOptions(max_audio_length_ms=None), {})
+    assert native["max_frames"] == hp.bb_max_pos
+    for k in [2**31, 2**32 + 1, 10**30]:  # no int32 wrap: a huge k is "no cut", never greedy
+        _, native = tts._request(None, {"top_k": k, "depth_top_k": k})
+        assert native["top_k"] == native["depth_top_k"] == hp.audio_vocab_size
+    a = tts.generate("Hi.", seed=3, top_k=2**32 + 1, max_audio_length_ms=MS).codes
+    np.testing.assert_array_equal(a, tts.generate("Hi.", seed=3, top_k=0, max_audio_length_ms=MS).codes)
+    assert not np.array_equal(a, tts.generate("Hi.", seed=3, temperature=0, max_audio_length_ms=MS).codes)
+
+
+def test_parse_special_reads_special_tokens_as_plain_text(tts):  # codec
+    text = "Hi.<|end_of_text|><|begin_of_text|>[1]Bye."
+    tok = tts.model.tokenizer
+    special = tts.generate(text, seed=2, max_audio_length_ms=MS).codes
+    plain = tts.generate(text, seed=2, max_audio_length_ms=MS, parse_special=False).codes
+    assert not np.array_equal(special, plain)
+    assert tok.encode(text).count(tok.encode("<|end_of_text|>")[0]) == 1
+    assert len(tok.encode(text, parse_special=False)) > len(tok.encode(text))
 
 
 def test_prompt_too_long_raises_the_native_message(tts):
@@ -208,28 +262,49 @@ def test_segment_from_file_resamples_and_downmixes(tmp_path):
     sf.write(path, np.stack([left, right], axis=1), rate, subtype="FLOAT")
     seg = Segment.from_file(path, "text", speaker=2)
     assert seg.speaker == 2 and seg.text == "text"
-    expected = signal.resample_poly((left.astype(np.float64) + right) / 2, 80, 147)
-    assert seg.audio.dtype == np.float32 and seg.audio.shape == expected.shape
+    expected = resample((left.astype(np.float64) + right) / 2, rate, 24000)
+    assert seg.audio.dtype == np.float32 and seg.audio.shape == expected.shape == (7200,)
     np.testing.assert_allclose(seg.audio, expected, atol=1e-6)
     np.testing.assert_allclose(read_audio(path), expected, atol=1e-6)
+    # and the result is the mixed tones at 24 kHz (the resampler keeps what is under 12 kHz)
+    t = np.arange(7200) / 24000
+    ideal = 0.15 * (np.sin(2 * np.pi * 300 * t) + np.sin(2 * np.pi * 500 * t))
+    np.testing.assert_allclose(seg.audio[300:-300], ideal[300:-300], atol=2e-3)
 
 
 @pytest.mark.parametrize("rate", [8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000, 96000])
 @pytest.mark.parametrize("n", [1, 7, 4410, 20011])
-def test_resampler_matches_scipy(rate, n):
+def test_resampler_length_and_dtype(rate, n):
     x = np.random.default_rng(n).standard_normal(n)
-    g = math.gcd(rate, 24000)
-    expected = signal.resample_poly(x, 24000 // g, rate // g)
     got = resample(x, rate, 24000)
-    assert got.shape == expected.shape == (math.ceil(n * 24000 / rate),)
-    np.testing.assert_allclose(got, expected, atol=1e-9)
+    assert got.dtype == np.float32 and got.shape == ((2 * n * 24000 + rate) // (2 * rate),)  # rounded half up
 
 
-def test_resampler_keeps_a_tone():
-    x = sine(1.0, 48000, 1000.0)
-    y = resample(x, 48000, 24000)
-    ref = sine(1.0, 24000, 1000.0)
-    np.testing.assert_allclose(y[200:-200], ref[200:-200], atol=2e-3)
+@pytest.mark.parametrize("rate_in, rate_out", [(48000, 24000), (24000, 16000), (22050, 24000), (24000, 44100)])
+def test_resampler_keeps_a_tone_and_removes_what_cannot_be_held(rate_in, rate_out):
+    y = resample(sine(1.0, rate_in, 1000.0), rate_in, rate_out)
+    np.testing.assert_allclose(y[200:-200], sine(1.0, rate_out, 1000.0)[200:-200], atol=2e-3)
+    if rate_out < rate_in:  # a tone above the new Nyquist frequency is filtered out, not folded back
+        alias = resample(sine(1.0, rate_in, (rate_in + rate_out) / 4), rate_in, rate_out)
+        assert np.abs(alias[200:-200]).max() < 1e-3
+
+
+def test_resampler_bounds_the_rates():
+    for bad in [0, 999, 768_001, 2**31, 44100.0, True]:
+        with pytest.raises(ValueError, match="sample rate"):
+            resample(np.zeros(10), bad, 24000)
+        with pytest.raises(ValueError, match="sample rate"):
+            resample(np.zeros(10), 24000, bad)
+
+
+def test_audio_resample_and_save_at_another_rate(tmp_path):
+    a = Audio(sine(0.5), codes=np.zeros((7, 32), dtype=np.int32), seed=3)
+    b = a.resample(16000)
+    assert b.sample_rate == 16000 and len(b) == 8000 and b.seed == 3 and b.codes is a.codes
+    assert np.abs(b.samples - sine(0.5, 16000)).max() < 2e-3 * 10  # edges included
+    a.save(tmp_path / "a.wav", sample_rate=16000)
+    info = sf.info(tmp_path / "a.wav")
+    assert info.samplerate == 16000 and info.frames == 8000
 
 
 def test_segment_validation(tmp_path):
@@ -287,13 +362,83 @@ def test_audio_int16_and_save(tmp_path):
     data, rate = sf.read(path, dtype="float32")
     assert rate == 24000 and sf.info(path).format == "OGG" and abs(len(data) - 3500) < 1000
     with pytest.raises(ValueError, match="unknown audio file type"):
-        a.save(tmp_path / "a.mp3")
+        a.save(tmp_path / "a.aiff")
     with pytest.raises(ValueError, match="unknown audio file type"):
         a.save(tmp_path / "noext")
     with pytest.raises(FileNotFoundError):
         a.save(tmp_path / "no" / "such" / "dir.wav")
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["a.WAV", "a.flac", "a.ogg", "a.wav"]  # nothing partial left behind
+
+
+@pytest.mark.parametrize("suffix, fmt, subtype", [(".mp3", "MP3", "MPEG_LAYER_III"), (".opus", "OGG", "OPUS"),
+                                                  (".flac", "FLAC", "PCM_16"), (".ogg", "OGG", "VORBIS")])
+@pytest.mark.parametrize("rate", [24000, 16000])
+def test_compressed_formats_read_back_at_the_rate_and_length(tmp_path, suffix, fmt, subtype, rate):
+    a = Audio(sine(1.0, 24000, 440.0))
+    path = a.save(tmp_path / f"a{suffix}", sample_rate=rate)
+    info = sf.info(path)
+    assert (info.format, info.subtype, info.samplerate, info.channels) == (fmt, subtype, rate, 1)
+    data, got_rate = sf.read(path, dtype="float32")
+    assert got_rate == rate
+    # lossy codecs add encoder delay / padding of a few ms; the length is the audio's within 60 ms
+    assert abs(len(data) - rate) <= 0.06 * rate, len(data)
+    assert 0.15 < np.sqrt(np.mean(data ** 2)) < 0.26  # the 0.3-amplitude tone (RMS 0.21) is there
+
+
+def test_format_rates_are_checked_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"\.opus cannot hold 44100 Hz"):
+        Audio(sine(0.1)).save(tmp_path / "a.opus", sample_rate=44100)
+    with pytest.raises(ValueError, match=r"\.mp3 cannot hold 96000 Hz"):
+        Audio(sine(0.1)).save(tmp_path / "a.mp3", sample_rate=96000)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_refuses_nan_samples(tmp_path):
+    bad = Audio(np.array([0.0, np.nan, 0.5], dtype=np.float32))
+    for suffix in [".wav", ".flac", ".mp3"]:
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            bad.save(tmp_path / f"x{suffix}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_outputs_are_found_before_any_work(tmp_path):
+    from pycsm.audio import check_writable
+
+    (tmp_path / "d.wav").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        check_writable(tmp_path / "d.wav")
+    with pytest.raises(FileNotFoundError, match="output folder does not exist"):
+        check_writable(tmp_path / "missing" / "x.wav")
+    with pytest.raises(OSError, match="cannot write to /proc"):  # refused even to root
+        check_writable("/proc/x.wav")
+    check_writable(tmp_path / "fine.wav")
+    check_writable("-")
+    assert [p.name for p in tmp_path.iterdir()] == ["d.wav"]  # the probe leaves nothing
+
+
+def test_wav_to_standard_output_declares_an_unknown_length(monkeypatch, tmp_path):
+    import io
+    import sys
+
+    from pycsm.audio import AudioWriter
+
+    out = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out))
+    x = sine(0.3)
+    with AudioWriter("-") as w:
+        w.write(x[:1000])
+        assert len(out.getvalue()) == 44 + 2000  # the header and the first chunk are out already
+        w.write(x[1000:])
+    data = out.getvalue()
+    assert data[40:44] == b"\x00\xf0\xff\x7f"  # sox's "unknown length"
+    got, rate = sf.read(io.BytesIO(data), dtype="int16")
+    assert rate == 24000
+    np.testing.assert_array_equal(got, Audio(x).to_int16())
+    import wave
+
+    with wave.open(io.BytesIO(data)) as w:
+        assert w.getframerate() == 24000 and w.readframes(10**6) == Audio(x).to_int16().tobytes()
 
 
 def test_audio_rejects_multichannel():
@@ -448,3 +593,145 @@ def test_generate_batch_matches_generate(tts):  # codec
         tts.generate_batch(["ok", " "], max_audio_length_ms=MS)
     with pytest.raises(ValueError, match="speakers"):
         tts.generate_batch(["a", "b"], speaker=[0], max_audio_length_ms=MS)
+
+
+# ---------------------------------------------------------------------------------------------
+# saved voices
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def voice(tts, tmp_path_factory) -> Voice:
+    path = tmp_path_factory.mktemp("voice") / "ref.wav"
+    sf.write(path, sine(0.5, 16000), 16000)
+    return Voice.from_file(path, "A low hum.", speaker=1, tts=tts)
+
+
+def test_voice_from_file_encodes_once_and_is_context(tts, voice, tmp_path):  # codec (encoder)
+    assert voice.speaker == 1 and voice.text == "A low hum." and voice.model == "tiny-f16.gguf"
+    assert voice.codes.shape == (math.ceil(0.5 * 24000 / SPF), 32) and voice.duration == pytest.approx(0.56)
+    seg = Segment(1, "A low hum.", voice.codes)
+    ref = tts.generate("Reply.", speaker=1, context=[seg], seed=4, max_audio_length_ms=MS)
+    # a Voice alone, or in a list, is context; without speaker= the voice's speaker speaks
+    for ctx in (voice, [voice]):
+        np.testing.assert_array_equal(tts.generate("Reply.", context=ctx, seed=4, max_audio_length_ms=MS).codes,
+                                      ref.codes)
+    np.testing.assert_array_equal(tts.generate_batch(["Reply."], context=voice, seed=4, max_audio_length_ms=MS)[0]
+                                  .codes, ref.codes)
+    other = tts.generate("Reply.", speaker=0, context=voice, seed=4, max_audio_length_ms=MS)
+    assert not np.array_equal(other.codes, ref.codes)
+
+
+def test_voice_file_round_trip(voice, tmp_path):
+    path = voice.save(tmp_path / "v.csmvoice")
+    data = path.read_bytes()
+    assert data[:8] == b"CSMVOICE" and len(data) < 2048  # a small file: 7 frames of 32 u16 codes + header
+    back = Voice.load(path)
+    assert (back.speaker, back.text, back.model) == (voice.speaker, voice.text, voice.model)
+    np.testing.assert_array_equal(back.codes, voice.codes)
+    with pytest.raises(FileExistsError):
+        voice.save(path, overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.csmvoice"]
+
+
+def test_voice_made_with_one_quantisation_works_with_another(tiny_dir, voice, tmp_path):  # codec
+    q8 = tmp_path / "q8.gguf"
+    pycsm.quantize(tiny_dir / "tiny-f32.gguf", q8, "q8_0")
+    with CSM(q8, n_threads=1) as t:
+        a = t.generate("Reply.", context=Voice.load(voice.save(tmp_path / "v.csmvoice")), seed=4,
+                       max_audio_length_ms=MS)
+        b = t.generate("Reply.", speaker=1, context=[Segment(1, "A low hum.", voice.codes)], seed=4,
+                       max_audio_length_ms=MS)
+    np.testing.assert_array_equal(a.codes, b.codes)
+
+
+def _corrupt(data: bytes):
+    import json
+    import struct
+
+    n = struct.unpack_from("<I", data, 10)[0]
+    head = json.loads(data[14:14 + n])
+
+    def with_head(**kw):
+        h = json.dumps(head | kw).encode()
+        return data[:10] + struct.pack("<I", len(h)) + h + data[14 + n:]
+
+    codes = bytearray(data[14 + n:])
+    codes[0:2] = struct.pack("<H", 4000)
+    return [
+        (b"", "shorter than its fixed header"),
+        (b"NOTAVOICE" + data[9:], "wrong magic"),
+        (data[:8] + b"\x02\x00" + data[10:], "format version 2"),
+        (data[:10] + struct.pack("<I", 2**31) + data[14:], "header length"),
+        (data[:14] + b"{" * n + data[14 + n:], "not UTF-8 JSON"),
+        (data[:-2], "truncated or padded"),
+        (data + b"\0\0", "truncated or padded"),
+        (with_head(frames=0), "frame count 0"),
+        (with_head(frames=10**9), "frame count"),
+        (with_head(codebooks=8), "codebooks"),
+        (with_head(speaker=-1), "speaker"),
+        (with_head(speaker="x"), "speaker"),
+        (with_head(text=7), "transcript"),
+        (data[:14 + n] + bytes(codes), r"codes must be in \[0, 2048\)"),
+    ]
+
+
+def test_a_corrupt_voice_file_is_one_clear_error(voice, tmp_path):
+    from pycsm.voices import VoiceFileError
+
+    for i, (data, match) in enumerate(_corrupt(voice.to_bytes())):
+        path = tmp_path / f"bad{i}.csmvoice"
+        path.write_bytes(data)
+        with pytest.raises(VoiceFileError, match=match) as e:
+            Voice.load(path)
+        msg = str(e.value)
+        assert "\n" not in msg and str(path) in msg and "not a valid .csmvoice file" in msg
+    with pytest.raises(FileNotFoundError, match="voice file not found"):
+        Voice.load(tmp_path / "missing.csmvoice")
+
+
+def test_voices_folder(voice, tmp_path, monkeypatch):
+    from pycsm import voices
+
+    monkeypatch.setenv("PYCSM_VOICES", str(tmp_path / "vs"))
+    assert voices.voices_dir() == tmp_path / "vs" and voices.list_voices() == []
+    voices.save_voice(voice, "alice")
+    voices.save_voice(voice, "bob-2.x")
+    assert voices.list_voices() == ["alice", "bob-2.x"]
+    with pytest.raises(FileExistsError):
+        voices.save_voice(voice, "alice")
+    np.testing.assert_array_equal(voices.find_voice("alice").codes, voice.codes)
+    np.testing.assert_array_equal(voices.find_voice(str(tmp_path / "vs" / "bob-2.x.csmvoice")).codes, voice.codes)
+    for bad in ["", ".hidden", "a/b", "x" * 65, "v.csmvoice", "a b"]:
+        with pytest.raises(ValueError, match="invalid voice name"):
+            voices.voice_path(bad)
+    voices.remove_voice("alice")
+    assert voices.list_voices() == ["bob-2.x"]
+    with pytest.raises(FileNotFoundError, match="no voice named 'alice'"):
+        voices.remove_voice("alice")
+    with pytest.raises(FileNotFoundError, match="voice list"):
+        voices.find_voice("alice")
+    monkeypatch.delenv("PYCSM_VOICES")
+    assert voices.voices_dir().parts[-2:] == ("pycsm", "voices")
+
+
+def test_context_audio_is_bounded_before_any_work(tts, tmp_path):
+    # a 4 KB WAV that declares 1 Hz would be 33 minutes at 24 kHz; 2**31 Hz cannot be allocated
+    for rate, match in [(1, "sample rate"), (500, "sample rate"), (2**31 - 1, "sample rate")]:
+        path = tmp_path / f"r{rate}.wav"
+        path.write_bytes(b"RIFF" + (4036).to_bytes(4, "little") + b"WAVEfmt " + (16).to_bytes(4, "little")
+                         + (1).to_bytes(2, "little") * 2 + rate.to_bytes(4, "little")
+                         + (2 * rate % 2**32).to_bytes(4, "little") + (2).to_bytes(2, "little")
+                         + (16).to_bytes(2, "little") + b"data" + (4000).to_bytes(4, "little") + bytes(4000))
+        with pytest.raises(ValueError, match=match):
+            Segment.from_file(path, "x")
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(170 * 8000, dtype=np.int16), 8000)  # 170 s: more than 2048 frames of 80 ms
+    with pytest.raises(ValueError, match="at most 163.84 s"):
+        Segment.from_file(long, "x")
+    with pytest.raises(ValueError, match="at most 163.84 s"):
+        Voice.from_file(long, "x", tts=tts)
+    with pytest.raises(ValueError, match="context holds at most 163.84 s"):
+        tts.encode(np.zeros(170 * 8000, dtype=np.float32), 8000)
+    with pytest.raises(ValueError, match="context holds at most 163.84 s"):
+        tts.generate("Hi.", context=[Segment(0, "x", np.zeros(170 * 24000, dtype=np.float32))],
+                     max_audio_length_ms=MS)

@@ -131,3 +131,139 @@ def test_cli_speaks_with_the_cached_model(hf_home, tmp_path):  # codec
     import soundfile as sf
 
     assert sf.info(out).frames == 5 * 1920
+
+
+# ---------------------------------------------------------------------------------------------
+# crispasr's model names (-m csm --auto-download) against a fake hub on 127.0.0.1
+# ---------------------------------------------------------------------------------------------
+
+class FakeHub:
+    """A hub serving one repository's files over HTTP on 127.0.0.1, as huggingface_hub expects them
+    (HEAD with X-Repo-Commit / ETag / Content-Length, then GET); it records every request."""
+
+    def __init__(self, repo: str, files: dict):
+        import hashlib
+        import http.server
+        import threading
+
+        self.requests = []
+        hub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _serve(self, body: bool):
+                hub.requests.append((self.command, self.path))
+                prefix = f"/{repo}/resolve/"
+                name = self.path.split("?")[0][len(prefix):].split("/", 1)[-1] if self.path.startswith(prefix) \
+                    else None
+                if name not in files:
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound")
+                    self.end_headers()
+                    return
+                data = files[name]
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):
+                self._serve(False)
+
+            def do_GET(self):
+                self._serve(True)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def fake_hub(tiny_dir):
+    hub = FakeHub(DEFAULT_REPO, {"csm-1b-q4_k.gguf": (tiny_dir / "tiny-f16.gguf").read_bytes()})
+    yield hub
+    hub.close()
+
+
+def online_env(hf_home: Path, endpoint: str) -> dict:
+    e = env(hf_home, HF_ENDPOINT=endpoint)
+    del e["HF_HUB_OFFLINE"]
+    return e
+
+
+def crispasr_cmd(args, e) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pycsm", *map(str, args)], capture_output=True, text=True, env=e,
+                          timeout=120)
+
+
+def test_model_names():
+    from pycsm.hub import parse_model_name
+
+    for name in ["csm", "CSM", "csm-1b", "sesame", "sesame-csm", "csm-tts", "csm_tts"]:
+        assert parse_model_name(name) == (True, None)
+        assert parse_model_name(f"{name}:Q4_K") == (True, "q4_k")
+    assert parse_model_name("model.gguf") == (False, None)
+    assert parse_model_name("whisper:q8_0") == (False, None)
+    with pytest.raises(ValueError, match="unknown quant"):
+        parse_model_name("csm:q5")
+
+
+def test_auto_download_from_a_fake_hub_then_offline(fake_hub, tmp_path):  # codec
+    home = tmp_path / "home"
+    out = tmp_path / "fox.wav"
+    args = ["-m", "csm:q4_k", "--tts", "The quick brown fox.", "--tts-output", out, "--seed", "3", "-t", "1",
+            "--max-audio-length", "0.4", "-q"]
+    # without --auto-download: a clear error naming the command that downloads it, no request made
+    p = crispasr_cmd(args, online_env(home, fake_hub.url))
+    assert p.returncode == 1 and fake_hub.requests == []
+    assert "csm-1b-q4_k.gguf" in p.stderr and "--auto-download" in p.stderr and "-m PATH" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    # with it: downloaded into the cache (the model card's second command)
+    p = crispasr_cmd([*args, "--auto-download"], online_env(home, fake_hub.url))
+    assert p.returncode == 0, p.stderr
+    assert ("GET", f"/{DEFAULT_REPO}/resolve/main/csm-1b-q4_k.gguf") in fake_hub.requests
+    cached = home / "hub" / "models--cstr--csm-1b-GGUF" / "snapshots" / COMMIT / "csm-1b-q4_k.gguf"
+    assert cached.is_file()
+    first = out.read_bytes()
+    # then offline, from the cache: the same file, without a request
+    n = len(fake_hub.requests)
+    for name in ["sesame-csm:q4_k", "csm-tts"]:
+        out.unlink()
+        p = crispasr_cmd([*args[:1], name, *args[2:], *(["--quant", "q4_k"] if ":" not in name else [])],
+                         env(home))
+        assert p.returncode == 0, p.stderr
+        assert out.read_bytes() == first
+    assert len(fake_hub.requests) == n
+    # crispasr's --hf-repo REPO:FILE implies --auto-download
+    home2 = tmp_path / "home2"
+    out.unlink()
+    p = crispasr_cmd(["-hfr", f"{DEFAULT_REPO}:csm-1b-q4_k.gguf", *args[2:]], online_env(home2, fake_hub.url))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == first and len(fake_hub.requests) > n
+    p = crispasr_cmd(["--hf-file", "other.gguf", *args[2:]], online_env(home2, fake_hub.url))
+    assert p.returncode == 2 and "csm-1b-{f16,q8_0,q4_k}.gguf" in p.stderr
+
+
+def test_an_unreachable_hub_fails_at_once(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = crispasr_cmd(["-m", "csm", "--auto-download", "--tts", "Hi.", "--tts-output", tmp_path / "x.wav"],
+                     online_env(tmp_path / "home", f"http://127.0.0.1:{port}"))
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    # the probe's error, not the hub client's after its retries (which say "cannot find the requested files")
+    assert len(lines) == 1 and "cannot reach the Hugging Face hub at http://127.0.0.1" in lines[0], p.stderr
+    assert not (tmp_path / "x.wav").exists()

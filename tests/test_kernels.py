@@ -6,6 +6,7 @@ with its own instruction-set flags as in CMakeLists.txt. Its products must equal
 of the dequantised weights with its own quantised activations, its activation quantisation must be
 Q8_0's (per 32 values, scale max|x| / 127, round to nearest), and a column's result must be the same
 bits whether it is multiplied alone or with others (batch invariance)."""
+import os
 import platform
 import shutil
 import subprocess
@@ -39,15 +40,16 @@ def driver_exe(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kernels")
     exe = tmp / "kernel_check"
     inc = ["-I", str(ROOT / "native/src")]
+    san = os.environ.get("PYCSM_KERNEL_SANITIZE", "").split()  # .ci/sanitize: the driver under ASan + UBSan
     objs, defs = [], []
     # only each kernel's file gets its flags (as in CMakeLists.txt); the rest runs anywhere
     for name, (src, flags, _) in KERNELS.items():
         obj = tmp / f"{name}.o"
-        subprocess.run([cxx, "-O2", "-std=c++17", *flags, "-ffp-contract=off", *inc, "-c",
+        subprocess.run([cxx, "-O2", "-std=c++17", *flags, *san, "-ffp-contract=off", *inc, "-c",
                         str(ROOT / "native/src/kernels" / src), "-o", str(obj)], check=True)
         objs.append(str(obj))
         defs.append(f"-DCSM_KERNEL_{name.upper()}")
-    subprocess.run([cxx, "-O2", "-std=c++17", *defs, *inc, str(ROOT / "tests/native/kernel_check.cpp"),
+    subprocess.run([cxx, "-O2", "-std=c++17", *san, *defs, *inc, str(ROOT / "tests/native/kernel_check.cpp"),
                     str(ROOT / "native/src/kernels/formats.cpp"), str(ROOT / "native/src/kernels/select.cpp"),
                     *objs, "-o", str(exe)], check=True)
     return exe

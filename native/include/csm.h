@@ -28,6 +28,10 @@
 // and Mimi codecs used from different threads at once. A csm_context or csm_mimi_codec must be used
 // by one thread at a time. csm_last_error() is thread-local. csm_log_set() is global.
 //
+// Lifetime: every handle is reference counted. A context or codec keeps its model alive, so
+// csm_model_free may come before theirs; a *_free while a call on that handle runs (from another
+// thread, or from the call's own callback) takes effect when the call returns.
+//
 // The library never prints by itself: messages go to the callback set with csm_log_set().
 
 #ifndef CSM_H
@@ -38,7 +42,7 @@
 #include <stdint.h>
 
 #ifdef CSM_SHARED
-#    if defined(_WIN32) && !defined(__MINGW32__)
+#    if defined(_WIN32)
 #        ifdef CSM_BUILD
 #            define CSM_API __declspec(dllexport)
 #        else
@@ -59,6 +63,10 @@ extern "C" {
 #define CSM_N_COLUMNS   33   // prompt columns per position: 32 audio codes + 1 text token
 #define CSM_TEXT_COLUMN 32   // index of the text column in a prompt row
 
+#define CSM_MAX_THREADS  1024                 // n_threads above this is refused everywhere
+#define CSM_MAX_KV_BYTES (8LL << 30)          // a context's KV caches: refused beyond 8 GiB
+#define CSM_API_VERSION  2                    // bumped when a declaration of this header changes
+
 typedef struct csm_model      csm_model;       // weights + hyper-parameters (read-only, shareable)
 typedef struct csm_context    csm_context;     // generation state: KV caches, graphs, thread pool
 typedef struct csm_mimi_codec csm_mimi_codec;  // Mimi decoder/encoder state for streaming
@@ -77,12 +85,32 @@ enum csm_log_level {
 // Receives every message of the library (and of ggml while a csm call runs). text ends in '\n'.
 typedef void (*csm_log_callback)(int32_t level, const char * text, void * user_data);
 
-CSM_API void         csm_log_set(csm_log_callback callback, void * user_data); // NULL: silence
+// Sets the callback and its user data together; NULL silences. A message that another thread had
+// begun to deliver when this returns may still reach the previous pair: keep it valid (pycsm installs
+// one callback for the life of the process and switches its target in Python).
+CSM_API void         csm_log_set(csm_log_callback callback, void * user_data);
 CSM_API const char * csm_last_error(void);      // message of the last failure on this thread ("" if none)
-CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH"
+CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH" (+ "+cuNNN" in CUDA wheels)
 CSM_API const char * csm_ggml_version(void);    // version of the ggml library actually loaded
 CSM_API const char * csm_ggml_build_version(void); // version of ggml this library was compiled against
 CSM_API const char * csm_system_info(void);     // backends and CPU features, one line
+
+// ABI handshake for bindings (pycsm/_native.py): the CSM_API_VERSION the library was built with and
+// sizeof() of each public struct, so that a binding refuses a library built from another header.
+enum csm_struct {
+    CSM_STRUCT_MODEL_PARAMS     = 0,
+    CSM_STRUCT_HPARAMS          = 1,
+    CSM_STRUCT_QUANTIZE_PARAMS  = 2,
+    CSM_STRUCT_CONTEXT_PARAMS   = 3,
+    CSM_STRUCT_SAMPLING_PARAMS  = 4,
+    CSM_STRUCT_GENERATE_PARAMS  = 5,
+    CSM_STRUCT_GENERATE_RESULT  = 6,
+    CSM_STRUCT_BATCH_PARAMS     = 7,
+    CSM_STRUCT_STREAM_PARAMS    = 8,
+    CSM_STRUCT_BATCH_EVENT      = 9,
+};
+CSM_API int32_t      csm_api_version(void);
+CSM_API int64_t      csm_struct_size(int32_t which); // enum csm_struct; -1 for an unknown value
 
 // ---------------------------------------------------------------------------------------------
 // Model
@@ -97,7 +125,9 @@ enum csm_device {
 struct csm_model_params {
     int32_t device;        // enum csm_device
     int32_t gpu_index;     // which GPU device when several (0 = first)
-    bool    use_mmap;      // map the file instead of reading it (CPU weights only)
+    bool    use_mmap;      // map the file instead of reading it (CPU weights, without use_repack, tensors
+                           // aligned to 32 bytes). A mapped file must not be rewritten or truncated while
+                           // the model lives: the next read of a changed page is SIGBUS
     bool    use_repack;    // CPU: copy matrices into faster layouts (Q8_0: pycsm's AVX512-VNNI kernel, with
                            // the depth heads as Q8_0 in quantised files; Q4_K/Q4_0: ggml's repack)
 };

@@ -32,8 +32,9 @@ struct batch_stream {
 
 } // namespace
 
-struct csm_batch {
-    std::unique_ptr<csm_context> ctx;
+// Reference counted (csm_ref.h): each call holds the batch; the batch owns its context's reference.
+struct csm_batch : csm_refcounted {
+    std::unique_ptr<csm_context, csm_releaser> ctx;
     std::unique_ptr<csm_runner> run_graphs;
     csm_batch_params params{};
     csm_sampler sampler;
@@ -269,11 +270,12 @@ csm_batch * csm_batch_new(const csm_model * model, struct csm_batch_params param
     return csm_guard<csm_batch *>(nullptr, [&] { return create(model, params); });
 }
 
-void csm_batch_free(csm_batch * batch) { delete batch; }
+void csm_batch_free(csm_batch * batch) { csm_release(batch); }
 
 int64_t csm_batch_add(csm_batch * batch, const int32_t * prompt, int32_t n_pos, struct csm_stream_params params) {
     return csm_guard<int64_t>(-1, [&] {
         if (!batch) csm_fail("batch is NULL");
+        const csm_hold<csm_batch> hold(batch);
         return add(*batch, prompt, n_pos, params);
     });
 }
@@ -281,6 +283,7 @@ int64_t csm_batch_add(csm_batch * batch, const int32_t * prompt, int32_t n_pos, 
 int32_t csm_batch_remove(csm_batch * batch, int64_t stream) {
     return csm_guard<int32_t>(-1, [&] {
         if (!batch) csm_fail("batch is NULL");
+        const csm_hold<csm_batch> hold(batch);
         bool found;
         try {
             found = remove(*batch, stream);
@@ -296,6 +299,7 @@ int32_t csm_batch_remove(csm_batch * batch, int64_t stream) {
 int32_t csm_batch_step(csm_batch * batch, struct csm_batch_event * events, int32_t max_events) {
     return csm_guard<int32_t>(-1, [&] {
         if (!batch) csm_fail("batch is NULL");
+        const csm_hold<csm_batch> hold(batch);
         if (!events) csm_fail("events is NULL");
         if (max_events < batch->params.max_streams) {
             csm_fail("max_events %d is less than max_streams %d", max_events, batch->params.max_streams);

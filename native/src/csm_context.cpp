@@ -1,6 +1,7 @@
 // csm_context.cpp - creating a generation context: backend, thread pool, KV caches.
 #include "csm_context.h"
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include <memory>
 
@@ -15,14 +16,35 @@ csm_context::~csm_context() {
     if (threadpool) ggml_threadpool_free(threadpool);
 }
 
+// The KV caches are sized by the file (positions x layers x key/value width): computed and refused
+// beyond CSM_MAX_KV_BYTES or the machine's memory before anything is allocated.
+static void check_kv_bytes(const csm_model & m, int64_t n_ctx, int64_t n_seq) {
+    const csm_llama & B = m.backbone, & D = m.depth;
+    const double bytes = 2.0 * sizeof(float) * n_seq *
+                         ((double) B.n_layers * B.n_kv_heads * B.head_dim * n_ctx +
+                          (double) D.n_layers * D.n_kv_heads * D.head_dim * m.hp.n_codebooks);
+    const double mib = 1048576.0;
+    if (bytes > (double) CSM_MAX_KV_BYTES) {
+        csm_fail("the KV caches would take %.0f MiB (%lld positions x %lld sequences), more than the limit of %.0f MiB: "
+                 "lower max_pos or n_batch", bytes / mib, (long long) n_ctx, (long long) n_seq, CSM_MAX_KV_BYTES / mib);
+    }
+    const uint64_t memory = csm_os_physical_memory();
+    if (memory > 0 && bytes > (double) memory) {
+        csm_fail("the KV caches would take %.0f MiB, more than this machine's memory (%.0f MiB): lower max_pos or n_batch",
+                 bytes / mib, (double) memory / mib);
+    }
+}
+
 static csm_context * create(const csm_model * m, const csm_context_params & p) {
     if (!m) csm_fail("model is NULL");
     if (p.max_pos < 0 || p.max_pos > m->hp.bb_max_pos) {
         csm_fail("max_pos %d is out of range [0, %d]", p.max_pos, m->hp.bb_max_pos);
     }
     if (p.n_batch < 1 || p.n_batch > 64) csm_fail("n_batch %d is out of range [1, 64]", p.n_batch);
+    check_kv_bytes(*m, p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos, p.n_batch);
     auto c = std::make_unique<csm_context>();
     c->model = m;
+    c->model_ref.reset(m);
     c->params = p;
     c->params.n_threads = csm_default_threads(p.n_threads);
     c->n_ctx = p.max_pos > 0 ? p.max_pos : m->hp.bb_max_pos;
@@ -68,9 +90,12 @@ struct csm_context_params csm_context_default_params(void) {
 }
 
 csm_context * csm_context_new(const csm_model * model, struct csm_context_params params) {
-    return csm_guard<csm_context *>(nullptr, [&] { return create(model, params); });
+    return csm_guard<csm_context *>(nullptr, [&] {
+        const csm_hold<const csm_model> hold(model);
+        return create(model, params);
+    });
 }
 
-void csm_context_free(csm_context * ctx) { delete ctx; }
+void csm_context_free(csm_context * ctx) { csm_release(ctx); }
 
 } // extern "C"

@@ -38,7 +38,10 @@ struct csm_kv_layer {
     ggml_tensor * v = nullptr; // f32 [1, n_ctx * head_dim * n_kv_heads * n_seq]: position fastest
 };
 
-struct csm_context {
+// Reference counted (csm_ref.h): every call holds its context, csm_context_free drops the caller's
+// reference. model_ref keeps the model alive as long as the context (destroyed last).
+struct csm_context : csm_refcounted {
+    csm_hold<const csm_model> model_ref;
     const csm_model * model = nullptr;
     csm_context_params params{};
     int32_t n_ctx = 0;       // backbone positions per sequence

@@ -152,6 +152,7 @@ int32_t csm_generate(csm_context * ctx, const int32_t * prompt, int32_t n_pos, s
                      int32_t * out_codes, int32_t max_out, struct csm_generate_result * result) {
     return csm_guard<int32_t>(-1, [&] {
         if (!ctx) csm_fail("context is NULL");
+        const csm_hold<csm_context> hold(ctx); // a csm_context_free meanwhile waits for the return
         csm_generate_result res{};
         generate(*ctx, 1, &prompt, &n_pos, params, &out_codes, max_out, &res);
         if (result) *result = res;
@@ -164,6 +165,7 @@ int32_t csm_generate_batch(csm_context * ctx, int32_t n_batch, const int32_t * c
                            struct csm_generate_result * results) {
     return csm_guard<int32_t>(-1, [&] {
         if (!ctx) csm_fail("context is NULL");
+        const csm_hold<csm_context> hold(ctx); // a csm_context_free meanwhile waits for the return
         generate(*ctx, n_batch, prompts, n_pos, params, out_codes, max_out, results);
         return 0;
     });
@@ -173,6 +175,7 @@ int32_t csm_eval_frame_logits(csm_context * ctx, const int32_t * prompt, int32_t
                               float * logits0, float * depth_logits) {
     return csm_guard<int32_t>(-1, [&] {
         if (!ctx) csm_fail("context is NULL");
+        const csm_hold<csm_context> hold(ctx); // a csm_context_free meanwhile waits for the return
         eval_frame_logits(*ctx, prompt, n_pos, codes, logits0, depth_logits);
         return 0;
     });

@@ -15,10 +15,15 @@ void csm_graph::reset() {
     text_ids = text_mask = audio_ids = audio_mask = pos = kv_idx = v_idx = kq_mask = head_ids = logits = nullptr;
 }
 
-static const size_t GRAPH_NODES = 4096;
+// Nodes (and tensors) of a graph: about 31 per Llama block and a few dozen around them, so the
+// loader's 1024 blocks fit too (a fixed 4096 aborted in ggml_new_tensor from about 130 blocks).
+static size_t graph_nodes(const csm_model & m) {
+    return 1024 + 64 * (size_t) std::max(m.backbone.n_layers, m.depth.n_layers);
+}
 
-static ggml_context * new_graph_ctx() {
-    ggml_init_params ip = {GRAPH_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GRAPH_NODES, false), nullptr, true};
+static ggml_context * new_graph_ctx(const csm_model & m) {
+    const size_t n = graph_nodes(m);
+    ggml_init_params ip = {n * ggml_tensor_overhead() + ggml_graph_overhead_custom(n, false), nullptr, true};
     ggml_context * ctx = ggml_init(ip);
     if (!ctx) csm_fail("out of memory creating a graph");
     return ctx;
@@ -129,8 +134,8 @@ void csm_build_prefill(csm_context & c, int32_t seq, int32_t T, int32_t n_kv) {
     g.alloc = nullptr;
     g.reset();
     g.alloc = keep;
-    g.ctx = new_graph_ctx();
-    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.ctx = new_graph_ctx(m);
+    g.gf = ggml_new_graph_custom(g.ctx, graph_nodes(m), false);
     g.key = ((int64_t) T << 32) | n_kv;
     ggml_tensor * x = embed_rows(g.ctx, m, g, T, true);
     x = llama_blocks(g.ctx, g.gf, m, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, seq, x, T, 1, n_kv, g);
@@ -149,8 +154,8 @@ void csm_build_step(csm_context & c, int32_t n_kv) {
     g.alloc = nullptr;
     g.reset();
     g.alloc = keep;
-    g.ctx = new_graph_ctx();
-    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.ctx = new_graph_ctx(m);
+    g.gf = ggml_new_graph_custom(g.ctx, graph_nodes(m), false);
     g.key = key;
     ggml_tensor * x = embed_rows(g.ctx, m, g, B, false);
     x = llama_blocks(g.ctx, g.gf, m, m.backbone, m.hp.rms_norm_eps, c.kv_bb, c.n_ctx, 0, x, 1, B, n_kv, g);
@@ -164,8 +169,8 @@ void csm_build_depth0(csm_context & c) {
     const int64_t B = c.n_active;
     if (g.key == B) return;
     g.reset();
-    g.ctx = new_graph_ctx();
-    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.ctx = new_graph_ctx(m);
+    g.gf = ggml_new_graph_custom(g.ctx, graph_nodes(m), false);
     g.key = B;
     ggml_tensor * h = ggml_view_2d(g.ctx, c.h_buf, c.h_buf->ne[0], B, c.h_buf->nb[1], 0);
     ggml_tensor * x = csm_mul_mat(g.ctx, m, m.depth_proj, h);                    // [dp_d, B]
@@ -180,8 +185,8 @@ void csm_build_depthk(csm_context & c) {
     const int64_t B = c.n_active;
     if (g.key == B) return;
     g.reset();
-    g.ctx = new_graph_ctx();
-    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.ctx = new_graph_ctx(m);
+    g.gf = ggml_new_graph_custom(g.ctx, graph_nodes(m), false);
     g.key = B;
     g.audio_ids = input(g.ctx, GGML_TYPE_I32, B);
     ggml_tensor * x = csm_mul_mat(g.ctx, m, m.depth_proj, ggml_get_rows(g.ctx, m.depth_embd, g.audio_ids));

@@ -14,8 +14,22 @@
 
 static thread_local std::string g_last_error;
 static thread_local std::string g_ggml_error; // last error line ggml logged
-static std::atomic<csm_log_callback> g_log_cb{nullptr};
-static std::atomic<void *> g_log_ud{nullptr};
+// The callback and its user data change together (csm_log_set): a reader copies both under the lock
+// and calls outside it, so a message never reaches one callback with another's user data. The flag
+// lets csm_log skip formatting while nothing listens.
+struct log_target {
+    csm_log_callback cb = nullptr;
+    void * ud = nullptr;
+};
+static std::mutex g_log_mu;
+static log_target g_log;
+static std::atomic<bool> g_log_on{false};
+
+static log_target log_get() {
+    if (!g_log_on.load(std::memory_order_acquire)) return {};
+    std::lock_guard<std::mutex> lk(g_log_mu);
+    return g_log;
+}
 
 static std::string vformat(const char * fmt, va_list ap) {
     va_list ap2;
@@ -29,11 +43,11 @@ static std::string vformat(const char * fmt, va_list ap) {
 }
 
 static void emit(int32_t level, const std::string & text) {
-    csm_log_callback cb = g_log_cb.load();
-    if (!cb) return;
+    const log_target t = log_get();
+    if (!t.cb) return;
     std::string line = text;
     if (line.empty() || line.back() != '\n') line += '\n';
-    cb(level, line.c_str(), g_log_ud.load());
+    t.cb(level, line.c_str(), t.ud);
 }
 
 void csm_set_error(const char * fmt, ...) {
@@ -50,7 +64,7 @@ void csm_clear_error() {
 }
 
 void csm_log(int32_t level, const char * fmt, ...) {
-    if (!g_log_cb.load()) return;
+    if (!g_log_on.load(std::memory_order_acquire)) return;
     va_list ap;
     va_start(ap, fmt);
     std::string s = vformat(fmt, ap);
@@ -76,8 +90,8 @@ static void ggml_log_to_csm(enum ggml_log_level level, const char * text, void *
     if (!text) return;
     if (level == GGML_LOG_LEVEL_ERROR) g_ggml_error = text;
     else if (level == GGML_LOG_LEVEL_CONT && !g_ggml_error.empty()) g_ggml_error += text;
-    csm_log_callback cb = g_log_cb.load();
-    if (!cb) return;
+    const log_target t = log_get();
+    if (!t.cb) return;
     int32_t lv = CSM_LOG_DEBUG;
     switch (level) {
         case GGML_LOG_LEVEL_ERROR: lv = CSM_LOG_ERROR; break;
@@ -85,7 +99,7 @@ static void ggml_log_to_csm(enum ggml_log_level level, const char * text, void *
         case GGML_LOG_LEVEL_INFO:  lv = CSM_LOG_INFO;  break;
         default: break;
     }
-    cb(lv, text, g_log_ud.load());
+    t.cb(lv, text, t.ud);
 }
 
 void csm_install_ggml_log() {
@@ -96,14 +110,36 @@ void csm_install_ggml_log() {
 extern "C" {
 
 void csm_log_set(csm_log_callback callback, void * user_data) {
-    g_log_ud.store(user_data);
-    g_log_cb.store(callback);
+    {
+        std::lock_guard<std::mutex> lk(g_log_mu);
+        g_log.cb = callback;
+        g_log.ud = user_data;
+        g_log_on.store(callback != nullptr, std::memory_order_release);
+    }
     csm_install_ggml_log();
 }
 
 const char * csm_last_error(void) { return g_last_error.c_str(); }
 
 const char * csm_version(void) { return CSM_VERSION; }
+
+int32_t csm_api_version(void) { return CSM_API_VERSION; }
+
+int64_t csm_struct_size(int32_t which) {
+    switch (which) {
+        case CSM_STRUCT_MODEL_PARAMS:    return sizeof(csm_model_params);
+        case CSM_STRUCT_HPARAMS:         return sizeof(csm_hparams);
+        case CSM_STRUCT_QUANTIZE_PARAMS: return sizeof(csm_quantize_params);
+        case CSM_STRUCT_CONTEXT_PARAMS:  return sizeof(csm_context_params);
+        case CSM_STRUCT_SAMPLING_PARAMS: return sizeof(csm_sampling_params);
+        case CSM_STRUCT_GENERATE_PARAMS: return sizeof(csm_generate_params);
+        case CSM_STRUCT_GENERATE_RESULT: return sizeof(csm_generate_result);
+        case CSM_STRUCT_BATCH_PARAMS:    return sizeof(csm_batch_params);
+        case CSM_STRUCT_STREAM_PARAMS:   return sizeof(csm_stream_params);
+        case CSM_STRUCT_BATCH_EVENT:     return sizeof(csm_batch_event);
+        default: return -1;
+    }
+}
 
 const char * csm_ggml_version(void) { return ggml_version(); }
 

@@ -3,21 +3,20 @@
 
 #include "csm_gguf_check.h"
 #include "csm_log.h"
+#include "csm_platform.h"
 #include "csm_packed.h"
 #include "mimi.h"
 
 #include "ggml-cpu.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <system_error>
 #include <thread>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 // ---------------------------------------------------------------------------------------------
 // metadata helpers
@@ -143,7 +142,7 @@ csm_model::~csm_model() {
     if (ctx_repack) ggml_free(ctx_repack);
     if (ctx_w) ggml_free(ctx_w);
     if (gguf) gguf_free(gguf);
-    if (mmap_addr) munmap(mmap_addr, mmap_size);
+    if (mmap_addr) csm_os_unmap(mmap_addr, mmap_size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -221,6 +220,28 @@ static void bind_llama(csm_model & m, csm_llama & L, const std::string & pfx) {
     L.output_norm = m.get(pfx + ".output_norm.weight", {d});
 }
 
+// The tokenizer's arrays (read by pycsm's Python tokenizer): one string per text token at most, and a
+// bounded merge list. Checked here, where reading the counts costs nothing, so that a file with
+// millions of extra entries is refused before anything builds a vocabulary from it.
+static const int64_t MAX_MERGES = 1 << 20;  // Llama 3 has 280 147
+
+static void check_tokenizer_arrays(const gguf_context * g, const csm_hparams & h) {
+    const struct { const char * key; int64_t max; } arrays[] = {
+        {"tokenizer.ggml.tokens", h.text_vocab_size}, {"tokenizer.ggml.merges", MAX_MERGES}};
+    for (const auto & a : arrays) {
+        const int64_t id = gguf_find_key(g, a.key);
+        if (id < 0) continue;
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g, id) != GGUF_TYPE_STRING) {
+            csm_fail("metadata key '%s' must be an array of strings", a.key);
+        }
+        const int64_t n = (int64_t) gguf_get_arr_n(g, id);
+        if (n > a.max) {
+            csm_fail("metadata key '%s' has %lld entries, more than %lld (csm.text_vocab_size for the tokens)", a.key,
+                     (long long) n, (long long) a.max);
+        }
+    }
+}
+
 static void read_hparams(csm_model & m) {
     const gguf_context * g = m.gguf;
     std::string arch = get_str(g, "general.architecture", true);
@@ -285,6 +306,13 @@ static void read_hparams(csm_model & m) {
     if (h.mimi_dim % h.mimi_n_heads) csm_fail("csm.mimi.dim must be a multiple of csm.mimi.n_heads");
     if (h.codebook_eos_token_id >= h.audio_vocab_size) csm_fail("csm.codebook_eos_token_id out of range");
     if (h.bos_token_id >= h.text_vocab_size) csm_fail("csm.bos_token_id out of range");
+    // Mimi's strides make 1920 samples per frame: a rate pair that disagrees would label the audio
+    // with a rate it does not play at (8000 Hz would play 3x slow)
+    if (std::fabs((double) h.frame_rate * h.samples_per_frame - h.sample_rate) > 0.5) {
+        csm_fail("csm.mimi.sample_rate (%d) / csm.mimi.frame_rate (%g) must be %d samples per frame", h.sample_rate,
+                 (double) h.frame_rate, h.samples_per_frame);
+    }
+    check_tokenizer_arrays(g, h);
 
     // transformers' csm-1b RoPE scaling (llama3), the default when the file does not say.
     csm_rope bb_def, dp_def;
@@ -356,13 +384,15 @@ static ggml_backend_dev_t pick_device(const csm_model_params & p) {
     return gpus.empty() ? cpu : gpus[std::max(0, std::min<int>(p.gpu_index, (int) gpus.size() - 1))];
 }
 
-// Drops the mapped file pages of a tensor that has been copied (whole pages inside the tensor).
+// Drops the pages of a tensor that has been copied (whole pages inside the tensor): mapped file pages,
+// or the pages of the buffer the file was read into (MADV_DONTNEED gives them back; nothing reads a
+// copied tensor's original again).
 static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
-    if (!m.mmap_addr) return;
-    const long page = sysconf(_SC_PAGESIZE);
+    if (!m.mmap_addr && !m.read_into_host) return;
+    const uintptr_t page = csm_os_page_size();
     uintptr_t a = ((uintptr_t) t->data + page - 1) / page * page;
     uintptr_t e = ((uintptr_t) t->data + ggml_nbytes(t)) / page * page;
-    if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
+    if (e > a) csm_os_drop_pages((void *) a, e - a);
 }
 
 // RoPE factor tensors live in a small buffer on the weights' device. The depth heads, stored as
@@ -424,12 +454,24 @@ static void make_extra(csm_model & m, bool pack_heads, bool heads_f16) {
     drop_mapped_pages(m, hf);
 }
 
-static void load_weights(csm_model & m, const csm_model_params & p, int fd, size_t file_size) {
+// Whether every tensor of the file starts at a multiple of 32 bytes (ggml's tensor alignment): the
+// kernels and permute_host load whole elements from the weights. A file written with a smaller
+// general.alignment is read into an aligned buffer instead of being mapped.
+static bool tensors_aligned(const csm_model & m) {
+    const size_t data_off = gguf_get_data_offset(m.gguf);
+    for (int64_t i = 0; i < gguf_get_n_tensors(m.gguf); i++) {
+        if ((data_off + gguf_get_tensor_offset(m.gguf, i)) % 32) return false;
+    }
+    return true;
+}
+
+// Maps the file (use_mmap, CPU, aligned tensors) or reads it into a buffer of the device.
+static void load_weights(csm_model & m, bool use_mmap, int fd, size_t file_size) {
     const size_t data_off = gguf_get_data_offset(m.gguf);
     const bool host = csm_model_on_host(&m);
-    if (host && p.use_mmap) {
-        void * addr = mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
-        if (addr == MAP_FAILED) csm_fail("mmap of %s failed: %s", m.path.c_str(), strerror(errno));
+    if (host && use_mmap && tensors_aligned(m)) {
+        void * addr = csm_os_map_read(fd, file_size);
+        if (!addr) csm_fail("mmap of %s failed: %s", m.path.c_str(), strerror(errno));
         m.mmap_addr = addr;
         m.mmap_size = file_size;
         ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(addr, file_size);
@@ -451,12 +493,12 @@ static void load_weights(csm_model & m, const csm_model_params & p, int fd, size
     for (int64_t i = 0; i < gguf_get_n_tensors(m.gguf); i++) {
         ggml_tensor * t = ggml_get_tensor(m.ctx_w, gguf_get_tensor_name(m.gguf, i));
         const size_t nb = ggml_nbytes(t);
-        const off_t at = (off_t) (data_off + gguf_get_tensor_offset(m.gguf, i));
+        const uint64_t at = data_off + gguf_get_tensor_offset(m.gguf, i);
         char * dst = host ? (char *) t->data : nullptr;
         if (!dst) { tmp.resize(nb); dst = tmp.data(); }
         size_t done = 0;
         while (done < nb) {
-            ssize_t r = pread(fd, dst + done, nb - done, at + (off_t) done);
+            int64_t r = csm_os_pread(fd, dst + done, nb - done, at + done);
             if (r <= 0) csm_fail("reading tensor '%s' from %s failed", t->name, m.path.c_str());
             done += (size_t) r;
         }
@@ -503,8 +545,10 @@ static std::vector<ggml_tensor **> matmul_slots(csm_model & m) {
     return slots;
 }
 
-// Packs the matrices pycsm's kernel (m.kernel) takes, on as many threads as cores, and groups the
-// packed q/k/v and gate/up of each layer for one op each.
+// Packs the matrices pycsm's kernel (m.kernel) takes, on as many threads as cores (up to 8), and
+// groups the packed q/k/v and gate/up of each layer for one op each. A thread the system refuses (a
+// pids or RLIMIT_NPROC limit) leaves its share to the threads that started: the matrices are handed
+// out one at a time.
 static void pack_matrices(csm_model & m) {
     std::vector<ggml_tensor *> todo;
     for (ggml_tensor ** t : matmul_slots(m)) {
@@ -514,8 +558,9 @@ static void pack_matrices(csm_model & m) {
     std::vector<std::unique_ptr<csm_packed_matrix>> out(todo.size());
     std::vector<std::string> errors(todo.size());
     const unsigned n_thr = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
-    auto work = [&](unsigned ith) {
-        for (size_t i = ith; i < todo.size(); i += n_thr) {
+    std::atomic<size_t> next{0};
+    auto work = [&] {
+        for (size_t i; (i = next.fetch_add(1)) < todo.size();) {
             try {
                 out[i] = csm_pack(m.kernel, todo[i]);
                 drop_mapped_pages(m, todo[i]);
@@ -525,8 +570,14 @@ static void pack_matrices(csm_model & m) {
         }
     };
     std::vector<std::thread> pool;
-    for (unsigned i = 1; i < n_thr; i++) pool.emplace_back(work, i);
-    work(0);
+    for (unsigned i = 1; i < n_thr; i++) {
+        try {
+            pool.emplace_back(work);
+        } catch (const std::system_error &) {
+            break;
+        }
+    }
+    work();
     for (auto & th : pool) th.join();
     size_t bytes = 0;
     for (size_t i = 0; i < todo.size(); i++) {
@@ -582,9 +633,11 @@ static void repack_weights(csm_model & m) {
     csm_log(CSM_LOG_INFO, "repacked %zu matrices (%.1f MiB) for faster CPU matrix products", chosen.size(), bytes / 1048576.0);
 }
 
+// A name for the file open as fd, for ggml's parser (which opens by name): /proc/self/fd/N where
+// there is one, so that the file parsed is the one checked even if the path changes meanwhile.
 struct fd_guard {
     int fd;
-    ~fd_guard() { if (fd >= 0) close(fd); }
+    ~fd_guard() { if (fd >= 0) csm_os_close(fd); }
 };
 
 static csm_model * load(const char * path, const csm_model_params & p) {
@@ -593,19 +646,22 @@ static csm_model * load(const char * path, const csm_model_params & p) {
     auto m = std::make_unique<csm_model>();
     m->path = path;
 
-    fd_guard fd{open(path, O_RDONLY)};
+    // stat first: opening a FIFO for reading blocks until a writer comes. O_NONBLOCK covers a swap
+    // between the two (it means nothing for a regular file), and fstat checks what was opened.
+    if (csm_os_is_regular_path(path) == 0) csm_fail("'%s' is not a regular file", path);
+    fd_guard fd{csm_os_open_read(path)};
     if (fd.fd < 0) csm_fail("cannot open model file '%s': %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd.fd, &st) != 0 || !S_ISREG(st.st_mode)) csm_fail("'%s' is not a regular file", path);
-    const size_t file_size = (size_t) st.st_size;
+    const int64_t size = csm_os_regular_file_size(fd.fd);
+    if (size < 0) csm_fail("'%s' is not a regular file", path);
+    const size_t file_size = (size_t) size;
     char magic[4] = {0};
-    if (file_size < 24 || pread(fd.fd, magic, 4, 0) != 4 || memcmp(magic, "GGUF", 4) != 0) {
+    if (file_size < 24 || csm_os_pread(fd.fd, magic, 4, 0) != 4 || memcmp(magic, "GGUF", 4) != 0) {
         csm_fail("'%s' is not a GGUF file (bad magic or too short)", path);
     }
 
     csm_gguf_precheck(fd.fd, file_size, path); // bounded scan first: ggml's parser is quadratic in counts
     gguf_init_params gp = {true, &m->ctx_w};
-    m->gguf = gguf_init_from_file(path, gp);
+    m->gguf = gguf_init_from_file(csm_os_fd_path(fd.fd, path).c_str(), gp);
     if (!m->gguf) csm_fail("'%s' is a corrupt or truncated GGUF file (%s)", path, csm_last_ggml_error().c_str());
 
     m->n_tensors = (int32_t) gguf_get_n_tensors(m->gguf);
@@ -619,7 +675,12 @@ static csm_model * load(const char * path, const csm_model_params & p) {
 
     m->dev = pick_device(p);
     if (!m->dev) csm_fail("no ggml device available");
-    load_weights(*m, p, fd.fd, file_size);
+    // A mapped file that is rewritten or truncated while the model lives kills the process with
+    // SIGBUS on the next read. When the load copies the matrices anyway (use_repack on the CPU),
+    // the file is read instead of mapped, so that nothing a frame reads stays mapped.
+    const bool copies = p.use_repack && csm_model_on_host(m.get());
+    load_weights(*m, p.use_mmap && !copies, fd.fd, file_size);
+    m->read_into_host = csm_model_on_host(m.get()) && !m->mmap_addr;
     // In a quantised file (its matrices neither F32 nor F16) the depth heads, which converters keep
     // in F16, join the int8 kernel as Q8_0: 31 of them are read per frame. In an F16 file they join
     // the F16 kernel as they are.
@@ -650,7 +711,7 @@ csm_model * csm_model_load(const char * path, struct csm_model_params params) {
     return csm_guard<csm_model *>(nullptr, [&] { return load(path, params); });
 }
 
-void csm_model_free(csm_model * model) { delete model; }
+void csm_model_free(csm_model * model) { csm_release(model); }
 
 struct csm_hparams csm_model_hparams(const csm_model * model) {
     if (!model) return csm_hparams{};

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "csm.h"
+#include "csm_ref.h"
 
 #include "ggml.h"
 #include "ggml-backend.h"
@@ -47,7 +48,9 @@ struct csm_llama {
     ggml_tensor * output_norm = nullptr;
 };
 
-struct csm_model {
+// Reference counted (csm_ref.h): contexts and Mimi runners hold their model; csm_model_free drops
+// the caller's reference.
+struct csm_model : csm_refcounted {
     std::string path;
     csm_hparams hp{};
     int32_t file_type = -1;
@@ -73,8 +76,9 @@ struct csm_model {
     std::vector<std::unique_ptr<csm_packed_matrix>> packed_heads; // depth heads, packed (Q8_0, or F16 in F16 files)
     ggml_backend_dev_t dev = nullptr;        // device holding the weights
     std::vector<ggml_backend_buffer_t> bufs; // weight buffers
-    void * mmap_addr = nullptr;
+    void * mmap_addr = nullptr;              // the mapped file (use_mmap without use_repack, CPU)
     size_t mmap_size = 0;
+    bool read_into_host = false;             // the file was read into a host buffer
     uint64_t n_params = 0, n_bytes = 0;
     int32_t n_tensors = 0;
 

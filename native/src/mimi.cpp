@@ -1,7 +1,7 @@
 // mimi.cpp - the Mimi codec's C API: one-shot and streaming decode, one-shot encode.
 //
 // A one-shot decode is a streaming decode of all frames from a fresh state. Long inputs go through
-// the graphs in chunks of at most DEC_CHUNK frames (ENC_CHUNK frames of PCM for the encoder): the
+// the graphs in chunks of at most mimi_chunk_frames frames (of codes or of PCM; 25 for Mimi): the
 // streaming state makes chunking exact, and it bounds the memory of the graphs and of attention.
 #include "mimi.h"
 
@@ -11,17 +11,15 @@
 #include <cmath>
 #include <cstring>
 
-static const int64_t DEC_CHUNK = 25;          // frames per decoder graph (2 s)
-static const int64_t ENC_CHUNK = 25;          // frames of PCM per encoder graph
 static const int64_t MAX_FRAMES = 1 << 22;    // ~93 h at 12.5 Hz: anything beyond is a caller bug
 
-struct csm_mimi_codec {
+// Reference counted (csm_ref.h): each call holds the codec; its runner holds the model.
+struct csm_mimi_codec : csm_refcounted {
     std::unique_ptr<mimi_runner> dec;
 };
 
 static std::unique_ptr<mimi_runner> new_runner(const csm_model * model, int32_t n_threads, bool encoder) {
     if (!model) csm_fail("model is NULL");
-    if (n_threads > 4096) csm_fail("n_threads %d is absurd", n_threads);
     auto r = std::make_unique<mimi_runner>();
     r->init(model, n_threads, encoder);
     return r;
@@ -97,8 +95,9 @@ static void check_decode_args(const csm_model * m, const int32_t * codes, int64_
 static int64_t decode_frames(mimi_runner & r, const int32_t * codes, int64_t n_frames, float * out) {
     const mimi_arch & a = r.arch;
     std::vector<int32_t> ids;
-    for (int64_t f0 = 0; f0 < n_frames; f0 += DEC_CHUNK) {
-        const int64_t n = std::min(DEC_CHUNK, n_frames - f0);
+    const int64_t chunk = mimi_chunk_frames(a);
+    for (int64_t f0 = 0; f0 < n_frames; f0 += chunk) {
+        const int64_t n = std::min(chunk, n_frames - f0);
         mimi_graph & g = graph(r, n, [&] { return mimi_build_decoder(r, n); });
         ids.resize((size_t) (n * a.n_q));
         for (int64_t f = 0; f < n; f++) {
@@ -134,7 +133,7 @@ static int32_t encode(const csm_model * model, const float * pcm, int64_t n_samp
         csm_fail("max_frames %d is too small: %lld samples encode to %lld frames", max_frames, (long long) n_samples,
                  (long long) n_out);
     }
-    const int64_t chunk = ENC_CHUNK * a.samples_per_frame;
+    const int64_t chunk = mimi_chunk_frames(a) * a.samples_per_frame;
     int64_t done = 0;
     std::vector<int32_t> idx;
     for (int64_t s0 = 0; s0 < n_samples; s0 += chunk) {
@@ -165,6 +164,7 @@ int64_t csm_mimi_decode(const csm_model * model, const int32_t * codes, int32_t 
                         int64_t max_samples, int32_t n_threads) {
     return csm_guard<int64_t>(-1, [&]() -> int64_t {
         if (!model) csm_fail("model is NULL");
+        const csm_hold<const csm_model> hold(model);
         if (n_frames <= 0) csm_fail("n_frames must be positive, got %d", n_frames);
         check_decode_args(model, codes, n_frames, out_pcm, max_samples);
         std::unique_ptr<mimi_runner> r = new_runner(model, n_threads, false);
@@ -174,21 +174,31 @@ int64_t csm_mimi_decode(const csm_model * model, const int32_t * codes, int32_t 
 
 int32_t csm_mimi_encode(const csm_model * model, const float * pcm, int64_t n_samples, int32_t * out_codes,
                         int32_t max_frames, int32_t n_threads) {
-    return csm_guard<int32_t>(-1, [&] { return encode(model, pcm, n_samples, out_codes, max_frames, n_threads); });
+    return csm_guard<int32_t>(-1, [&] {
+        const csm_hold<const csm_model> hold(model);
+        return encode(model, pcm, n_samples, out_codes, max_frames, n_threads);
+    });
 }
 
 csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) {
     return csm_guard<csm_mimi_codec *>(nullptr, [&] {
-        auto c = std::make_unique<csm_mimi_codec>();
-        c->dec = new_runner(model, n_threads, false);
+        const csm_hold<const csm_model> hold(model);
+        csm_mimi_codec * c = new csm_mimi_codec();
+        try {
+            c->dec = new_runner(model, n_threads, false);
+        } catch (...) {
+            csm_release(c);
+            throw;
+        }
         csm_pool_rest{c->dec->threadpool}.rest(); // preparing the weights woke it
-        return c.release();
+        return c;
     });
 }
 
-void csm_mimi_codec_free(csm_mimi_codec * codec) { delete codec; }
+void csm_mimi_codec_free(csm_mimi_codec * codec) { csm_release(codec); }
 
 void csm_mimi_codec_reset(csm_mimi_codec * codec) {
+    const csm_hold<csm_mimi_codec> hold(codec);
     if (codec) codec->dec->reset();
 }
 
@@ -196,6 +206,7 @@ int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int
                               int64_t max_samples) {
     return csm_guard<int64_t>(-1, [&]() -> int64_t {
         if (!codec) csm_fail("codec is NULL");
+        const csm_hold<csm_mimi_codec> hold(codec);
         if (n_frames == 0) return 0;
         check_decode_args(codec->dec->model, codes, n_frames, out_pcm, max_samples);
         const csm_pool_rest pool{codec->dec->threadpool}; // asleep between the caller's chunks

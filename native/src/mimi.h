@@ -127,6 +127,7 @@ struct mimi_graph {
 // Everything one decoder or encoder pass needs: backend, prepared weights, state, graphs. The state
 // tensors hang off `arch` (tail / k_cache / v_cache); reset() zeroes them.
 struct mimi_runner {
+    csm_hold<const csm_model> model_ref;   // the model outlives the runner (destroyed last)
     const csm_model * model = nullptr;
     mimi_arch arch;
     bool encoder = false;
@@ -151,6 +152,12 @@ struct mimi_runner {
     ~mimi_runner();
     void reset();
 };
+
+// Nodes a chunk's graph may need (sized from the layers, stages, codebooks and latent stride).
+size_t mimi_graph_nodes(const mimi_arch & a);
+// Code frames per chunk graph: 25 (2 s) at Mimi's latent stride of 2, fewer for a larger stride, so
+// that a chunk's attention stays at about 50 transformer positions whatever the file says.
+int64_t mimi_chunk_frames(const mimi_arch & a);
 
 // Graph builders (mimi_graph.cpp). The graph is left unallocated.
 std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n_frames);

@@ -6,7 +6,14 @@
 
 #include <cmath>
 
-static const size_t GRAPH_NODES = 8192;
+// Nodes (and tensors) of a chunk's graph, from the sizes the file sets: about 40 per transformer
+// layer, 6 per step of the latent upsampling (latent_stride steps), a few per codebook and SEANet
+// stage. A fixed 8192 aborted in ggml_new_tensor from 200 layers or a latent stride of 1920.
+size_t mimi_graph_nodes(const mimi_arch & a) {
+    const size_t layers = std::max(a.dec_tfm.layers.size(), a.enc_tfm.layers.size());
+    const size_t stages = std::max(a.dec.stages.size(), a.enc.stages.size());
+    return 1024 + 64 * layers + 8 * (size_t) a.latent_stride + 16 * (size_t) a.n_q + 64 * stages;
+}
 
 namespace {
 
@@ -125,10 +132,11 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
 }
 
 static void new_graph(mimi_runner & r, mimi_graph & g, builder & b) {
-    ggml_init_params ip = {GRAPH_NODES * ggml_tensor_overhead() + ggml_graph_overhead_custom(GRAPH_NODES, false), nullptr, true};
+    const size_t n = mimi_graph_nodes(r.arch);
+    ggml_init_params ip = {n * ggml_tensor_overhead() + ggml_graph_overhead_custom(n, false), nullptr, true};
     g.ctx = ggml_init(ip);
     if (!g.ctx) csm_fail("out of memory creating a graph");
-    g.gf = ggml_new_graph_custom(g.ctx, GRAPH_NODES, false);
+    g.gf = ggml_new_graph_custom(g.ctx, n, false);
     b = {g.ctx, g.gf, r.cpu};
 }
 

@@ -190,6 +190,8 @@ void mimi_check_tensors(const csm_model & model) {
     mimi_bind(model, a);
 }
 
+int64_t mimi_chunk_frames(const mimi_arch & a) { return std::max<int64_t>(1, 50 / a.latent_stride); }
+
 int64_t mimi_encoded_frames(const mimi_arch & a, int64_t n) {
     for (const mimi_stage & st : a.enc.stages) n = (n + st.ratio - 1) / st.ratio;
     return (n + a.latent_stride - 1) / a.latent_stride;
@@ -265,6 +267,7 @@ static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols) {
 static void conv_state(ggml_context * ctx, mimi_conv & c) { c.tail = state(ctx, c.in, c.k - c.stride); }
 
 void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
+    model_ref.reset(m);
     model = m;
     encoder = enc;
     mimi_bind(*m, arch);
@@ -274,7 +277,10 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
 
     // prepared weights: permuted convolution kernels, f32 upsample taps, codebook norms
     prep_plan plan;
-    ggml_init_params ip = {256 * ggml_tensor_overhead(), nullptr, true};
+    // prepared tensors: at most 4 per SEANet stage, the first/last/down convolutions, the upsampling
+    // taps, one norm per codebook
+    const size_t n_prep = 16 + 4 * std::max(a.dec.stages.size(), a.enc.stages.size()) + (size_t) a.n_q;
+    ggml_init_params ip = {n_prep * ggml_tensor_overhead(), nullptr, true};
     ctx_prep = plan.ctx = ggml_init(ip);
     if (!ctx_prep) csm_fail("out of memory");
     mimi_seanet & sn = enc ? a.enc : a.dec;
@@ -359,7 +365,9 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
     }
 
     // streaming state
-    ggml_init_params sp = {512 * ggml_tensor_overhead(), nullptr, true};
+    // state tensors: 3 per SEANet stage, 2 per transformer layer, a few more
+    const size_t n_state = 16 + 3 * sn.stages.size() + 2 * (enc ? a.enc_tfm : a.dec_tfm).layers.size();
+    ggml_init_params sp = {n_state * ggml_tensor_overhead(), nullptr, true};
     ctx_state = ggml_init(sp);
     if (!ctx_state) csm_fail("out of memory");
     conv_state(ctx_state, sn.first);

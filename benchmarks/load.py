@@ -1,0 +1,198 @@
+"""Load test of `pycsm serve`: N concurrent clients against a local server, over loopback only.
+
+    python benchmarks/load.py -m /work/models/q8_0.gguf --clients 1 2 4 8 --requests 3 --audio 4
+
+Starts the server (`python -m pycsm.server`, --max-batch 4 unless told otherwise) on 127.0.0.1,
+then for each client count N runs N clients, each sending `--requests` streamed requests one after
+another (or until `--duration` seconds have passed), and prints a markdown table: requests/s, audio
+seconds per second, p50/p95 time to first byte and total time, errors, the server's RSS after the
+level. Before the server starts, `--batch-ratio` measures the native batch alone (4 streams against
+1, frames per second, same frame count), the bound a 4-client level can approach.
+
+Random-weight benchmark files never emit the end frame: every request runs to its --audio cap, so
+each level moves the same audio per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
+    "To be or not to be, that is the question.",
+]
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def batch_ratio(model: str, threads: int | None, frames: int) -> tuple[float, float]:
+    """Frames per second of the native batch with 1 and with 4 streams (prefill excluded)."""
+    sys.path.insert(0, str(REPO))
+    from pycsm.batch import Batch
+    from pycsm.model import Model
+    from pycsm.prompt import build_prompt
+
+    with Model(model) as m:
+        prompt = build_prompt(m.tokenizer, TEXTS[0], 0)
+        rates = []
+        for n in (1, 4):
+            with Batch(m, max_streams=n, n_threads=threads) as b:
+                for i in range(n):
+                    b.add(prompt, seed=i, max_frames=frames + 1, stop_at_eos=False)
+                while b.n_running < n:  # prefills
+                    b.step()
+                t0, done = time.perf_counter(), 0
+                while b.n_streams:
+                    done += sum(e.codes is not None for e in b.step())
+                rates.append(done / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
+class Level:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ttfb, self.total, self.audio_s = [], [], []
+        self.errors = 0
+
+
+def client(url: str, level: Level, n_requests: int, deadline: float, index: int, audio_bytes: int) -> None:
+    with httpx.Client(timeout=600) as c:
+        for k in range(n_requests):
+            if time.monotonic() > deadline:
+                return
+            body = {"model": "csm-1b", "voice": str(index % 2), "input": TEXTS[(index + k) % len(TEXTS)],
+                    "response_format": "pcm", "stream_format": "audio", "seed": 1000 * index + k}
+            t0 = time.monotonic()
+            ttfb, n = None, 0
+            try:
+                with c.stream("POST", url + "/v1/audio/speech", json=body) as r:
+                    if r.status_code != 200:
+                        r.read()
+                        raise RuntimeError(f"status {r.status_code}: {r.text[:200]}")
+                    for chunk in r.iter_bytes():
+                        if ttfb is None and chunk:
+                            ttfb = time.monotonic() - t0
+                        n += len(chunk)
+                if n != audio_bytes:
+                    raise RuntimeError(f"{n} bytes of audio, expected {audio_bytes}")
+            except Exception as e:  # noqa: BLE001 - counted and reported
+                print(f"  client {index}: {e}", file=sys.stderr)
+                with level.lock:
+                    level.errors += 1
+                continue
+            with level.lock:
+                level.ttfb.append(ttfb)
+                level.total.append(time.monotonic() - t0)
+                level.audio_s.append(n / 2 / 24000)
+
+
+def pct(values, q) -> float:
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--requests", type=int, default=3, help="requests per client per level (default 3)")
+    ap.add_argument("--duration", type=float, default=300, help="most seconds per level (default 300)")
+    ap.add_argument("--audio", type=float, default=4.0, help="seconds of audio per request (default 4)")
+    ap.add_argument("--max-batch", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--batch-ratio", type=int, default=0, metavar="FRAMES",
+                    help="first measure the native batch x4 against one stream over FRAMES frames")
+    args = ap.parse_args()
+    if not 1 <= max(args.clients) <= 64 or args.requests < 1 or args.duration <= 0:
+        ap.error("clients in [1, 64], requests >= 1, duration > 0")
+
+    if args.batch_ratio:
+        one, four = batch_ratio(args.model, args.threads, args.batch_ratio)
+        print(f"native batch: 1 stream {one:.2f} frames/s, 4 streams {four:.2f} frames/s, x4 ratio {four / one:.2f}")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    assert url.split("//")[1].split(":")[0] in LOOPBACK
+    cmd = [sys.executable, "-m", "pycsm.server", "-m", args.model, "--port", str(port), "--max-batch",
+           str(args.max_batch), "--max-queue", "64", "--max-audio-length", str(args.audio), "--log-level", "warning"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    server = subprocess.Popen(cmd, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if server.poll() is not None or time.monotonic() > deadline:
+                print("the server did not start", file=sys.stderr)
+                return 1
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        frames = -(-round(args.audio * 12.5 * 1e6) // 10**6)
+        audio_bytes = frames * 1920 * 2
+        # one request first: loads the tokenizer and the decoders, not measured
+        client(url, Level(), 1, time.monotonic() + 600, 0, audio_bytes)
+        print(f"\n{args.model}: {args.audio:g} s of audio per request, --max-batch {args.max_batch}\n")
+        print("| clients | requests | req/s | audio s/s | x 1 client | TTFB p50 / p95 s | total p50 / p95 s "
+              "| errors | server RSS MiB |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        base = None
+        for n in args.clients:
+            level = Level()
+            t0 = time.monotonic()
+            end = t0 + args.duration
+            threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes))
+                       for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.monotonic() - t0
+            rate = sum(level.audio_s) / wall
+            base = base or rate
+            print(f"| {n} | {len(level.total)} | {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
+                  f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
+                  f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
+                  f"| {rss_mib(server.pid):.0f} |", flush=True)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Ownership of a native handle by a Python object: no native call ever gets a freed handle.
+
+libcsm counts references itself (native/src/csm_ref.h): a free during a call is carried out when
+the call returns, and contexts and codecs keep their model alive. What C cannot see is a Python
+thread that has read the pointer but not yet entered the call when another thread frees it. Every
+wrapper therefore lends its pointer to native calls through NativeHandle.use(), and close() frees it
+only when no such call is running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+from .errors import CSMError
+
+
+class NativeHandle:
+    """A native pointer and the function that frees it.
+
+    use() lends the pointer to native calls for the length of a `with` block; close() frees it at
+    once when nothing uses it, else when the last user returns (a close from another thread, or
+    from a callback of the running call). After close(), use() raises CSMError("the <what> is
+    closed").
+    """
+
+    def __init__(self, ptr: int, free, what: str):
+        self._ptr = ptr
+        self._free = free
+        self._what = what
+        self._users = 0
+        self._closing = False
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None or self._closing
+
+    def get(self) -> int:
+        """The pointer, for a caller that keeps the owning object alive itself."""
+        with self._lock:
+            if self._ptr is None or self._closing:
+                raise CSMError(f"the {self._what} is closed")
+            return self._ptr
+
+    @contextlib.contextmanager
+    def use(self):
+        with self._lock:
+            if self._ptr is None or self._closing:
+                raise CSMError(f"the {self._what} is closed")
+            self._users += 1
+            ptr = self._ptr
+        try:
+            yield ptr
+        finally:
+            with self._lock:
+                self._users -= 1
+                ptr = None
+                if self._closing and self._users == 0 and self._ptr is not None:
+                    ptr, self._ptr = self._ptr, None
+            if ptr is not None:
+                self._free(ptr)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ptr is None or self._closing:
+                return
+            self._closing = True
+            ptr = None
+            if self._users == 0:
+                ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            self._free(ptr)

@@ -1,0 +1,262 @@
+"""The server's engine: one thread runs a continuous batch (pycsm.batch.Batch) for every request.
+
+Requests wait in a bounded queue, join the batch when a stream slot is free (their prefill split
+between the running streams' frames), and leave it at their end, at their cap, or within one frame
+of being cancelled (a client that went away). Each stream's frames are decoded by a streaming Mimi
+decoder of its own (kept in a pool) right after the step that made them, and the audio goes to the
+request's asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..batch import Batch
+from ..codec import MimiStreamDecoder
+from ..errors import CSMError
+from ..model import Model
+
+LOG = logging.getLogger("pycsm.server")
+
+
+class QueueFull(Exception):
+    """The wait queue is full; retry_after: seconds until a slot is likely free."""
+
+    def __init__(self, retry_after: int):
+        super().__init__("the server is busy: too many requests are waiting")
+        self.retry_after = retry_after
+
+
+class ShuttingDown(Exception):
+    """The server is stopping and takes no new requests (or cut this one)."""
+
+
+@dataclass
+class End:
+    """The last item of a request's queue: why its stream ended and how many frames it made."""
+
+    stop_reason: str
+    n_frames: int
+
+
+@dataclass
+class Request:
+    prompt: np.ndarray
+    temperature: float
+    top_k: int
+    seed: int
+    max_frames: int
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # float32 chunks, then End or an exception
+    cancelled: bool = False
+    stream: int | None = None
+    decoder: MimiStreamDecoder | None = None
+    n_frames: int = 0
+    t_submit: float = field(default_factory=time.monotonic)
+
+    def push(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class Stats:
+    """Counters the engine keeps for /metrics (read without a lock: single numbers)."""
+
+    def __init__(self):
+        self.frames = 0
+        self.steps = 0
+        self.recent = collections.deque(maxlen=64)   # (time, frames) of recent steps
+        self.request_seconds = collections.deque(maxlen=64)
+
+    def frames_per_second(self) -> float:
+        r = list(self.recent)
+        if len(r) < 2 or r[-1][0] <= r[0][0]:
+            return 0.0
+        return sum(n for _, n in r[1:]) / (r[-1][0] - r[0][0])
+
+
+class Engine:
+    """Runs requests in a continuous batch of up to max_batch streams, up to max_queue waiting."""
+
+    def __init__(self, model: Model, max_batch: int = 4, max_queue: int = 16, n_threads: int | None = None,
+                 prefill_chunk: int = 0):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.n_threads = n_threads
+        self.stats = Stats()
+        self._batch = Batch(model, max_streams=max_batch, n_threads=n_threads, prefill_chunk=prefill_chunk)
+        self._decoders: list[MimiStreamDecoder] = []
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._active: dict[int, Request] = {}
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="pycsm-engine", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- called from the event loop
+
+    def submit(self, request: Request) -> Request:
+        with self._cond:
+            if self._closing:
+                raise ShuttingDown("the server is shutting down")
+            free = max(0, self.max_batch - len(self._active))
+            if len(self._waiting) + 1 - free > self.max_queue:  # it would wait behind max_queue others
+                raise QueueFull(self._retry_after())
+            self._waiting.append(request)
+            self._cond.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request: it leaves the batch before the next frame (a no-op once it ended)."""
+        with self._cond:
+            request.cancelled = True
+            self._cond.notify()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._active)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    def _retry_after(self) -> int:
+        times = list(self.stats.request_seconds)
+        mean = sum(times) / len(times) if times else 5.0
+        return max(1, int(round(mean * (len(self._waiting) + 1) / self.max_batch)))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new requests; let running and waiting ones finish for up to `timeout` seconds
+        (None: wait for them), then cut the rest with ShuttingDown and free the batch."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._thread.is_alive():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                with self._cond:
+                    for r in list(self._waiting) + list(self._active.values()):
+                        r.cancelled = True
+                    self._cond.notify()
+                self._thread.join()
+                break
+            self._thread.join(0.1 if left is None else min(0.1, left))
+        self._batch.close()
+        for d in self._decoders:
+            d.close()
+        self._decoders.clear()
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def _decoder(self) -> MimiStreamDecoder:
+        if self._decoders:
+            d = self._decoders.pop()
+            d.reset()
+            return d
+        return MimiStreamDecoder(self.model.handle, self.n_threads)
+
+    def _release(self, r: Request) -> None:
+        if r.stream is not None:
+            self._active.pop(r.stream, None)
+        if r.decoder is not None:
+            self._decoders.append(r.decoder)
+            r.decoder = None
+        self.stats.request_seconds.append(time.monotonic() - r.t_submit)
+
+    def _admit(self) -> list[Request]:
+        """(lock held) Cancelled streams leave the batch; waiting requests fill the free slots."""
+        for r in [r for r in self._active.values() if r.cancelled]:
+            self._batch.remove(r.stream)
+            self._release(r)
+            r.push(ShuttingDown("cut") if self._closing else End("cancelled", r.n_frames))
+        while self._waiting and self._waiting[0].cancelled:
+            r = self._waiting.popleft()
+            r.push(ShuttingDown("cut") if self._closing else End("cancelled", 0))
+        joining = []
+        while self._waiting and len(self._active) + len(joining) < self.max_batch:
+            r = self._waiting.popleft()
+            if r.cancelled:
+                r.push(ShuttingDown("cut") if self._closing else End("cancelled", 0))
+            else:
+                joining.append(r)
+        return joining
+
+    def _run(self) -> None:
+        while True:
+            try:
+                if not self._iterate():
+                    return
+            except Exception as e:  # a bug, not a request's fault: fail the running requests, keep serving
+                LOG.exception("engine step failed")
+                with self._cond:
+                    for r in list(self._active.values()):
+                        try:
+                            self._batch.remove(r.stream)
+                        except CSMError:
+                            pass  # already gone: the failed step emptied the batch
+                        self._release(r)
+                        r.push(e)
+
+    def _iterate(self) -> bool:
+        """One round: admit, step, deliver. False once closed and drained."""
+        while True:
+            with self._cond:
+                while not (self._waiting or self._active or self._closing):
+                    self._cond.wait()
+                joining = self._admit()
+                if self._closing and not (self._waiting or self._active or joining):
+                    return False
+            for r in joining:
+                try:
+                    r.decoder = self._decoder()
+                    r.stream = self._batch.add(r.prompt, temperature=r.temperature, top_k=r.top_k, seed=r.seed,
+                                               max_frames=r.max_frames, stop_at_eos=True)
+                except CSMError as e:  # e.g. the prompt does not fit the context
+                    self._release(r)
+                    r.push(e)
+                    continue
+                self._active[r.stream] = r
+            if not self._active:
+                continue
+            try:
+                events = self._batch.step()
+            except CSMError as e:  # every stream has left the batch
+                for r in list(self._active.values()):
+                    self._release(r)
+                    r.push(e)
+                continue
+            self._deliver(events)
+            return True
+
+    def _deliver(self, events) -> None:
+        now = time.monotonic()
+        n = 0
+        for ev in events:
+            r = self._active.get(ev.stream)
+            if r is None:
+                continue
+            if ev.codes is not None:
+                n += 1
+                r.n_frames += 1
+                try:
+                    r.push(np.asarray(r.decoder.decode(ev.codes[None, :]), dtype=np.float32).reshape(-1))
+                except CSMError as e:
+                    self._batch.remove(ev.stream)
+                    self._release(r)
+                    r.push(e)
+                    continue
+            if ev.stop_reason is not None:
+                self._release(r)
+                r.push(End(ev.stop_reason, r.n_frames))
+        self.stats.frames += n
+        self.stats.steps += 1
+        self.stats.recent.append((now, n))
