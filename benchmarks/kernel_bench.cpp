@@ -2,13 +2,15 @@
 // of q/k/v 1536x1024, output 1024x1024, gate+up 16384x1024, down 1024x8192: 113 M weights; random
 // quants, valid scales), split over 2 threads in fixed halves as the library does. Prints the fastest
 // and the median time of PASSES passes, the weight bytes read per second and the multiply-adds per
-// second. Build and run:
+// second, and the CPU time of the slower thread (on a busy host the time a thread was descheduled
+// does not count there, so A/B comparisons of kernels are steadier on it). Build and run:
 //
 //   cmake --build build/dev --target kernel_bench
 //   build/dev/kernel_bench avx512 q4_k 4 30   # KERNEL, FORMAT (q8_0 | q4_k | f16), columns, passes
 #include "kernels/kernel.h"
 
 #include <sys/mman.h>
+#include <time.h>
 
 #include <algorithm>
 #include <chrono>
@@ -88,31 +90,39 @@ int main(int argc, char ** argv) {
     for (auto & v : x) v = (float) (rng() % 2001) / 1000.0f - 1.0f;
     std::vector<int8_t> y(n_col * nbp * 32);
     std::vector<float> dy(n_col * nbp);
-    std::vector<int32_t> sb(n_col * nbp);
+    std::vector<int32_t> sb(n_col * nbp * 2);
     k->quantize(x.data(), K, n_col, K, nbp, y.data(), dy.data(), sb.data());
     csm_kernel_input in; // the int8 formats read y / dy / sb, F16 reads x
     in.y = y.data(), in.dy = dy.data(), in.sb = sb.data(), in.col_stride = n_col, in.x = x.data(), in.x_stride = K;
     std::vector<float> out(16384 * n_col);
 
+    double cpu_ms[2];
     auto products = [&](int ith) {
+        timespec c0, c1;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c0);
         for (const matrix & m : mats) {
             const int64_t tiles = m.rows / 4, r0 = tiles * ith / 2 * 4, r1 = tiles * (ith + 1) / 2 * 4;
             csm_kernel_input mi = in;
             if (fmt == CSM_WFMT_F16) mi.x_stride = m.cols; // column c of a narrower input: x + c * m.cols
             k->gemm[fmt](m.w, m.rows, m.cols, r0, r1, mi, 0, n_col, out.data() + r0, m.rows);
         }
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &c1);
+        cpu_ms[ith] = (c1.tv_sec - c0.tv_sec) * 1e3 + (c1.tv_nsec - c0.tv_nsec) / 1e6;
     };
-    std::vector<double> ms;
+    std::vector<double> ms, cpu;
     for (int i = 0; i < passes; i++) {
         const auto t0 = std::chrono::steady_clock::now();
         std::thread other(products, 1);
         products(0);
         other.join();
         ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
+        cpu.push_back(std::max(cpu_ms[0], cpu_ms[1]));
     }
     std::sort(ms.begin(), ms.end());
-    printf("%s %s, %d column(s), %.1f MB of weights: fastest %.3f ms, median %.3f ms (%.1f GB/s, %.1f G multiply-adds/s)\n",
-           argv[1], argv[2], n_col, bytes / 1e6, ms[0], ms[passes / 2], bytes / ms[0] / 1e6, macs / ms[0] / 1e6);
+    std::sort(cpu.begin(), cpu.end());
+    printf("%s %s, %d column(s), %.1f MB of weights: fastest %.3f ms, median %.3f ms (%.1f GB/s, %.1f G multiply-adds/s); "
+           "CPU time of the slower thread: fastest %.3f ms, median %.3f ms\n",
+           argv[1], argv[2], n_col, bytes / 1e6, ms[0], ms[passes / 2], bytes / ms[0] / 1e6, macs / ms[0] / 1e6, cpu[0], cpu[passes / 2]);
     for (matrix & m : mats) free(m.w);
     return 0;
 }

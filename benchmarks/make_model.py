@@ -37,10 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import importlib
-
-# pycsm/__init__.py re-exports the function `convert`, which shadows the module attribute.
-C = importlib.import_module("pycsm.convert")
+import pycsm.convert as C
 from pycsm.gguf_writer import GGUFWriter
 
 DEFAULT_DIR = REPO / "benchmarks" / "models"

@@ -254,13 +254,13 @@ _SIGNATURES = {
 }
 
 
-def _library_candidates() -> list[Path]:
+def _library_candidates(platform: str = sys.platform) -> list[Path]:
     env = os.environ.get("PYCSM_LIBRARY")
     if env:
         return [Path(env)]
     here = Path(__file__).resolve().parent
     names = {"linux": "libcsm.so", "darwin": "libcsm.dylib", "win32": "csm.dll"}
-    name = names.get(sys.platform, "libcsm.so")
+    name = names.get(platform, "libcsm.so")
     found = [here / name]
     # a development build next to the sources (cmake -B build/dev first); sanitizer builds need
     # their runtime preloaded, so they are only used through PYCSM_LIBRARY
@@ -269,17 +269,35 @@ def _library_candidates() -> list[Path]:
     return found
 
 
-def _preload_ggml() -> None:
-    """Load the libggml package's libraries first (global symbols), so that a libcsm whose RUNPATH
-    does not point at them (a build-tree library) still finds libggml*.so.0 by soname."""
+def _ggml_library_dirs() -> list[Path]:
+    """The libggml package's folders of ggml libraries: lib64 / lib (Linux, macOS), bin (Windows DLLs)."""
     try:
         import libggml
     except ImportError:
-        return
+        return []
     root = Path(libggml.__file__).resolve().parent
-    for sub in ("lib64", "lib"):
-        d = root / sub
-        if not d.is_dir():
+    return [root / sub for sub in ("bin", "lib64", "lib") if (root / sub).is_dir()]
+
+
+_dll_directories = []  # os.add_dll_directory handles: the folders stay searchable while these live
+
+
+def _prepare_ggml(platform: str = sys.platform) -> None:
+    """Make libggml-python's libraries findable by the library about to be loaded.
+
+    Linux: load them first (global symbols), so that a libcsm whose RUNPATH does not point at them
+    (a build-tree library) still finds libggml*.so.0 by soname. Windows: Python does not search PATH
+    for a DLL's dependencies, so ggml's folder is added with os.add_dll_directory. macOS: nothing,
+    libcsm.dylib finds them through its @loader_path rpath."""
+    dirs = _ggml_library_dirs()
+    if platform == "win32":
+        for d in dirs:
+            _dll_directories.append(os.add_dll_directory(str(d)))
+        return
+    if not platform.startswith("linux"):
+        return
+    for d in dirs:
+        if d.name == "bin":
             continue
         for name in ("libggml-base.so.0", "libggml-cpu.so.0", "libggml.so.0"):
             if (d / name).exists():
@@ -321,8 +339,7 @@ def _load() -> ctypes.CDLL:
     # ggml_abort attaches gdb to print a backtrace unless this is set (it reads the variable when it
     # aborts); a user's own setting wins
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
-    if sys.platform.startswith("linux"):
-        _preload_ggml()
+    _prepare_ggml()
     errors = []
     for path in _library_candidates():
         if not path.exists():

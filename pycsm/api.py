@@ -29,6 +29,7 @@ import numpy as np
 
 from ._native import CSM_N_CODEBOOKS
 from .audio import SAMPLE_RATE, Audio, check_samples, read_audio
+from .budget import ContextBudget
 from .errors import CSMError
 from .generator import Generator
 from .model import Model, check_n_threads
@@ -433,6 +434,11 @@ class CSM:
         ctx = [s._resolve(self._encode) for s in segments] + list(extra)
         return build_prompt(self.model.tokenizer, text, speaker, ctx, parse_special=parse_special)
 
+    def _budget(self, segments: list, parse_special: bool, history_limit: int | None = None) -> ContextBudget:
+        """The context budget (pycsm.budget) of a growing conversation after `segments`."""
+        return ContextBudget(self.model.tokenizer, self.model.hparams.bb_max_pos,
+                             [s._resolve(self._encode) for s in segments], history_limit, parse_special)
+
     def _start(self, prompt: np.ndarray, native: dict, seed: int, on_frame=None, done=None) -> _Job:
         """Start one utterance on the main context in a worker thread (lock held by the caller).
 
@@ -556,7 +562,10 @@ class CSM:
         """Speak a long text sentence by sentence (`pycsm.text.split_sentences`).
 
         Each sentence is generated with the user's `context` followed by the previous sentence (its
-        text and codes) as context, and the sentences are joined with `pause_ms` of silence.
+        text and codes) as context, and the sentences are joined with `pause_ms` of silence. The
+        previous sentence is left out when it does not fit beside the sentence's own length cap
+        (`pycsm.budget`), so a long text never fails for a full context; ValueError before anything
+        is generated when a sentence does not fit even alone with `context`.
         options / option_kw: as for `generate` (max_audio_length_ms caps each sentence); sentence i
         uses seed + i.
         progress(done, total) is called before the first sentence and after each one; returning
@@ -597,14 +606,16 @@ class CSM:
             all_codes, reasons = [], []
             with self._locked():
                 try:
+                    budget = self._budget(segments, opts.parse_special, history_limit=1)
+                    for i, sentence in enumerate(sentences):  # before any work: each must fit
+                        budget.check(speaker, sentence, f"sentence {i + 1}")
                     if progress is not None and progress(0, total) is False:
                         reasons.append("aborted")
                         return
-                    prev = ()
                     for i, sentence in enumerate(sentences):
                         if i and silence.size:
                             yield silence
-                        prompt = self._prompt(sentence, speaker, segments, opts.parse_special, prev)
+                        prompt, _ = budget.prompt(speaker, sentence, native["max_frames"])
                         s_seed = (seed + i) & _SEED_MASK
                         if chunk_frames is None:
                             codes, reason = self._run(prompt, native, s_seed, on_frame)
@@ -615,7 +626,7 @@ class CSM:
                             codes, reason = out["codes"], out["stop_reason"]
                         all_codes.append(codes)
                         reasons.append(reason)
-                        prev = [(speaker, sentence, codes)] if codes.shape[0] else ()
+                        budget.add(speaker, sentence, codes)
                         if progress is not None and progress(i + 1, total) is False and i + 1 < total:
                             reasons.append("aborted")
                             return
@@ -625,6 +636,38 @@ class CSM:
                     result["stop_reason"] = min(reasons, key=_STOP_RANK.index) if reasons else "aborted"
 
         return AudioStream(body, self.sample_rate, seed)
+
+    # ------------------------------------------------------------------ dialogue
+
+    def converse(self, turns, voices=None, options: GenerationOptions | None = None, **kw):
+        """Speak a dialogue turn by turn, each turn after the earlier ones; returns a
+        `pycsm.conversation.Conversation` (`.audio` joined, `.turns` one Audio per turn, `.pieces`).
+
+        turns: (speaker, text) pairs, {"speaker", "text"} dicts or text-only Segments; a speaker is
+            an id or a name (names are numbered in order of appearance). voices: speaker -> Voice
+            or Segment, that speaker's reference, kept in every prompt under the dialogue's id.
+        options / option keywords: as for `generate`; without `options` the dialogue defaults
+            apply (max_audio_length_ms 10 s per turn or sentence, parse_special False). Piece k (a
+            turn, or a sentence of a long turn) uses seed + k.
+        kw also: gap_ms (between turns, default 300), pause_ms (between the sentences of a long
+            turn, 150), max_chars, progress(done_turns, total) (returning False stops),
+            on_frame(index, codes) (after each frame of each piece, in a worker thread; returning
+            False stops that piece).
+        Each prompt holds the voice references and the most recent turns that fit beside the
+        piece's own cap (`pycsm.budget`); see `pycsm.conversation` and docs/dialogue.md.
+        """
+        from .conversation import converse
+
+        return converse(self, turns, voices, options, **kw)
+
+    def stream_converse(self, turns, voices=None, options: GenerationOptions | None = None, *,
+                        chunk_frames: int | None = 4, **kw):
+        """`converse` as a stream of `pycsm.conversation.DialogueChunk` (turn, speaker, samples,
+        gap), yielded as the frames are generated; chunk_frames=None yields whole pieces. Joined,
+        the samples are the conversation; the stream's `pieces` fill as pieces end."""
+        from .conversation import stream_converse
+
+        return stream_converse(self, turns, voices, options, chunk_frames=chunk_frames, **kw)
 
     # ------------------------------------------------------------------ batch
 

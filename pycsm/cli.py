@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 PROG = "pycsm"
-SUBCOMMANDS = ("convert", "quantize", "info", "voice", "serve")
+SUBCOMMANDS = ("convert", "quantize", "info", "voice", "dialogue", "serve")
 DEFAULT_BATCH = 4
 
 # crispasr flags with no meaning for pycsm: accepted (with their value) and named in one notice.
@@ -138,7 +138,8 @@ def _speak_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG, allow_abbrev=False,
         description="Speak text with Sesame's CSM-1B (24 kHz mono).",
-        epilog="subcommands: `pycsm voice create|list|remove`, `pycsm convert CHECKPOINT_DIR -o OUT.gguf`, "
+        epilog="subcommands: `pycsm voice create|list|remove`, `pycsm dialogue SCRIPT -o OUT`, "
+               "`pycsm convert CHECKPOINT_DIR -o OUT.gguf`, "
                "`pycsm quantize IN.gguf OUT.gguf TYPE`, `pycsm info MODEL` (each with --help). Without -m the "
                "model comes from the Hugging Face hub (HF_HOME cache; HF_HUB_OFFLINE=1 uses only the cache). "
                "docs/cli.md lists every flag and its crispasr equivalent.")
@@ -718,6 +719,12 @@ def _run_batches(tts, lines, voices, opts, args):
 # Subcommands
 # ---------------------------------------------------------------------------------------------
 
+def _dialogue(argv) -> int:
+    from .dialogue_cli import main as dialogue_main
+
+    return dialogue_main(argv)
+
+
 def _convert(argv) -> int:
     from .convert import main as convert_main
 
@@ -925,7 +932,7 @@ def main(argv=None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             return {"convert": _convert, "quantize": _quantize, "info": _info, "voice": _voice,
-                    "serve": _serve}[argv[0]](argv[1:])
+                    "dialogue": _dialogue, "serve": _serve}[argv[0]](argv[1:])
         return _speak(argv)
     except UsageError as e:
         _err(e)

@@ -4,7 +4,8 @@
 
 The output follows docs/gguf-schema.md (the file contract shared with CrispASR). Only json,
 numpy and safetensors are used; bf16 safetensors are read from their raw bytes because
-numpy has no bfloat16.
+numpy has no bfloat16. safetensors (the `pycsm-tts[convert]` extra) is imported on the first
+tensor read, so importing this module, or pycsm, costs nothing extra.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
 
 from .gguf_writer import GGUFWriter, bf16_bits_to_f32
 
@@ -132,6 +132,14 @@ def map_name(name: str) -> str | None:
 # ------------------------------------------------------------------------------------------
 
 
+def _safe_open(path: Path):
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ImportError("converting a checkpoint needs safetensors: pip install 'pycsm-tts[convert]'") from e
+    return safe_open(str(path), framework="numpy")
+
+
 class _Checkpoint:
     """Tensors of a (possibly sharded) safetensors checkpoint, loaded one at a time as float32."""
 
@@ -174,7 +182,7 @@ class _Checkpoint:
                 bits = np.frombuffer(f.read(end - begin), dtype="<u2")
             return bf16_bits_to_f32(bits).reshape(entry["shape"])
         if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="numpy")
+            self._handles[path] = _safe_open(path)
         return self._handles[path].get_tensor(orig).astype(np.float32)
 
 

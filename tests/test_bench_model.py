@@ -5,7 +5,6 @@ Uses --size tiny (same schema as csm-1b, small widths), so the whole module take
 
 from __future__ import annotations
 
-import importlib
 import struct
 import subprocess
 import sys
@@ -116,7 +115,7 @@ def test_full_size_matches_csm_1b():
         import make_model
     finally:
         sys.path.pop(0)
-    convert = importlib.import_module("pycsm.convert")  # pycsm.convert is also a function name
+    import pycsm.convert as convert
 
     shapes = convert.expected_shapes(convert._hparams(make_model.config("full")))
     assert len(shapes) == 442

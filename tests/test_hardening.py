@@ -263,8 +263,17 @@ def test_log_callback_replaced_while_logging(bases, tmp_path):
     for i in range(2000):
         set_log_callback((lambda l, t: None) if i % 3 else None)
         gc.collect(0)
+    # at the C API: a message reaches each callback with its own user data, never the other's
+    wrong = []
+    def make(mine):
+        return N.csm_log_callback(lambda level, text, ud: wrong.append(ud) if ud != mine else None)
+    pairs = [(make(1), ctypes.c_void_p(1)), (make(2), ctypes.c_void_p(2))]
+    for i in range(3000):
+        lib.csm_log_set(*pairs[i % 2])
     stop.set()
     for t in ts: t.join()
+    lib.csm_log_set(N.csm_log_callback(), None)
+    assert not wrong, wrong[:5]
     print("OK")
     """))
 

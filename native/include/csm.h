@@ -42,7 +42,7 @@
 #include <stdint.h>
 
 #ifdef CSM_SHARED
-#    if defined(_WIN32) && !defined(__MINGW32__)
+#    if defined(_WIN32)
 #        ifdef CSM_BUILD
 #            define CSM_API __declspec(dllexport)
 #        else
@@ -90,7 +90,7 @@ typedef void (*csm_log_callback)(int32_t level, const char * text, void * user_d
 // one callback for the life of the process and switches its target in Python).
 CSM_API void         csm_log_set(csm_log_callback callback, void * user_data);
 CSM_API const char * csm_last_error(void);      // message of the last failure on this thread ("" if none)
-CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH"
+CSM_API const char * csm_version(void);         // pycsm's native library version, "MAJOR.MINOR.PATCH" (+ "+cuNNN" in CUDA wheels)
 CSM_API const char * csm_ggml_version(void);    // version of the ggml library actually loaded
 CSM_API const char * csm_ggml_build_version(void); // version of ggml this library was compiled against
 CSM_API const char * csm_system_info(void);     // backends and CPU features, one line

@@ -4,19 +4,70 @@
 #include "csm_log.h"
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
+#include <cstdlib>
+#include <fstream>
 #include <mutex>
 #include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
 
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+#ifdef __linux__
+// CPUs' worth of time the cgroup quota file allows ("max" or absent: no limit, 0).
+static double quota_cpus(const std::string & dir) {
+    std::ifstream v2(dir + "/cpu.max");
+    std::string quota;
+    double period = 0;
+    if (v2 >> quota >> period) return quota == "max" || period <= 0 ? 0 : std::atof(quota.c_str()) / period;
+    std::ifstream q1(dir + "/cpu.cfs_quota_us"), p1(dir + "/cpu.cfs_period_us");
+    double q = -1;
+    if (q1 >> q && p1 >> period && q > 0 && period > 0) return q / period;
+    return 0;
+}
+
+// The smallest quota on the way from this process's cgroup up to the root.
+static double cgroup_cpus() {
+    std::ifstream f("/proc/self/cgroup");
+    std::string line;
+    double best = 0;
+    while (std::getline(f, line)) { // "0::/path" (v2) or "N:cpu,cpuacct:/path" (v1)
+        const size_t a = line.find(':'), b = line.find(':', a + 1);
+        if (a == std::string::npos || b == std::string::npos) continue;
+        const std::string ctrl = line.substr(a + 1, b - a - 1);
+        const bool v2 = ctrl.empty(), v1 = ctrl.find("cpu") != std::string::npos && ctrl.find("cpuset") == std::string::npos;
+        if (!v2 && !v1) continue;
+        const std::string root = v2 ? "/sys/fs/cgroup" : "/sys/fs/cgroup/" + ctrl;
+        for (std::string path = line.substr(b + 1);; path = path.substr(0, path.rfind('/'))) {
+            const double c = quota_cpus(root + path);
+            if (c > 0 && (best == 0 || c < best)) best = c;
+            if (path.empty() || path == "/") break;
+        }
+    }
+    return best;
+}
+#endif
+
+int32_t csm_usable_cpus() {
+    unsigned n = std::thread::hardware_concurrency();
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) n = (unsigned) CPU_COUNT(&set);
+    const double quota = cgroup_cpus();
+    if (quota > 0) n = std::min(n, (unsigned) std::max(1.0, std::ceil(quota)));
+#endif
+    return (int32_t) std::max(1u, n);
+}
+
 int32_t csm_default_threads(int32_t n) {
-    if (n > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all cores)", n, CSM_MAX_THREADS);
-    unsigned hc = std::thread::hardware_concurrency();
-    if (hc == 0) hc = 4;
-    if (n > 0) return (int32_t) std::min<unsigned>({(unsigned) n, hc, 512u}); // more threads than cores only spin
-    return (int32_t) std::min(hc, 64u);
+    if (n > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all usable CPUs)", n, CSM_MAX_THREADS);
+    const int32_t cpus = std::min(csm_usable_cpus(), 512);
+    return n > 0 ? std::min(n, cpus) : std::min(cpus, 64);
 }
 
 // ggml's thread pool asserts (aborts the process) when the system refuses a thread (a pids limit,

@@ -15,7 +15,11 @@ struct csm_pool_rest {
     ~csm_pool_rest() { rest(); }
 };
 
-// Threads to use: n when positive, else the machine's cores.
+// The CPUs this process may use: those of its affinity mask, fewer when a cgroup CPU quota
+// (cpu.max, or cpu.cfs_quota_us in cgroup v1) allows less; at least 1.
+int32_t csm_usable_cpus();
+// Threads to use: n when positive (at most csm_usable_cpus(): more threads than CPUs only spin at
+// ggml's barriers), else csm_usable_cpus().
 int32_t csm_default_threads(int32_t n);
 // Backend on the model's device, with a persistent CPU thread pool when it is the CPU. Throws.
 void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp);

@@ -1,9 +1,9 @@
 // csm_context.cpp - creating a generation context: backend, thread pool, KV caches.
 #include "csm_context.h"
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include <memory>
-#include <unistd.h>
 
 csm_context::~csm_context() {
     g_prefill.reset();
@@ -28,10 +28,10 @@ static void check_kv_bytes(const csm_model & m, int64_t n_ctx, int64_t n_seq) {
         csm_fail("the KV caches would take %.0f MiB (%lld positions x %lld sequences), more than the limit of %.0f MiB: "
                  "lower max_pos or n_batch", bytes / mib, (long long) n_ctx, (long long) n_seq, CSM_MAX_KV_BYTES / mib);
     }
-    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    if (pages > 0 && page > 0 && bytes > (double) pages * page) {
+    const uint64_t memory = csm_os_physical_memory();
+    if (memory > 0 && bytes > (double) memory) {
         csm_fail("the KV caches would take %.0f MiB, more than this machine's memory (%.0f MiB): lower max_pos or n_batch",
-                 bytes / mib, (double) pages * page / mib);
+                 bytes / mib, (double) memory / mib);
     }
 }
 

@@ -2,6 +2,7 @@
 #include "csm_gguf_check.h"
 
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include "ggml-cpu.h"
 #include "gguf.h"
@@ -10,9 +11,6 @@
 #include <cstring>
 #include <vector>
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 namespace {
 
@@ -38,7 +36,7 @@ struct hreader {
         while (n > 0) {
             if (pos < buf_start || pos >= buf_start + buf_len) {
                 const size_t want = (size_t) std::min<uint64_t>(buf.size(), size - pos);
-                ssize_t r = pread(fd, buf.data(), want, (off_t) pos);
+                int64_t r = csm_os_pread(fd, buf.data(), want, pos);
                 if (r <= 0) csm_fail("reading the header of '%s' failed: %s", path, r < 0 ? strerror(errno) : "end of file");
                 buf_start = pos;
                 buf_len = (uint64_t) r;
@@ -185,22 +183,21 @@ void csm_gguf_precheck(int fd, size_t file_size, const char * path, const csm_gg
 void csm_gguf_precheck_path(const char * path, const csm_gguf_limits & limits) {
     if (!path) csm_fail("no path given");
     // as the loader: a FIFO must not block the open (stat first, then O_NONBLOCK and fstat)
-    struct stat pre;
-    if (stat(path, &pre) == 0 && !S_ISREG(pre.st_mode)) csm_fail("'%s' is not a regular file", path);
-    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (csm_os_is_regular_path(path) == 0) csm_fail("'%s' is not a regular file", path);
+    const int fd = csm_os_open_read(path);
     if (fd < 0) csm_fail("cannot open '%s': %s", path, strerror(errno));
-    struct stat st;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        close(fd);
+    const int64_t size = csm_os_regular_file_size(fd);
+    if (size < 0) {
+        csm_os_close(fd);
         csm_fail("'%s' is not a regular file", path);
     }
     try {
-        csm_gguf_precheck(fd, (size_t) st.st_size, path, limits);
+        csm_gguf_precheck(fd, (size_t) size, path, limits);
     } catch (...) {
-        close(fd);
+        csm_os_close(fd);
         throw;
     }
-    close(fd);
+    csm_os_close(fd);
 }
 
 bool csm_weight_type_ok(ggml_type t) {

@@ -6,7 +6,9 @@
 #include <exception>
 #include <string>
 
-#if defined(__GNUC__)
+#if defined(__MINGW32__) // MinGW builds use its C99 stdio (__USE_MINGW_ANSI_STDIO in CMakeLists.txt)
+#    define CSM_PRINTF(a, b) __attribute__((format(gnu_printf, a, b)))
+#elif defined(__GNUC__)
 #    define CSM_PRINTF(a, b) __attribute__((format(printf, a, b)))
 #else
 #    define CSM_PRINTF(a, b)

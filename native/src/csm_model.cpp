@@ -3,6 +3,7 @@
 
 #include "csm_gguf_check.h"
 #include "csm_log.h"
+#include "csm_platform.h"
 #include "csm_packed.h"
 #include "mimi.h"
 
@@ -16,10 +17,6 @@
 #include <system_error>
 #include <thread>
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 // ---------------------------------------------------------------------------------------------
 // metadata helpers
@@ -145,7 +142,7 @@ csm_model::~csm_model() {
     if (ctx_repack) ggml_free(ctx_repack);
     if (ctx_w) ggml_free(ctx_w);
     if (gguf) gguf_free(gguf);
-    if (mmap_addr) munmap(mmap_addr, mmap_size);
+    if (mmap_addr) csm_os_unmap(mmap_addr, mmap_size);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,10 +389,10 @@ static ggml_backend_dev_t pick_device(const csm_model_params & p) {
 // copied tensor's original again).
 static void drop_mapped_pages(const csm_model & m, const ggml_tensor * t) {
     if (!m.mmap_addr && !m.read_into_host) return;
-    const long page = sysconf(_SC_PAGESIZE);
+    const uintptr_t page = csm_os_page_size();
     uintptr_t a = ((uintptr_t) t->data + page - 1) / page * page;
     uintptr_t e = ((uintptr_t) t->data + ggml_nbytes(t)) / page * page;
-    if (e > a) madvise((void *) a, e - a, MADV_DONTNEED);
+    if (e > a) csm_os_drop_pages((void *) a, e - a);
 }
 
 // RoPE factor tensors live in a small buffer on the weights' device. The depth heads, stored as
@@ -473,8 +470,8 @@ static void load_weights(csm_model & m, bool use_mmap, int fd, size_t file_size)
     const size_t data_off = gguf_get_data_offset(m.gguf);
     const bool host = csm_model_on_host(&m);
     if (host && use_mmap && tensors_aligned(m)) {
-        void * addr = mmap(nullptr, file_size, PROT_READ, MAP_SHARED, fd, 0);
-        if (addr == MAP_FAILED) csm_fail("mmap of %s failed: %s", m.path.c_str(), strerror(errno));
+        void * addr = csm_os_map_read(fd, file_size);
+        if (!addr) csm_fail("mmap of %s failed: %s", m.path.c_str(), strerror(errno));
         m.mmap_addr = addr;
         m.mmap_size = file_size;
         ggml_backend_buffer_t buf = ggml_backend_cpu_buffer_from_ptr(addr, file_size);
@@ -496,12 +493,12 @@ static void load_weights(csm_model & m, bool use_mmap, int fd, size_t file_size)
     for (int64_t i = 0; i < gguf_get_n_tensors(m.gguf); i++) {
         ggml_tensor * t = ggml_get_tensor(m.ctx_w, gguf_get_tensor_name(m.gguf, i));
         const size_t nb = ggml_nbytes(t);
-        const off_t at = (off_t) (data_off + gguf_get_tensor_offset(m.gguf, i));
+        const uint64_t at = data_off + gguf_get_tensor_offset(m.gguf, i);
         char * dst = host ? (char *) t->data : nullptr;
         if (!dst) { tmp.resize(nb); dst = tmp.data(); }
         size_t done = 0;
         while (done < nb) {
-            ssize_t r = pread(fd, dst + done, nb - done, at + (off_t) done);
+            int64_t r = csm_os_pread(fd, dst + done, nb - done, at + done);
             if (r <= 0) csm_fail("reading tensor '%s' from %s failed", t->name, m.path.c_str());
             done += (size_t) r;
         }
@@ -638,14 +635,9 @@ static void repack_weights(csm_model & m) {
 
 // A name for the file open as fd, for ggml's parser (which opens by name): /proc/self/fd/N where
 // there is one, so that the file parsed is the one checked even if the path changes meanwhile.
-static std::string same_file(int fd, const char * path) {
-    const std::string proc = "/proc/self/fd/" + std::to_string(fd);
-    return access(proc.c_str(), R_OK) == 0 ? proc : path;
-}
-
 struct fd_guard {
     int fd;
-    ~fd_guard() { if (fd >= 0) close(fd); }
+    ~fd_guard() { if (fd >= 0) csm_os_close(fd); }
 };
 
 static csm_model * load(const char * path, const csm_model_params & p) {
@@ -656,20 +648,20 @@ static csm_model * load(const char * path, const csm_model_params & p) {
 
     // stat first: opening a FIFO for reading blocks until a writer comes. O_NONBLOCK covers a swap
     // between the two (it means nothing for a regular file), and fstat checks what was opened.
-    struct stat st;
-    if (stat(path, &st) == 0 && !S_ISREG(st.st_mode)) csm_fail("'%s' is not a regular file", path);
-    fd_guard fd{open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC)};
+    if (csm_os_is_regular_path(path) == 0) csm_fail("'%s' is not a regular file", path);
+    fd_guard fd{csm_os_open_read(path)};
     if (fd.fd < 0) csm_fail("cannot open model file '%s': %s", path, strerror(errno));
-    if (fstat(fd.fd, &st) != 0 || !S_ISREG(st.st_mode)) csm_fail("'%s' is not a regular file", path);
-    const size_t file_size = (size_t) st.st_size;
+    const int64_t size = csm_os_regular_file_size(fd.fd);
+    if (size < 0) csm_fail("'%s' is not a regular file", path);
+    const size_t file_size = (size_t) size;
     char magic[4] = {0};
-    if (file_size < 24 || pread(fd.fd, magic, 4, 0) != 4 || memcmp(magic, "GGUF", 4) != 0) {
+    if (file_size < 24 || csm_os_pread(fd.fd, magic, 4, 0) != 4 || memcmp(magic, "GGUF", 4) != 0) {
         csm_fail("'%s' is not a GGUF file (bad magic or too short)", path);
     }
 
     csm_gguf_precheck(fd.fd, file_size, path); // bounded scan first: ggml's parser is quadratic in counts
     gguf_init_params gp = {true, &m->ctx_w};
-    m->gguf = gguf_init_from_file(same_file(fd.fd, path).c_str(), gp);
+    m->gguf = gguf_init_from_file(csm_os_fd_path(fd.fd, path).c_str(), gp);
     if (!m->gguf) csm_fail("'%s' is a corrupt or truncated GGUF file (%s)", path, csm_last_ggml_error().c_str());
 
     m->n_tensors = (int32_t) gguf_get_n_tensors(m->gguf);

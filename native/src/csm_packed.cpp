@@ -2,12 +2,11 @@
 #include "csm_packed.h"
 
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include <cstdlib>
 
-#include <sys/mman.h>
-
-csm_packed_matrix::~csm_packed_matrix() { free(mem); }
+csm_packed_matrix::~csm_packed_matrix() { csm_os_aligned_free(mem); }
 
 bool csm_wfmt_of(ggml_type type, csm_wfmt * f) {
     switch (type) {
@@ -29,11 +28,9 @@ static std::unique_ptr<csm_packed_matrix> alloc_packed(const csm_kernel * k, csm
     const size_t bytes = (size_t) (rows * m->row_bytes);
     const size_t align = 2u << 20; // 2 MiB: lets the kernel use transparent huge pages
     m->mem_size = (bytes + align - 1) / align * align;
-    m->mem = aligned_alloc(align, m->mem_size);
+    m->mem = csm_os_aligned_alloc(align, m->mem_size);
     if (!m->mem) csm_fail("out of memory packing a %lld x %lld matrix", (long long) rows, (long long) cols);
-#ifdef MADV_HUGEPAGE
-    madvise(m->mem, m->mem_size, MADV_HUGEPAGE);
-#endif
+    csm_os_advise_huge_pages(m->mem, m->mem_size);
     m->w = (uint8_t *) m->mem;
     return m;
 }

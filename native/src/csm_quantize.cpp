@@ -7,6 +7,7 @@
 #include "csm.h"
 #include "csm_gguf_check.h"
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include "ggml.h"
 #include "ggml-cpu.h"
@@ -21,8 +22,6 @@
 #include <thread>
 #include <vector>
 
-#include <sys/stat.h>
-#include <unistd.h>
 
 static bool ends_with(const std::string & s, const char * suf) {
     size_t n = strlen(suf);
@@ -134,10 +133,9 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
     std::string a = gguf_get_val_str(in.get(), arch);
     if (a != "csm-tts" && a != "csm" && a != "csm_tts") csm_fail("'%s' is not a CSM model (architecture '%.64s')", in_path, a.c_str());
 
-    file_ptr fin(fopen(in_path, "rb"));
+    file_ptr fin(csm_os_fopen_read(in_path));
     if (!fin) csm_fail("cannot open '%s'", in_path);
-    fseek(fin.get(), 0, SEEK_END);
-    const size_t in_size = (size_t) ftell(fin.get());
+    const size_t in_size = (size_t) csm_os_fsize(fin.get());
 
     std::unique_ptr<gguf_context, gguf_deleter> out(gguf_init_empty());
     gguf_set_kv(out.get(), in.get());
@@ -163,19 +161,12 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
     // symlink followed, nothing overwritten) next to the output, then renamed over it: a fixed
     // "<out>.part" let a planted symlink redirect the write to another file.
     std::string tmp_path = std::string(out_path) + ".XXXXXX";
-    const int tmp_fd = mkstemp(&tmp_path[0]);
-    if (tmp_fd < 0) csm_fail("cannot create a temporary file next to '%s': %s", out_path, strerror(errno));
-    fchmod(tmp_fd, 0644);  // mkstemp's 0600 would otherwise become the model file's mode
-    file_ptr fout(fdopen(tmp_fd, "wb"));
-    if (!fout) {
-        close(tmp_fd);
-        remove(tmp_path.c_str());
-        csm_fail("cannot write '%s': %s", tmp_path.c_str(), strerror(errno));
-    }
+    file_ptr fout(csm_os_create_temp(tmp_path));
+    if (!fout) csm_fail("cannot create a temporary file next to '%s': %s", out_path, strerror(errno));
     bool ok = false;
     struct remover {
         const std::string & path; bool & ok;
-        ~remover() { if (!ok) remove(path.c_str()); }
+        ~remover() { if (!ok) csm_os_remove(path.c_str()); }
     } rm{tmp_path, ok};
 
     std::vector<char> meta(gguf_get_meta_size(out.get()));
@@ -190,7 +181,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
         ggml_tensor * t = src[i];
         const size_t nb = ggml_nbytes(t);
         raw.resize(nb);
-        fseek(fin.get(), (long) (gguf_get_data_offset(in.get()) + gguf_get_tensor_offset(in.get(), i)), SEEK_SET);
+        csm_os_fseek(fin.get(), gguf_get_data_offset(in.get()) + gguf_get_tensor_offset(in.get(), i));
         if (fread(raw.data(), 1, nb, fin.get()) != nb) csm_fail("reading tensor '%s' failed", t->name);
         const char * data = raw.data();
         size_t out_nb = ggml_nbytes(dst[i]);
@@ -216,7 +207,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
     while (pos % align) { fputc(0, fout.get()); pos++; }
     if (fflush(fout.get()) != 0) csm_fail("write to '%s' failed", tmp_path.c_str());
     fout.reset();
-    if (rename(tmp_path.c_str(), out_path) != 0) csm_fail("cannot rename '%s' to '%s': %s", tmp_path.c_str(), out_path, strerror(errno));
+    if (csm_os_replace(tmp_path.c_str(), out_path) != 0) csm_fail("cannot rename '%s' to '%s': %s", tmp_path.c_str(), out_path, strerror(errno));
     ok = true;
 }
 

@@ -193,7 +193,7 @@ columns prepare(csm_wfmt f, const float * x, int64_t cols, int64_t n_col) {
     if (f != F16) {
         in.y.assign((size_t) (n_col * in.nbp * 32), 0x55);
         in.dy.assign((size_t) (n_col * in.nbp), -1.0f);
-        in.sb.assign(in.dy.size(), 12345);
+        in.sb.assign(in.dy.size() * 2, 12345);
         K->quantize(x, cols, n_col, cols, in.nbp, in.y.data(), in.dy.data(), in.sb.data());
     }
     return in;
@@ -241,7 +241,7 @@ void unpack_column(const columns & in, int64_t cols, int64_t c, int8_t * q, floa
         const int64_t gi = (b / 8) * in.n_col + c;
         for (int k = 0; k < 32; k++) q[b * 32 + k] = in.y[(size_t) (gi * 256 + ((k / 4) * 8 + b % 8) * 4 + k % 4)];
         d[b] = in.dy[(size_t) (gi * 8 + b % 8)];
-        sb[b] = in.sb[(size_t) (gi * 8 + b % 8)];
+        sb[b] = in.sb[(size_t) (gi * 16 + b % 8)] + in.sb[(size_t) (gi * 16 + 8 + b % 8)]; // even + odd m
     }
 }
 
@@ -277,7 +277,7 @@ void check_format(csm_wfmt f, int64_t rows, int64_t cols, uint64_t seed) {
                 const int64_t gi = b / 8;
                 for (int k = 0; k < 32; k++)
                     if (in.y[(size_t) (gi * 256 + ((k / 4) * 8 + b % 8) * 4 + k % 4)] != 0) q.fail(strf("padding block %ld: quants not zero", (long) b));
-                if (in.dy[(size_t) (gi * 8 + b % 8)] != 0.0f || in.sb[(size_t) (gi * 8 + b % 8)] != 0) q.fail(strf("padding block %ld: scale or sum not zero", (long) b));
+                if (in.dy[(size_t) (gi * 8 + b % 8)] != 0.0f || in.sb[(size_t) (gi * 16 + b % 8)] != 0 || in.sb[(size_t) (gi * 16 + 8 + b % 8)] != 0) q.fail(strf("padding block %ld: scale or sum not zero", (long) b));
             }
         } else {
             for (int64_t k = 0; k < cols; k++) xq[k] = x[c * cols + k];

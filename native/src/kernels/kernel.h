@@ -22,16 +22,22 @@
 //
 // Activations of the int8 formats (Q8_0, Q4_K) are quantised per 32 values as Q8_0 (scale
 // max|x| / 127, round to nearest even, quants in [-127, 127]) by the kernel's quantize(): y (int8, in
-// groups of 8 blocks, [m][l][4] like the weights), dy (the scales), sb = -128 * sum(y) per block (it
-// removes the +128 of the Q8_0 weight quants from an unsigned x signed dot product). The columns'
-// groups are interleaved, [group][column]: group g of column c is at y + (g * n_col + c) * 256 and at
-// dy, sb + (g * n_col + c) * 8. F16 products take the f32 activations as they are.
+// groups of 8 blocks, [m][l][4] like the weights), dy (the scales), and sb: per block two sums,
+// -128 * (sum of the block's quants in the even activation vectors m) and the same for the odd m, which
+// remove the +128 of the Q8_0 weight quants from an unsigned x signed dot product, each half on its
+// own (their sum, -128 * sum(y), gives Q4_K's min term). The columns' groups are interleaved,
+// [group][column]: group g of column c is at y + (g * n_col + c) * 256, dy + (g * n_col + c) * 8 and
+// sb + (g * n_col + c) * 16 (the 8 blocks' even sums, then their odd sums). F16 products take the
+// f32 activations as they are.
 //
 // Batch invariance (every kernel, every format): a column's result depends only on the weights and
 // that column, never on how many columns are multiplied together, which slot the column is in, or the
-// row range [r0, r1): integer dot products per block are exact, and each (row, column) accumulates its
-// float terms in one fixed order, the same for one column and for many. Different instruction sets may
-// round differently (the x86 kernels happen to agree bit for bit; nothing relies on it).
+// row range [r0, r1): integer dot products are exact, and each (row, column) accumulates its float
+// terms in one fixed order, the same for one column and for many. The x86 kernels' order: 16 float
+// lanes per (row, column); lane l (< 8) collects block l's dot product over the even activation vectors
+// m (and Q4_K's min term), lane 8 + l over the odd m, each group adding float(dot) * (dx_l * dy_l) with
+// one FMA; at the end the 16 lanes are summed as halves, quarters, pairs, neighbours. (Other instruction
+// sets may round differently; the x86 kernels agree bit for bit.)
 #pragma once
 
 #include <stddef.h>
@@ -80,7 +86,7 @@ struct csm_kernel {
     const char * name; // as PYCSM_KERNEL spells it: "avx512", "avx2", "neon"
     const char * isa;  // for people: "AVX512-VNNI", ...
     // Quantises n_col columns of K floats (column c at x + c * x_stride) into nbp blocks each (layout
-    // above; blocks past K are zero).
+    // above; blocks past K are zero): n_col * nbp * 32 bytes of y, n_col * nbp dy, n_col * nbp * 2 sb.
     void (*quantize)(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp, int8_t * y, float * dy,
                      int32_t * sb);
     csm_gemm_fn gemm[CSM_WFMT_COUNT]; // per format; null: this kernel lacks the format

@@ -62,10 +62,10 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
             const float amax = vmaxvq_f32(a);
             const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32x4_t q[8];
-            int32x4_t s = vdupq_n_s32(0);
+            int32x4_t s[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}; // quants of the even, odd vectors m
             _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) {
                 q[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id)); // round to nearest even
-                s = vaddq_s32(s, q[i]);
+                s[i % 2] = vaddq_s32(s[i % 2], q[i]);
             }
             // vector q[m] holds bytes 4m..4m+3 of the block: they go to lane b % 8 of vector m
             const int64_t gi = (b / 8) * n_col + c;
@@ -80,14 +80,15 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
                 grp[(4 * h + 3) * 8 + b % 8] = vgetq_lane_s32(bytes, 3);
             }
             dy[gi * 8 + b % 8] = amax / 127.0f;
-            sb[gi * 8 + b % 8] = -128 * vaddvq_s32(s);
+            sb[gi * 16 + b % 8] = -128 * vaddvq_s32(s[0]);
+            sb[gi * 16 + 8 + b % 8] = -128 * vaddvq_s32(s[1]);
         }
         for (int64_t b = nb; b < nbp; b++) {
             const int64_t gi = (b / 8) * n_col + c;
             int32_t * grp = (int32_t *) (y + gi * 256);
             _Pragma("GCC unroll 16") for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
             dy[gi * 8 + b % 8] = 0.0f;
-            sb[gi * 8 + b % 8] = 0;
+            sb[gi * 16 + b % 8] = sb[gi * 16 + 8 + b % 8] = 0;
         }
     }
 }
@@ -224,8 +225,10 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
         float32x4_t ys[NC][2]; // dy * sum(y) of sub-blocks 0-3 and 4-7
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
             const int64_t o = (g * col_stride + n) * 8;
-            ys[n][0] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(vld1q_s32(sb + o)), -1.0f / 128.0f), vld1q_f32(dy + o));
-            ys[n][1] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(vld1q_s32(sb + o + 4)), -1.0f / 128.0f), vld1q_f32(dy + o + 4));
+            const int32_t * sn = sb + 2 * o; // even-m sums, then odd-m sums (kernel.h)
+            const int32x4_t s0 = vaddq_s32(vld1q_s32(sn), vld1q_s32(sn + 8)), s1 = vaddq_s32(vld1q_s32(sn + 4), vld1q_s32(sn + 12));
+            ys[n][0] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(s0), -1.0f / 128.0f), vld1q_f32(dy + o));
+            ys[n][1] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(s1), -1.0f / 128.0f), vld1q_f32(dy + o + 4));
         }
         _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
             // the row's header: fp16 d, fp16 dmin, 8 scales, 8 mins
@@ -310,7 +313,7 @@ inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const fl
                       int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
     constexpr int NC = R == 4 ? 2 : 4;
     for (int64_t c = 0; c < n_col; c += NC) {
-        tile_any<Q4K, R, NC>(n_col - c < NC ? n_col - c : NC, t, nbp, y + c * 256, dy + c * 8, sb + c * 8, col_stride,
+        tile_any<Q4K, R, NC>(n_col - c < NC ? n_col - c : NC, t, nbp, y + c * 256, dy + c * 8, sb + c * 16, col_stride,
                              dst + c * dst_stride, dst_stride);
     }
 }
@@ -322,7 +325,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
     const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
     const int8_t * y = in.y + c0 * 256;
     const float * dy = in.dy + c0 * 8;
-    const int32_t * sb = in.sb + c0 * 8;
+    const int32_t * sb = in.sb + c0 * 16;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4)
         tile_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
