@@ -3,8 +3,11 @@
 Requests wait in a bounded queue, join the batch when a stream slot is free (their prefill split
 between the running streams' frames), and leave it at their end, at their cap, or within one frame
 of being cancelled (a client that went away). Each stream's frames are decoded by a streaming Mimi
-decoder of its own (kept in a pool) right after the step that made them, and the audio goes to the
-request's asyncio queue.
+decoder of its own (kept in a pool): the first frame right after the step that made it, then
+`decode_frames` frames at a time. The audio goes to the request's asyncio queue.
+
+Mimi decoding is not batched across streams: a decoder's streaming state (convolution tails, the
+attention window) and its graphs are those of one stream.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ class Request:
     stream: int | None = None
     decoder: MimiStreamDecoder | None = None
     n_frames: int = 0
+    pending: list = field(default_factory=list)  # frames not decoded yet
     t_submit: float = field(default_factory=time.monotonic)
 
     def push(self, item) -> None:
@@ -85,9 +89,10 @@ class Engine:
     """Runs requests in a continuous batch of up to max_batch streams, up to max_queue waiting."""
 
     def __init__(self, model: Model, max_batch: int = 4, max_queue: int = 16, n_threads: int | None = None,
-                 prefill_chunk: int = 0):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+                 prefill_chunk: int = 0, decode_frames: int = 4):
+        if max_batch < 1 or max_queue < 0 or decode_frames < 1:
+            raise ValueError("max_batch and decode_frames must be >= 1, max_queue >= 0")
+        self.decode_frames = decode_frames
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.n_threads = n_threads
@@ -247,13 +252,20 @@ class Engine:
             if ev.codes is not None:
                 n += 1
                 r.n_frames += 1
+                r.pending.append(ev.codes)
+            # the first frame at once (time to first byte), then decode_frames at a time: one Mimi
+            # call per frame costs about twice as much per frame as one per 4 frames
+            if r.pending and (ev.stop_reason is not None or r.n_frames == 1 or len(r.pending) >= self.decode_frames):
                 try:
-                    r.push(np.asarray(r.decoder.decode(ev.codes[None, :]), dtype=np.float32).reshape(-1))
+                    pcm = r.decoder.decode(np.stack(r.pending))
                 except CSMError as e:
-                    self._batch.remove(ev.stream)
+                    if ev.stop_reason is None:
+                        self._batch.remove(ev.stream)
                     self._release(r)
                     r.push(e)
                     continue
+                r.pending.clear()
+                r.push(np.asarray(pcm, dtype=np.float32).reshape(-1))
             if ev.stop_reason is not None:
                 self._release(r)
                 r.push(End(ev.stop_reason, r.n_frames))
