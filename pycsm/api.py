@@ -5,6 +5,9 @@
 ...     audio = tts.generate("Hello from pycsm.", speaker=0, seed=42)
 ...     audio.save("hello.wav")
 
+Every method takes the sampling options as one `GenerationOptions` (pycsm/options.py) and/or as
+keywords; `context=` takes `Segment`s and saved voices (`Voice`, pycsm/voices.py).
+
 Threads: a `CSM` holds one generation context. Its methods take an internal lock, so calls from
 several threads on one `CSM` are safe but run one after another; for parallel synthesis create one
 `CSM` per thread (each loads its own copy of the weights) or use `generate_batch`. A method called

@@ -52,7 +52,6 @@ CRISPASR_NO_EFFECT = {
     "--consent-log": (True, "pycsm writes no consent log"), "--i-have-rights": (False, "no consent gate here"),
     "--accept-marking-responsibility": (False, "no marking gate here"),
     "--accept-license": (True, "no license gate here"), "--dry-run-resolve": (False, "not implemented"),
-    "-fp16": (False, "the GGUF's types are used"),
 }
 
 
@@ -109,6 +108,7 @@ def _device(text: str) -> str:
 
 def _model_flags(p: argparse.ArgumentParser) -> None:
     """-m and the flags that find and run a model: shared by speaking and `voice create`."""
+    from ._native import CSM_MAX_THREADS
     from .hub import DEFAULT_REPO, QUANTS
 
     g = p.add_argument_group("model")
@@ -119,12 +119,16 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
                    help="let -m NAME download the file into the Hugging Face cache when it is not there")
     g.add_argument("--quant", "--model-quant", choices=QUANTS, default=None, type=str.lower,
                    help="published file to use: %(choices)s (default q8_0)")
-    g.add_argument("--repo", "--hf-repo", "-hfr", default=None,
-                   help=f"Hugging Face repository (default {DEFAULT_REPO})")
+    g.add_argument("--repo", default=None, help=f"Hugging Face repository (default {DEFAULT_REPO})")
+    g.add_argument("--hf-repo", "-hfr", metavar="REPO[:FILE]",
+                   help="crispasr's: --repo REPO (and --hf-file FILE), implying --auto-download")
+    g.add_argument("--hf-file", "-hff", metavar="FILE",
+                   help="crispasr's: the published file csm-1b-QUANT.gguf, implying --auto-download")
     g.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: HF_HOME's)")
     g.add_argument("--backend", type=_backend, default="csm",
                    help="crispasr's backend name: csm and its aliases are accepted")
-    g.add_argument("-t", "--threads", type=_number(int, 1), default=None, help="CPU threads (default: all cores)")
+    g.add_argument("-t", "--threads", type=_number(int, 1, maximum=CSM_MAX_THREADS), default=None,
+                   help="CPU threads (default: all cores)")
     g.add_argument("--device", "-dev", type=_device, default="auto",
                    help="compute device: auto (default), cpu, gpu (or crispasr's GPU index)")
     g.add_argument("-ng", "--no-gpu", action="store_true", help="run on the CPU (as --device cpu)")
@@ -333,9 +337,33 @@ def _model_path(args) -> Path:
     return download(quant, repo, cache_dir=args.cache_dir, progress=not args.quiet)
 
 
+def _hub_flags(args) -> None:
+    """crispasr's --hf-repo REPO[:FILE] / --hf-file FILE as --repo / --quant, with --auto-download."""
+    import re
+
+    repo, _, file = (args.hf_repo or "").partition(":")
+    file = args.hf_file or file
+    if repo:
+        if args.repo is not None and args.repo != repo:
+            raise UsageError(f"--repo {args.repo} and --hf-repo {repo} name different repositories")
+        args.repo = repo
+    if file:
+        m = re.fullmatch(r"csm-1b-(f16|q8_0|q4_k)\.gguf", file, re.IGNORECASE)
+        if m is None:
+            raise UsageError(f"--hf-file {file}: pycsm finds the published files csm-1b-{{f16,q8_0,q4_k}}.gguf")
+        if args.quant is not None and args.quant != m.group(1).lower():
+            raise UsageError(f"--quant {args.quant} and --hf-file {file} name different files")
+        args.quant = m.group(1).lower()
+    if repo or file:
+        args.auto_download = True
+        if args.model is None:
+            args.model = "csm"
+
+
 def threads_in_use(n_threads: int | None) -> int:
-    """The CPU threads a context runs with for `n_threads` (None: all cores), as the library chooses
-    them (csm_default_threads: at most the cores, 512 when asked, 64 by default)."""
+    """The CPU threads a context runs with for `n_threads` (None: all cores), by the library's rule
+    (csm_default_threads in native/src/csm_backend.cpp: at most the cores; 512 when asked, 64 by
+    default)."""
     cores = os.cpu_count() or 4
     return min(n_threads, cores, 512) if n_threads else min(cores, 64)
 
@@ -348,6 +376,7 @@ def _load(args):
         if not args.quiet:
             _note(f"--device {device[4:]}: using ggml's first GPU (set CUDA_VISIBLE_DEVICES to choose one)")
         device = "gpu"
+    _hub_flags(args)
     path = _model_path(args)
     return CSM(path, n_threads=args.threads, device=device)
 
@@ -635,11 +664,9 @@ def _speak_lines(args) -> int:
         line.output.parent.mkdir(parents=True, exist_ok=True)
         check_writable(line.output)
 
-    voices = {}
-    for spec in {line.voice or args.voice for line in lines} - {None}:
-        from .voices import find_voice
+    from .voices import find_voice
 
-        voices[spec] = find_voice(spec, args.voice_dir)
+    voices = {spec: find_voice(spec, args.voice_dir) for spec in {line.voice or args.voice for line in lines} - {None}}
     with _native_log(args.verbose):
         tts = _load(args)
         with tts:

@@ -244,6 +244,14 @@ def test_auto_download_from_a_fake_hub_then_offline(fake_hub, tmp_path):  # code
         assert p.returncode == 0, p.stderr
         assert out.read_bytes() == first
     assert len(fake_hub.requests) == n
+    # crispasr's --hf-repo REPO:FILE implies --auto-download
+    home2 = tmp_path / "home2"
+    out.unlink()
+    p = crispasr_cmd(["-hfr", f"{DEFAULT_REPO}:csm-1b-q4_k.gguf", *args[2:]], online_env(home2, fake_hub.url))
+    assert p.returncode == 0, p.stderr
+    assert out.read_bytes() == first and len(fake_hub.requests) > n
+    p = crispasr_cmd(["--hf-file", "other.gguf", *args[2:]], online_env(home2, fake_hub.url))
+    assert p.returncode == 2 and "csm-1b-{f16,q8_0,q4_k}.gguf" in p.stderr
 
 
 def test_an_unreachable_hub_fails_at_once(tmp_path):
