@@ -93,8 +93,8 @@ def set_log_callback(callback) -> None:
 
 def check_n_threads(n_threads) -> int:
     """The one rule for every thread count in pycsm, applied before any work: None or 0 means all
-    cores; otherwise 1 to CSM_MAX_THREADS (1024), and more than the machine's cores are capped to
-    them. Returns the value for the C API (0 for all cores)."""
+    cores; otherwise 1 to CSM_MAX_THREADS (1024), and more than the CPUs this process may use
+    (its affinity mask and cgroup quota) are capped to them. Returns the value for the C API (0 for all cores)."""
     if n_threads is None:
         return 0
     if isinstance(n_threads, bool) or not isinstance(n_threads, numbers.Integral):
@@ -124,7 +124,7 @@ class Model:
     use_repack=False: a load that copies the matrices reads the file, so that nothing a frame reads
     stays mapped). A mapped file must not be rewritten or truncated while the model lives (SIGBUS).
     use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0, Q4_K and F16
-    go to pycsm's AVX512 kernels where the CPU has AVX512-VNNI (then the depth heads of a quantised
+    go to pycsm's kernel for this CPU (AVX512-VNNI, AVX2 or NEON; PYCSM_KERNEL forces one; then the depth heads of a quantised
     file run as Q8_0 too, those of an F16 file as F16), Q4_0 to ggml's repacked layout. False keeps
     ggml's plain kernels.
 

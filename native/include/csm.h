@@ -128,8 +128,9 @@ struct csm_model_params {
     bool    use_mmap;      // map the file instead of reading it (CPU weights, without use_repack, tensors
                            // aligned to 32 bytes). A mapped file must not be rewritten or truncated while
                            // the model lives: the next read of a changed page is SIGBUS
-    bool    use_repack;    // CPU: copy matrices into faster layouts (Q8_0: pycsm's AVX512-VNNI kernel, with
-                           // the depth heads as Q8_0 in quantised files; Q4_K/Q4_0: ggml's repack)
+    bool    use_repack;    // CPU: copy Q8_0 / Q4_K / F16 matrices into the layouts of pycsm's kernel for
+                           // this CPU (AVX512-VNNI, AVX2 or NEON; PYCSM_KERNEL forces one), with the
+                           // depth heads as Q8_0 in quantised files; Q4_0: ggml's repack
 };
 
 // Hyper-parameters as stored in the GGUF (csm.* keys).
@@ -193,7 +194,7 @@ typedef bool (*csm_progress_callback)(int32_t done, int32_t total, void * user_d
 
 struct csm_quantize_params {
     int32_t type;                       // target ggml type (GGML_TYPE_Q8_0 = 8, Q4_K = 12, ...)
-    int32_t n_threads;                  // threads; <= 0 means all cores
+    int32_t n_threads;                  // threads; <= 0 means all the CPUs this process may use
     csm_progress_callback progress;     // may be NULL
     void *  progress_user_data;         // passed to progress
 };
@@ -209,7 +210,7 @@ CSM_API int32_t csm_quantize(const char * in_path, const char * out_path, struct
 // ---------------------------------------------------------------------------------------------
 
 struct csm_context_params {
-    int32_t n_threads;          // CPU threads; <= 0 means all cores
+    int32_t n_threads;          // CPU threads; <= 0 means all the CPUs this process may use
     int32_t max_pos;            // context length; 0 = the model's (bb_max_pos)
     int32_t n_batch;            // utterances generated together by csm_generate_batch (1 = one)
 };
@@ -284,7 +285,7 @@ CSM_API int32_t csm_eval_frame_logits(csm_context * ctx, const int32_t * prompt,
 // ---------------------------------------------------------------------------------------------
 
 // One-shot decode of n_frames frames (frame-major: codes[f * 32 + cb], each in [0, 2048)) into
-// n_frames * samples_per_frame float samples. n_threads <= 0: all cores.
+// n_frames * samples_per_frame float samples. n_threads <= 0: all the CPUs this process may use.
 // Returns the number of samples written, or -1 on error.
 CSM_API int64_t csm_mimi_decode(const csm_model * model, const int32_t * codes, int32_t n_frames,
                                 float * out_pcm, int64_t max_samples, int32_t n_threads);
@@ -333,7 +334,7 @@ CSM_API int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * co
 typedef struct csm_batch csm_batch;             // running streams: one context of max_streams sequences
 
 struct csm_batch_params {
-    int32_t n_threads;          // CPU threads; <= 0 means all cores
+    int32_t n_threads;          // CPU threads; <= 0 means all the CPUs this process may use
     int32_t max_pos;            // context length of each stream; 0 = the model's (bb_max_pos)
     int32_t max_streams;        // streams at once, running or joining (1..64)
     int32_t prefill_chunk;      // prompt rows prefilled per step while streams run (1..256); 0 = about

@@ -1,6 +1,7 @@
 // csm_model.cpp - loading a CSM GGUF: metadata, validation, weights into a backend buffer.
 #include "csm_model.h"
 
+#include "csm_backend.h"
 #include "csm_gguf_check.h"
 #include "csm_log.h"
 #include "csm_platform.h"
@@ -557,7 +558,7 @@ static void pack_matrices(csm_model & m) {
     if (todo.empty()) return;
     std::vector<std::unique_ptr<csm_packed_matrix>> out(todo.size());
     std::vector<std::string> errors(todo.size());
-    const unsigned n_thr = std::max(1u, std::min(8u, std::thread::hardware_concurrency()));
+    const unsigned n_thr = (unsigned) std::min(8, csm_usable_cpus());
     std::atomic<size_t> next{0};
     auto work = [&] {
         for (size_t i; (i = next.fetch_add(1)) < todo.size();) {

@@ -5,6 +5,7 @@
 // of the block size (for Q4_K a row that is a multiple of 32 but not of 256 falls back to Q4_0).
 // Other 2-D and 3-D tensors are F16, 1-D tensors F32.
 #include "csm.h"
+#include "csm_backend.h"
 #include "csm_gguf_check.h"
 #include "csm_log.h"
 #include "csm_platform.h"
@@ -115,7 +116,7 @@ static void quantize(const char * in_path, const char * out_path, const csm_quan
     }
     if (ggml_quantize_requires_imatrix(q)) csm_fail("type %s needs an importance matrix, which is not supported", ggml_type_name(q));
     if (p.n_threads > CSM_MAX_THREADS) csm_fail("n_threads %d is out of range: at most %d (<= 0: all cores)", p.n_threads, CSM_MAX_THREADS);
-    const int n_cores = (int) std::max(1u, std::thread::hardware_concurrency());
+    const int n_cores = csm_usable_cpus();
     const int n_threads = p.n_threads > 0 ? std::min(p.n_threads, n_cores) : n_cores;
 
     try {
