@@ -71,3 +71,34 @@ class NativeHandle:
                 ptr, self._ptr = self._ptr, None
         if ptr is not None:
             self._free(ptr)
+
+
+class NativeOwner:
+    """The life cycle of a wrapper that owns one NativeHandle in `self._native` (Model, Generator,
+    Batch, MimiStreamDecoder): `closed`, `close()`, a context manager, and a finaliser.
+
+    close() frees the native object; a call running meanwhile (in another thread, or the call whose
+    callback closes it) finishes first. Every later use raises CSMError("the <what> is closed")."""
+
+    _native: NativeHandle | None = None  # set by the subclass's __init__ once the handle exists
+
+    @property
+    def closed(self) -> bool:
+        return self._native is None or self._native.closed
+
+    def close(self) -> None:
+        if self._native is not None:
+            self._native.close()
+
+    def __enter__(self):
+        if self._native is None:
+            raise CSMError("this object was never opened")
+        self._native.get()  # closed: say so at the `with`
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()

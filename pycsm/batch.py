@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native as N
-from ._handle import NativeHandle
+from ._handle import NativeHandle, NativeOwner
 from .generator import STOP_REASONS, _check_prompt, _i32p
 from .model import Model, check_n_threads
 
@@ -33,7 +33,7 @@ class StreamEvent:
     stop_reason: str | None      # None while the stream runs on; else "eos", "max_frames", "context_full"
 
 
-class Batch:
+class Batch(NativeOwner):
     """Up to max_streams generations sharing every weight read; streams join at any step.
 
     prefill_chunk: prompt rows prefilled per step while other streams run (0: about one frame's
@@ -53,10 +53,6 @@ class Batch:
         with model._native.use() as mh:  # the native batch holds its model from here on
             ptr = N.check_ptr(N.lib.csm_batch_new(mh, params), "cannot create a batch")
         self._native = NativeHandle(ptr, N.lib.csm_batch_free, "batch")
-
-    @property
-    def closed(self) -> bool:
-        return self._native.closed
 
     def add(self, prompt, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None, depth_top_k=None,
             seed: int = 0, max_frames: int = 0, stop_at_eos: bool = True) -> int:
@@ -103,18 +99,3 @@ class Batch:
         """Streams past their prefill."""
         with self._native.use() as h:
             return int(N.lib.csm_batch_n_running(h))
-
-    def close(self) -> None:
-        """Free the batch; a step running meanwhile finishes first. Later calls raise CSMError."""
-        native = getattr(self, "_native", None)
-        if native is not None:
-            native.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()

@@ -16,12 +16,11 @@ and the Model object in Python); a one-shot call must not start after the model 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 
 import numpy as np
 
-from ._handle import NativeHandle
+from ._handle import NativeHandle, NativeOwner
 from ._native import CSM_N_CODEBOOKS, check_ptr, check_status, lib
 from .errors import CSMError
 from .model import check_n_threads
@@ -117,7 +116,7 @@ def encode(model, pcm, n_threads: int | None = None) -> np.ndarray:
     return out[:n].copy()
 
 
-class MimiStreamDecoder:
+class MimiStreamDecoder(NativeOwner):
     """Streaming Mimi decoder: feed frames in chunks of any size; the outputs, concatenated, equal
     decode() of all frames. Holds native state (caches, thread pool): close() it, or use ``with``.
     """
@@ -130,10 +129,6 @@ class MimiStreamDecoder:
         self._native = NativeHandle(check_ptr(lib.csm_mimi_codec_new(h, n_threads), "Mimi stream decoder"),
                                     lib.csm_mimi_codec_free, "Mimi stream decoder")
         self.frames = 0  # frames decoded since creation or the last reset()
-
-    @property
-    def closed(self) -> bool:
-        return self._native.closed
 
     def decode(self, codes) -> np.ndarray:
         """Decode the next frames ([frames, 32] or one frame [32]); returns frames * 1920 samples."""
@@ -154,20 +149,3 @@ class MimiStreamDecoder:
         with self._native.use() as codec:
             lib.csm_mimi_codec_reset(codec)
         self.frames = 0
-
-    def close(self) -> None:
-        native = getattr(self, "_native", None)
-        if native is not None:
-            native.close()
-
-    def __enter__(self):
-        self._native.get()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        with contextlib.suppress(Exception):  # interpreter shutdown
-            self.close()
-

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _native as N
-from ._handle import NativeHandle
+from ._handle import NativeHandle, NativeOwner
 from .model import Model, check_n_threads
 
 STOP_REASONS = {N.CSM_STOP_EOS: "eos", N.CSM_STOP_MAX_FRAMES: "max_frames",
@@ -40,7 +40,7 @@ def _check_prompt(prompt) -> np.ndarray:
     return p
 
 
-class Generator:
+class Generator(NativeOwner):
     """Generates Mimi codes from prompts. One thread at a time per Generator; a Model can be shared."""
 
     def __init__(self, model: Model, n_threads: int | None = None, max_pos: int = 0, n_batch: int = 1):
@@ -57,10 +57,6 @@ class Generator:
     @property
     def handle(self):
         return self._native.get()
-
-    @property
-    def closed(self) -> bool:
-        return self._native.closed
 
     def _params(self, temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos):
         p = N.lib.csm_generate_default_params()
@@ -160,19 +156,3 @@ class Generator:
                                                  dl.ctypes.data_as(fp))
         N.check_status(status, "evaluation failed")
         return l0, dl
-
-    def close(self) -> None:
-        """Release the context; a generation running meanwhile finishes first. Later calls raise
-        CSMError("the generator is closed")."""
-        native = getattr(self, "_native", None)
-        if native is not None:
-            native.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import _native as N
-from ._handle import NativeHandle
+from ._handle import NativeHandle, NativeOwner
 
 DEVICES = {"auto": N.CSM_DEVICE_AUTO, "cpu": N.CSM_DEVICE_CPU, "gpu": N.CSM_DEVICE_GPU}
 
@@ -117,16 +117,18 @@ def _tokenizer_for(path: str, mtime_ns: int, size: int):
     return Tokenizer.from_gguf(path)
 
 
-class Model:
+class Model(NativeOwner):
     """A CSM GGUF loaded by the native library.
 
     device: "auto", "cpu" or "gpu". use_mmap: map the file rather than read it (CPU, and only with
     use_repack=False: a load that copies the matrices reads the file, so that nothing a frame reads
     stays mapped). A mapped file must not be rewritten or truncated while the model lives (SIGBUS).
     use_repack: on the CPU, copy the matrices into faster layouts at load time: Q8_0, Q4_K and F16
-    go to pycsm's kernel for this CPU (AVX512-VNNI, AVX2 or NEON; PYCSM_KERNEL forces one; then the depth heads of a quantised
-    file run as Q8_0 too, those of an F16 file as F16), Q4_0 to ggml's repacked layout. False keeps
-    ggml's plain kernels.
+    go to pycsm's kernel for this CPU (AVX512-VNNI, AVX2 or NEON; PYCSM_KERNEL forces one; then
+    the depth heads of a quantised file run as Q8_0 too, those of an F16 file as F16), Q4_0 to
+    ggml's repacked layout. False keeps ggml's plain kernels.
+    close() releases this object; generators and stream decoders made from it keep working (they
+    hold the native model).
 
     >>> m = Model("csm-1b-q8_0.gguf")
     >>> m.hparams.bb_d_model
@@ -156,10 +158,6 @@ class Model:
         """The csm_model* for native calls (pycsm.codec). Contexts and codecs made from it keep the
         model alive in C; a call on the bare handle must not start after close()."""
         return self._native.get()
-
-    @property
-    def closed(self) -> bool:
-        return self._native.closed
 
     def _query(self, fn):
         with self._native.use() as h:
@@ -205,21 +203,6 @@ class Model:
         d.update({f.name: getattr(self.hparams, f.name) for f in fields(HParams)})
         return d
 
-    def close(self) -> None:
-        """Release the model. Generators and stream decoders made from it keep working (they hold
-        the native model); this object raises CSMError("the model is closed") from now on."""
-        native = getattr(self, "_native", None)
-        if native is not None:
-            native.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __del__(self):
-        self.close()
 
 
 def quantize(in_path: str | os.PathLike, out_path: str | os.PathLike, qtype: str = "q8_0",
