@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _native as N
 from ._handle import NativeHandle, NativeOwner
-from .generator import STOP_REASONS, _check_prompt, _i32p
+from .generator import STOP_REASONS, _check_prompt, _fill_params, _i32p
 from .model import Model, check_n_threads
 
 
@@ -59,14 +59,8 @@ class Batch(NativeOwner):
         """Add a stream after `prompt` (int32 (positions, 33)); returns its id. CSMError when the
         batch is full (`n_streams == max_streams`) or the prompt does not fit the context."""
         p = _check_prompt(prompt)
-        sp = N.lib.csm_stream_default_params()
-        sp.sampling.temperature = float(temperature)
-        sp.sampling.top_k = int(top_k)
-        sp.sampling.depth_temperature = -1.0 if depth_temperature is None else float(depth_temperature)
-        sp.sampling.depth_top_k = -1 if depth_top_k is None else int(depth_top_k)
-        sp.sampling.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        sp.max_frames = int(max_frames)
-        sp.stop_at_eos = bool(stop_at_eos)
+        sp = _fill_params(N.lib.csm_stream_default_params(), temperature, top_k, depth_temperature, depth_top_k,
+                          seed, max_frames, stop_at_eos)
         with self._native.use() as h:
             return N.check_status(N.lib.csm_batch_add(h, _i32p(p), p.shape[0], sp), "cannot add a stream")
 

@@ -40,6 +40,19 @@ def _check_prompt(prompt) -> np.ndarray:
     return p
 
 
+def _fill_params(p, temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos):
+    """Fills the sampling fields, frame cap and EOS rule shared by csm_generate_params and
+    csm_stream_params (None depth values: the same as the backbone's); returns p."""
+    p.sampling.temperature = float(temperature)
+    p.sampling.top_k = int(top_k)
+    p.sampling.depth_temperature = -1.0 if depth_temperature is None else float(depth_temperature)
+    p.sampling.depth_top_k = -1 if depth_top_k is None else int(depth_top_k)
+    p.sampling.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    p.max_frames = int(max_frames)
+    p.stop_at_eos = bool(stop_at_eos)
+    return p
+
+
 class Generator(NativeOwner):
     """Generates Mimi codes from prompts. One thread at a time per Generator; a Model can be shared."""
 
@@ -59,15 +72,8 @@ class Generator(NativeOwner):
         return self._native.get()
 
     def _params(self, temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos):
-        p = N.lib.csm_generate_default_params()
-        p.sampling.temperature = float(temperature)
-        p.sampling.top_k = int(top_k)
-        p.sampling.depth_temperature = -1.0 if depth_temperature is None else float(depth_temperature)
-        p.sampling.depth_top_k = -1 if depth_top_k is None else int(depth_top_k)
-        p.sampling.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        p.max_frames = int(max_frames)
-        p.stop_at_eos = bool(stop_at_eos)
-        return p
+        return _fill_params(N.lib.csm_generate_default_params(), temperature, top_k, depth_temperature,
+                            depth_top_k, seed, max_frames, stop_at_eos)
 
     def generate(self, prompt, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None,
                  depth_top_k=None, seed: int = 0, max_frames: int = 0, stop_at_eos: bool = True,
