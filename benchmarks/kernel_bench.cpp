@@ -90,7 +90,7 @@ int main(int argc, char ** argv) {
     for (auto & v : x) v = (float) (rng() % 2001) / 1000.0f - 1.0f;
     std::vector<int8_t> y(n_col * nbp * 32);
     std::vector<float> dy(n_col * nbp);
-    std::vector<int32_t> sb(n_col * nbp * 2);
+    std::vector<int32_t> sb(n_col * nbp);
     k->quantize(x.data(), K, n_col, K, nbp, y.data(), dy.data(), sb.data());
     csm_kernel_input in; // the int8 formats read y / dy / sb, F16 reads x
     in.y = y.data(), in.dy = dy.data(), in.sb = sb.data(), in.col_stride = n_col, in.x = x.data(), in.x_stride = K;

@@ -30,7 +30,7 @@ csm_kernel_input prepare_input(const ggml_tensor * x, const csm_packed_matrix & 
     thread_local q8_scratch s;
     const size_t nblk = (size_t) (n * W.nbp);
     if (s.y.size() < nblk * 32) s.y.resize(nblk * 32);
-    if (s.dy.size() < nblk) { s.dy.resize(nblk); s.sb.resize(nblk * 2); }
+    if (s.dy.size() < nblk) { s.dy.resize(nblk); s.sb.resize(nblk); }
     W.kernel->quantize((const float *) x->data, x_stride, n, x->ne[0], W.nbp, s.y.data(), s.dy.data(), s.sb.data());
     in.y = s.y.data();
     in.dy = s.dy.data();

@@ -59,7 +59,7 @@ int main(int argc, char ** argv) {
     const int64_t nbp = csm_kernel_nbp(cols);
     std::vector<int8_t> y((size_t) (n_col * nbp * 32));
     std::vector<float> dy((size_t) (n_col * nbp));
-    std::vector<int32_t> sb((size_t) (n_col * nbp * 2));
+    std::vector<int32_t> sb((size_t) (n_col * nbp));
     csm_kernel_input in;
     if (F.int8_input) {
         k->quantize(x.data(), cols, n_col, cols, nbp, y.data(), dy.data(), sb.data());

@@ -161,21 +161,20 @@ std::vector<float> make_activations(int64_t cols, rng & r) {
 
 // Q8_0-style quantisation of one column (what kernels/kernel.h specifies): per 32 values amax =
 // max |x|, q = round-half-even(x * (127 / amax)), scale amax / 127, in float as the kernels do; per
-// block the sums of the quants in even and in odd activation vectors m (values 4m..4m+3).
+// block the sum of its quants.
 void reference_quantize(const float * x, int64_t cols, int8_t * q, float * d, int32_t * sum) {
     for (int64_t b = 0; b < cols / 32; b++) {
         float amax = 0.0f;
         for (int k = 0; k < 32; k++) amax = std::fmax(amax, std::fabs(x[b * 32 + k]));
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32_t s[2] = {0, 0};
+        int32_t s = 0;
         for (int k = 0; k < 32; k++) {
             const float p = x[b * 32 + k] * id;
             q[b * 32 + k] = (int8_t) std::nearbyint(p); // the default rounding mode: half to even
-            s[k / 4 % 2] += q[b * 32 + k];
+            s += q[b * 32 + k];
         }
         d[b] = amax / 127.0f;
-        sum[2 * b] = s[0];
-        sum[2 * b + 1] = s[1];
+        sum[b] = s;
     }
 }
 
@@ -195,7 +194,7 @@ columns prepare(csm_wfmt f, const float * x, int64_t cols, int64_t n_col) {
     if (f != F16) {
         in.y.assign((size_t) (n_col * in.nbp * 32), 0x55);
         in.dy.assign((size_t) (n_col * in.nbp), -1.0f);
-        in.sb.assign(in.dy.size() * 2, 12345);
+        in.sb.assign(in.dy.size(), 12345);
         K->quantize(x, cols, n_col, cols, in.nbp, in.y.data(), in.dy.data(), in.sb.data());
     }
     return in;
@@ -238,14 +237,13 @@ std::vector<float> run(csm_wfmt f, const uint8_t * w, int64_t rows, int64_t cols
 }
 
 // Column c of n_col quantised columns in natural order (groups of 8 blocks, [group][column], [m][l][4]);
-// sb: two per block (even m, odd m).
+// sb: one per block.
 void unpack_column(const columns & in, int64_t cols, int64_t c, int8_t * q, float * d, int32_t * sb) {
     for (int64_t b = 0; b < cols / 32; b++) {
         const int64_t gi = (b / 8) * in.n_col + c;
         for (int k = 0; k < 32; k++) q[b * 32 + k] = in.y[(size_t) (gi * 256 + ((k / 4) * 8 + b % 8) * 4 + k % 4)];
         d[b] = in.dy[(size_t) (gi * 8 + b % 8)];
-        sb[2 * b] = in.sb[(size_t) (gi * 16 + b % 8)];
-        sb[2 * b + 1] = in.sb[(size_t) (gi * 16 + 8 + b % 8)];
+        sb[b] = in.sb[(size_t) (gi * 8 + b % 8)];
     }
 }
 
@@ -268,23 +266,20 @@ void check_format(csm_wfmt f, int64_t rows, int64_t cols, uint64_t seed) {
             check q(strf("quantize %s cols=%ld column %ld", name, (long) cols, (long) c));
             std::vector<int8_t> yk((size_t) cols), yr((size_t) cols);
             std::vector<float> dk((size_t) cols / 32), dr((size_t) cols / 32);
-            std::vector<int32_t> sk((size_t) cols / 16), sr((size_t) cols / 16);
+            std::vector<int32_t> sk((size_t) cols / 32), sr((size_t) cols / 32);
             unpack_column(in, cols, 0, yk.data(), dk.data(), sk.data());
             reference_quantize(x.data() + c * cols, cols, yr.data(), dr.data(), sr.data());
             for (int64_t b = 0; b < cols / 32; b++) {
                 if (memcmp(yk.data() + b * 32, yr.data() + b * 32, 32) != 0) q.fail(strf("block %ld: int8 values differ", (long) b));
                 if (dk[b] != dr[b]) q.fail(strf("block %ld: scale %g, expected %g", (long) b, dk[b], dr[b]));
-                for (int h = 0; h < 2; h++) {
-                    if (sk[2 * b + h] != -128 * sr[2 * b + h])
-                        q.fail(strf("block %ld: sb %d, expected %d", (long) b, sk[2 * b + h], -128 * sr[2 * b + h]));
-                }
+                if (sk[b] != -128 * sr[b]) q.fail(strf("block %ld: sb %d, expected %d", (long) b, sk[b], -128 * sr[b]));
                 for (int k = 0; k < 32; k++) xq[b * 32 + k] = (float) yr[b * 32 + k] * dr[b];
             }
             for (int64_t b = cols / 32; b < nbp; b++) { // padding blocks are zero
                 const int64_t gi = b / 8;
                 for (int k = 0; k < 32; k++)
                     if (in.y[(size_t) (gi * 256 + ((k / 4) * 8 + b % 8) * 4 + k % 4)] != 0) q.fail(strf("padding block %ld: quants not zero", (long) b));
-                if (in.dy[(size_t) (gi * 8 + b % 8)] != 0.0f || in.sb[(size_t) (gi * 16 + b % 8)] != 0 || in.sb[(size_t) (gi * 16 + 8 + b % 8)] != 0) q.fail(strf("padding block %ld: scale or sum not zero", (long) b));
+                if (in.dy[(size_t) (gi * 8 + b % 8)] != 0.0f || in.sb[(size_t) (gi * 8 + b % 8)] != 0) q.fail(strf("padding block %ld: scale or sum not zero", (long) b));
             }
         } else {
             for (int64_t k = 0; k < cols; k++) xq[k] = x[c * cols + k];

@@ -53,15 +53,14 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = chunk[m];
             dy[gi * 8 + b % 8] = amax / 127.0f;
             const __m256i qs = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            sb[gi * 16 + b % 8] = -128 * hsum_epi32(_mm256_blend_epi32(qs, _mm256_setzero_si256(), 0xF0)); // even m: lanes 0-3
-            sb[gi * 16 + 8 + b % 8] = -128 * hsum_epi32(_mm256_blend_epi32(qs, _mm256_setzero_si256(), 0x0F));
+            sb[gi * 8 + b % 8] = -128 * hsum_epi32(qs);
         }
         for (int64_t b = nb; b < nbp; b++) {
             const int64_t gi = (b / 8) * n_col + c;
             int32_t * grp = (int32_t *) (y + gi * 256);
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
             dy[gi * 8 + b % 8] = 0.0f;
-            sb[gi * 16 + b % 8] = sb[gi * 16 + 8 + b % 8] = 0;
+            sb[gi * 8 + b % 8] = 0;
         }
     }
 }
@@ -105,9 +104,9 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
 constexpr int64_t PREFETCH_BYTES = 6144;      // several columns (see avx512.cpp)
 constexpr int64_t PREFETCH_1COL_BYTES = 8192; // one column, Q4_K and F16
 
-// The float side, identical to avx512.cpp's: per (row, column) two 8-lane accumulators, lo for the
-// even activation vectors m of each block (and Q4_K's min term), hi for the odd ones; per group
-// += float(dot) * (dx_l * dy_l); at the end hsum(lo + hi), the AVX512 kernel's 16-lane tree.
+// The float side of the int8 products, identical to avx512.cpp's (kernel.h): per (row, column) one
+// 8-lane accumulator, lane l collecting block l; per group acc = fma(float(dot), dx_l * dy_l, acc)
+// with dot block l's whole integer dot product (Q4_K then subtracts its min term); at the end hsum.
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -122,9 +121,9 @@ inline void zero(__m256 (&acc)[R][NC]) {
 }
 
 template <int R, int NC>
-inline void store(__m256 (&lo)[R][NC], __m256 (&hi)[R][NC], float * dst, int64_t dst_stride) {
+inline void store(__m256 (&acc)[R][NC], float * dst, int64_t dst_stride) {
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(_mm256_add_ps(lo[r][n], hi[r][n]));
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum(acc[r][n]);
 }
 
 inline __m256 q8_scale(const uint8_t * t, int r, const float * dy) {
@@ -137,9 +136,8 @@ inline __m256 q8_scale(const uint8_t * t, int r, const float * dy) {
 template <int R, int NC>
 inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, int64_t col_stride, float * dst,
                     int64_t dst_stride) {
-    __m256 lo[R][NC], hi[R][NC];
-    zero<R, NC>(lo);
-    zero<R, NC>(hi);
+    __m256 acc[R][NC];
+    zero<R, NC>(acc);
     const int64_t group = R * (16 + 8 * 32);
     constexpr int RP = NC == 1 ? R : NC == 2 && R % 2 == 0 ? 2 : 1; // rows per pass: what the registers hold
     const __m256i flip = _mm256_set1_epi8((char) 0x80), ones = _mm256_set1_epi16(1);
@@ -150,10 +148,9 @@ inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const floa
         }
         const uint8_t * qt = t + R * 16;
         _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
-            __m256i dot[2][RP][NC]; // even, odd m
-            _Pragma("GCC unroll 2") for (int e = 0; e < 2; e++)
-                _Pragma("GCC unroll 4") for (int r = 0; r < RP; r++)
-                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[e][r][n] = _mm256_setzero_si256();
+            __m256i dot[RP][NC];
+            _Pragma("GCC unroll 4") for (int r = 0; r < RP; r++)
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm256_setzero_si256();
             _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {
                 __m256i yv[NC];
                 _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
@@ -163,19 +160,18 @@ inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const floa
                     const __m256i aq = _mm256_abs_epi8(q);
                     _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
                         const __m256i p = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(yv[n], q));
-                        dot[m % 2][r][n] = _mm256_add_epi32(dot[m % 2][r][n], _mm256_madd_epi16(p, ones));
+                        dot[r][n] = _mm256_add_epi32(dot[r][n], _mm256_madd_epi16(p, ones));
                     }
                 }
             }
             _Pragma("GCC unroll 4") for (int r = 0; r < RP; r++)
                 _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
                     const __m256 sc = q8_scale(t, r0 + r, dy + (g * col_stride + n) * 8);
-                    lo[r0 + r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0][r][n]), sc, lo[r0 + r][n]);
-                    hi[r0 + r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[1][r][n]), sc, hi[r0 + r][n]);
+                    acc[r0 + r][n] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][n]), sc, acc[r0 + r][n]);
                 }
         }
     }
-    store<R, NC>(lo, hi, dst, dst_stride);
+    store<R, NC>(acc, dst, dst_stride);
 }
 
 inline void q4k_factors(const uint8_t * h, __m256 & dsc, __m256 & dmn) {
@@ -187,19 +183,17 @@ inline void q4k_factors(const uint8_t * h, __m256 & dsc, __m256 & dmn) {
 }
 
 inline __m256 q4k_ysum(const int32_t * sb, const float * dy) {
-    const __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_loadu_si256((const __m256i *) sb), _mm256_loadu_si256((const __m256i *) (sb + 8))));
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) sb));
     return _mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(-1.0f / 128.0f)), _mm256_loadu_ps(dy));
 }
 
-// Q4_K, R rows x NC columns: nibbles (0..15) times int8 activations. Packed vectors k = 0, 2 hold
-// the even activation vectors m, k = 1, 3 the odd ones; each one's 4 vpmaddubsw per group sum in
-// int16 (4 * 2 * 15 * 127 < 32768) before one vpmaddwd.
+// Q4_K, R rows x NC columns: nibbles (0..15) times int8 activations (|y| <= 127). A group's 8
+// vpmaddubsw per row and column sum in int16 (8 * 2 * 15 * 127 = 30480 < 32768) before one vpmaddwd.
 template <int R, int NC>
 inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                      int64_t col_stride, float * dst, int64_t dst_stride) {
-    __m256 lo[R][NC], hi[R][NC];
-    zero<R, NC>(lo);
-    zero<R, NC>(hi);
+    __m256 acc[R][NC];
+    zero<R, NC>(acc);
     const int64_t group = R * 148;
     constexpr int RP = NC == 1 ? R : NC == 2 && R % 2 == 0 ? 2 : 1;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -208,13 +202,12 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
             _mm_prefetch((const char *) t + (NC > 1 ? PREFETCH_BYTES : PREFETCH_1COL_BYTES) + o, _MM_HINT_T1);
         __m256 ysum[NC];
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
-            ysum[n] = q4k_ysum(sb + (g * col_stride + n) * 16, dy + (g * col_stride + n) * 8);
+            ysum[n] = q4k_ysum(sb + (g * col_stride + n) * 8, dy + (g * col_stride + n) * 8);
         const uint8_t * qt = t + R * 20;
         _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
-            __m256i s16[2][RP][NC]; // even, odd m
-            _Pragma("GCC unroll 2") for (int e = 0; e < 2; e++)
-                _Pragma("GCC unroll 4") for (int r = 0; r < RP; r++)
-                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) s16[e][r][n] = _mm256_setzero_si256();
+            __m256i s16[RP][NC];
+            _Pragma("GCC unroll 4") for (int r = 0; r < RP; r++)
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) s16[r][n] = _mm256_setzero_si256();
             _Pragma("GCC unroll 4") for (int k = 0; k < 4; k++) {
                 const int m = k / 2 * 4 + k % 2; // low nibbles: activation vector m, high: m + 2
                 __m256i ylo[NC], yhi[NC];
@@ -226,8 +219,8 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
                     const __m256i p = _mm256_loadu_si256((const __m256i *) (qt + (r0 + r) * 128 + k * 32));
                     const __m256i pl = _mm256_and_si256(p, low), ph = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
                     _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                        s16[k % 2][r][n] = _mm256_add_epi16(s16[k % 2][r][n], _mm256_maddubs_epi16(pl, ylo[n]));
-                        s16[k % 2][r][n] = _mm256_add_epi16(s16[k % 2][r][n], _mm256_maddubs_epi16(ph, yhi[n]));
+                        s16[r][n] = _mm256_add_epi16(s16[r][n], _mm256_maddubs_epi16(pl, ylo[n]));
+                        s16[r][n] = _mm256_add_epi16(s16[r][n], _mm256_maddubs_epi16(ph, yhi[n]));
                     }
                 }
             }
@@ -236,15 +229,13 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
                 q4k_factors(t + (r0 + r) * 20, dsc, dmn);
                 _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
                     const __m256 sc = _mm256_mul_ps(dsc, _mm256_loadu_ps(dy + (g * col_stride + n) * 8));
-                    const __m256 de = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[0][r][n], ones));
-                    const __m256 dd = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[1][r][n], ones));
-                    lo[r0 + r][n] = _mm256_fnmadd_ps(dmn, ysum[n], _mm256_fmadd_ps(de, sc, lo[r0 + r][n]));
-                    hi[r0 + r][n] = _mm256_fmadd_ps(dd, sc, hi[r0 + r][n]);
+                    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r][n], ones));
+                    acc[r0 + r][n] = _mm256_fnmadd_ps(dmn, ysum[n], _mm256_fmadd_ps(dot, sc, acc[r0 + r][n]));
                 }
             }
         }
     }
-    store<R, NC>(lo, hi, dst, dst_stride);
+    store<R, NC>(acc, dst, dst_stride);
 }
 
 // F16: a 16-value chunk in two 8-lane accumulators (lanes 0-7 and 8-15 of avx512.cpp's one), summed
@@ -317,7 +308,7 @@ inline void int8_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const fl
     for (int64_t c = 0; c < n_col; c += 4) {
         const int8_t * yc = y + c * 256;
         const float * dc = dy + c * 8;
-        const int32_t * sc = sb + c * 16;
+        const int32_t * sc = sb + c * 8;
         float * oc = dst + c * dst_stride;
         switch (n_col - c < 4 ? n_col - c : 4) {
             case 1: tile_any<Q4K, R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
@@ -334,7 +325,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
     const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
     const int8_t * y = in.y + c0 * 256;
     const float * dy = in.dy + c0 * 8;
-    const int32_t * sb = in.sb + c0 * 16;
+    const int32_t * sb = in.sb + c0 * 8;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
         int8_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);

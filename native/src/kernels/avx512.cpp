@@ -35,16 +35,14 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
             int32_t * grp = (int32_t *) (y + gi * 256);
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = chunk[m];
             dy[gi * 8 + b % 8] = amax / 127.0f;
-            const __m512i q01 = _mm512_add_epi32(q0, q1); // lanes 0-3, 8-11: values of even m
-            sb[gi * 16 + b % 8] = -128 * _mm512_mask_reduce_add_epi32(0x0F0F, q01);
-            sb[gi * 16 + 8 + b % 8] = -128 * _mm512_mask_reduce_add_epi32(0xF0F0, q01);
+            sb[gi * 8 + b % 8] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         }
         for (int64_t b = nb; b < nbp; b++) {
             const int64_t gi = (b / 8) * n_col + c;
             int32_t * grp = (int32_t *) (y + gi * 256);
             for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
             dy[gi * 8 + b % 8] = 0.0f;
-            sb[gi * 16 + b % 8] = sb[gi * 16 + 8 + b % 8] = 0;
+            sb[gi * 8 + b % 8] = 0;
         }
     }
 }
@@ -88,14 +86,11 @@ constexpr int64_t PREFETCH_BYTES = 6144;
 // Intel Xeon, depth-decoder-sized Q4_K products 7-10 % faster).
 constexpr int64_t PREFETCH_1COL_BYTES = 8192;
 
-// The float side of every product, shared by the one-column (256-bit) and several-column (512-bit)
-// dot products so that a column's result does not depend on the column count. Each (row, column)
-// has 16 float lanes: lane l (0-7) collects block l's dot product over the even activation vectors m
-// (with sb, and for Q4_K the min term), lane 8 + l the odd ones; per group of 8 blocks, lanes
-// += float(dot) * (dx_l * dy_l). The 16 lanes are summed at the end in one fixed tree. (This is the
-// order of a 512-bit dot product, whose zmm load covers vectors m and m + 1: several columns, where
-// arithmetic rather than memory sets the pace, pay the least for it. One column keeps the two halves
-// in two 256-bit accumulators.)
+// The float side of the int8 products (kernel.h): per (row, column) 8 float lanes, lane l collecting
+// block l; per group acc_l = fma(float(dot_l), dx_l * dy_l, acc_l), where dot_l is block l's whole
+// integer dot product (Q4_K then subtracts its min term); at the end hsum's tree. A zmm holds two
+// (row, column) pairs, rows r and r + 1 of one column in its halves: one float instruction per two
+// pairs, and the same per-lane operations as the one-row ymm code.
 inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -103,149 +98,93 @@ inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// The 16-lane tree: halves, quarters, pairs, neighbours (= hsum(lo + hi) of the two 8-lane halves).
-// (The masked forms of the shuffles: GCC 12 warns about the undefined source of the plain ones.)
-inline float hsum512(__m512 v) {
-    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0xB1));
-    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0x4E));
-    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0xB1));
-    return _mm512_cvtss_f32(v);
+// The halves of a zmm. (The masked extract: GCC 12 warns about the undefined source of the plain one,
+// which its _mm512_castps512_ps256 uses too.)
+template <int H>
+inline __m256 half(__m512 v) {
+    return _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, _mm512_castps_pd(v), H));
 }
 
+// The two rows' results of a zmm accumulator: dst[0] (lanes 0-7), dst[1] (lanes 8-15).
+inline void store2(__m512 acc, float * dst) {
+    dst[0] = hsum(half<0>(acc));
+    dst[1] = hsum(half<1>(acc));
+}
+
+// 8 values (floats, ints) from p in both halves of a zmm: a load, no shuffle.
+inline __m512 bcast8(const float * p) { return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd((const double *) p))); }
+inline __m512i bcast8(const int32_t * p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) p)); }
+inline __m512i bcast32(const int8_t * p) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *) p)); }
+// Vector m of rows r and r + 1 of a Q8_0 tile (at p and p + 256) in the halves of a zmm.
+inline __m512i rows2(const uint8_t * p) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *) p)), _mm256_loadu_si256((const __m256i *) (p + 256)), 1);
+}
 inline __m512 dup8(__m256 v) { return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_castps_pd(v))); }
-
-template <int R, int NC>
-inline void zero(__m256 (&acc)[R][NC]) {
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm256_setzero_ps();
+inline __m512 join(__m256 lo, __m256 hi) {
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
 
-template <int R, int NC>
-inline void zero(__m512 (&acc)[R][NC]) {
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = _mm512_setzero_ps();
-}
-
-template <int R, int NC>
-inline void store(__m512 (&acc)[R][NC], float * dst, int64_t dst_stride) {
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = hsum512(acc[r][n]);
-}
-
-template <int R>
-inline void store(__m256 (&lo)[R][1], __m256 (&hi)[R][1], float * dst) {
-    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) dst[r] = hsum(_mm256_add_ps(lo[r][0], hi[r][0]));
-}
-
-inline __m256 q8_scale(const uint8_t * t, int r, const float * dy) {
-    return _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16))), _mm256_loadu_ps(dy));
-}
-
-// Q8_0, one column: R rows of a tile (kernel.h); the even and odd m are two dependency chains, each
-// started from its own offset correction (so that neither half carries a large offset).
+// Q8_0, one column (memory-bound): R rows of a tile one by one in ymm, each row's 256 quants of a
+// group read in order; the even and odd m are two dependency chains (the first started from sb),
+// added at the group's end.
 template <int R>
 inline void tile_q8_1(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                       int64_t col_stride, float * dst) {
-    __m256 lo[R][1], hi[R][1];
-    zero<R, 1>(lo);
-    zero<R, 1>(hi);
-    const int64_t group = R * (16 + 8 * 32);
-    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        const uint8_t * qt = t + R * 16;
-        const int8_t * yg = y + g * col_stride * 256;
+    __m256 acc[R];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nbp / 8; g++, t += R * 272) {
+        const int64_t o = g * col_stride;
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
-            __m256i even = _mm256_loadu_si256((const __m256i *) (sb + g * col_stride * 16));
-            __m256i odd = _mm256_loadu_si256((const __m256i *) (sb + g * col_stride * 16 + 8));
-            _Pragma("GCC unroll 8") for (int m = 0; m < 8; m += 2) {
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32));
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *) (qt + r * 256 + m * 32 + 32));
-                even = _mm256_dpbusd_epi32(even, x0, _mm256_loadu_si256((const __m256i *) (yg + m * 32)));
-                odd = _mm256_dpbusd_epi32(odd, x1, _mm256_loadu_si256((const __m256i *) (yg + m * 32 + 32)));
+            __m256i d[2] = {_mm256_loadu_si256((const __m256i *) (sb + o * 8)), _mm256_setzero_si256()};
+            _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {
+                d[m % 2] = _mm256_dpbusd_epi32(d[m % 2], _mm256_loadu_si256((const __m256i *) (t + R * 16 + r * 256 + m * 32)),
+                                               _mm256_loadu_si256((const __m256i *) (y + o * 256 + m * 32)));
             }
-            const __m256 sc = q8_scale(t, r, dy + g * col_stride * 8);
-            lo[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(even), sc, lo[r][0]);
-            hi[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(odd), sc, hi[r][0]);
+            const __m256 dx = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *) (t + r * 16)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(d[0], d[1])), _mm256_mul_ps(dx, _mm256_loadu_ps(dy + o * 8)), acc[r]);
         }
     }
-    store<R>(lo, hi, dst);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) dst[r] = hsum(acc[r]);
 }
 
-// Q8_0, several columns (a batch, a prompt): 512-bit dot products, rows in pairs so that each
-// activation load serves two rows.
-template <int R, int NC>
-inline void tile_q8_n(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                      int64_t col_stride, float * dst, int64_t dst_stride) {
-    __m512 acc[R][NC];
-    zero<R, NC>(acc);
-    const int64_t group = R * (16 + 8 * 32);
-    constexpr int RP = R % 2 == 0 ? 2 : 1; // rows per pass
-    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
-            _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
-        const uint8_t * qt = t + R * 16;
-        _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
-            __m512i dot[RP][NC];
-            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                const __m512i s = _mm512_loadu_si512((const void *) (sb + (g * col_stride + n) * 16));
-                _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) dot[r][n] = s;
-            }
-            _Pragma("GCC unroll 4") for (int m2 = 0; m2 < 4; m2++) {
-                __m512i yv[NC];
-                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
-                    yv[n] = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + m2 * 64));
-                _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
-                    const __m512i xv = _mm512_loadu_si512((const void *) (qt + (r0 + r) * 256 + m2 * 64));
-                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv, yv[n]);
-                }
-            }
-            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
-                const __m512 dx = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (t + (r0 + r) * 16))));
-                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                    const __m512 sc = _mm512_mul_ps(dx, dup8(_mm256_loadu_ps(dy + (g * col_stride + n) * 8)));
-                    acc[r0 + r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][n]), sc, acc[r0 + r][n]);
-                }
-            }
-        }
-    }
-    store<R, NC>(acc, dst, dst_stride);
-}
-
-// Q8_0, 4 rows x 4 columns (a batch of 4, a prompt): all 16 dot products of a group in registers,
-// each activation and weight load serving 4 products; the float accumulators live in L1 (they do not
-// fit beside the dot products). The same float order as tile_q8_n. (kernel_bench, 2 threads' CPU
-// time on the Zen 4 host: 4 columns 3.0 -> 2.5 ms, 16 columns 10.1 -> 8.5 ms.)
-inline void tile_q8_4x4(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+// Q8_0, 4 rows x NC columns (a batch, a prompt): per activation vector m, rows 0-1 and 2-3 joined in
+// two zmm serve all NC columns, each column's vector broadcast to both halves; all 2 x NC dot products
+// and float accumulators stay in registers (NC = 4: 16 of the 32). Per group 16 NC vpdpbusd against
+// 3 NC float instructions and 16 inserts. (Packing rows interleaved per vector m, so that one load
+// gives two rows, made 64-column products 10-15 % faster but one column 5-10 % slower: kernel_bench
+// CPU time, Zen 4.)
+template <int NC>
+inline void tile_q8_4xn(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                         int64_t col_stride, float * dst, int64_t dst_stride) {
-    alignas(64) float acc[4][4][16] = {};
-    const int64_t group = 4 * (16 + 8 * 32);
-    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+    __m512 acc[2][NC];
+    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nbp / 8; g++, t += 4 * 272) {
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < 4 * 272; o += 64)
             _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
         const uint8_t * qt = t + 64;
-        __m512i dot[4][4];
-        _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) {
-            const __m512i s = _mm512_loadu_si512((const void *) (sb + (g * col_stride + n) * 16));
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) dot[r][n] = s;
-        }
-        _Pragma("GCC unroll 4") for (int m2 = 0; m2 < 4; m2++) {
-            __m512i xv[4];
-            _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) xv[r] = _mm512_loadu_si512((const void *) (qt + r * 256 + m2 * 64));
-            _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) {
-                const __m512i yv = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + m2 * 64));
-                _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv[r], yv);
+        const int64_t o = g * col_stride;
+        __m512i d[2][NC];
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) d[0][n] = d[1][n] = bcast8(sb + (o + n) * 8);
+        _Pragma("GCC unroll 8") for (int m = 0; m < 8; m++) {
+            const __m512i w0 = rows2(qt + m * 32), w1 = rows2(qt + 512 + m * 32);
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                const __m512i yv = bcast32(y + (o + n) * 256 + m * 32);
+                d[0][n] = _mm512_dpbusd_epi32(d[0][n], w0, yv);
+                d[1][n] = _mm512_dpbusd_epi32(d[1][n], w1, yv);
             }
         }
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {
-            const __m512 dx = _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) (t + r * 16))));
-            _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) {
-                const __m512 sc = _mm512_mul_ps(dx, dup8(_mm256_loadu_ps(dy + (g * col_stride + n) * 8)));
-                _mm512_store_ps(acc[r][n], _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][n]), sc, _mm512_load_ps(acc[r][n])));
-            }
+        const __m512 dx0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) t));
+        const __m512 dx1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *) (t + 32)));
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+            const __m512 dyv = bcast8(dy + (o + n) * 8);
+            acc[0][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[0][n]), _mm512_mul_ps(dx0, dyv), acc[0][n]);
+            acc[1][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[1][n]), _mm512_mul_ps(dx1, dyv), acc[1][n]);
         }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)
-        _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) dst[n * dst_stride + r] = hsum512(_mm512_load_ps(acc[r][n]));
+    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+        store2(acc[0][n], dst + n * dst_stride);
+        store2(acc[1][n], dst + n * dst_stride + 2);
+    }
 }
 
 // Q4_K's per-row factors of a group: d * scale_l and dmin * min_l.
@@ -257,23 +196,23 @@ inline void q4k_factors(const uint8_t * h, __m256 & dsc, __m256 & dmn) {
     dmn = _mm256_mul_ps(_mm256_set1_ps(_cvtsh_ss(m16)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *) (h + 12)))));
 }
 
-// dy * sum(y) per block of a column's group (its two sb halves add up to -128 * sum(y)).
+// dy * sum(y) per block of a column's group (sb = -128 * sum(y)).
 inline __m256 q4k_ysum(const int32_t * sb, const float * dy) {
-    const __m256 s = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_loadu_si256((const __m256i *) sb), _mm256_loadu_si256((const __m256i *) (sb + 8))));
+    const __m256 s = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *) sb));
     return _mm256_mul_ps(_mm256_mul_ps(s, _mm256_set1_ps(-1.0f / 128.0f)), _mm256_loadu_ps(dy));
 }
 
-// Q4_K: value = d * sc_l * q - dmin * m_l per sub-block l, hence per group: lanes += d sc dy . dot,
-// and lanes 0-7 (once per block) -= dmin m . (dy sum(y)).
+// Q4_K: value = d * sc_l * q - dmin * m_l per sub-block l, hence per group and lane l:
+// acc = fma(float(dot), d sc dy, acc), then acc -= dmin m . (dy sum(y)).
 
 // Q4_K, one column: lane l of the dot products collects sub-block l (unsigned 4-bit quants, so no
-// offset). Packed vectors k = 0, 2 hold the even activation vectors m, k = 1, 3 the odd ones.
+// offset). Packed vectors k = 0, 2 hold the even activation vectors m, k = 1, 3 the odd ones: two
+// chains, added at the group's end.
 template <int R>
 inline void tile_q4k_1(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                        int64_t col_stride, float * dst) {
-    __m256 lo[R][1], hi[R][1];
-    zero<R, 1>(lo);
-    zero<R, 1>(hi);
+    __m256 acc[R];
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     const int64_t group = R * 148;
     const __m256i low = _mm256_set1_epi8(0x0F);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
@@ -281,7 +220,7 @@ inline void tile_q4k_1(const uint8_t * t, int64_t nbp, const int8_t * y, const f
             _mm_prefetch((const char *) t + PREFETCH_1COL_BYTES + o, _MM_HINT_T1);
         const int8_t * yg = y + g * col_stride * 256;
         const float * dg = dy + g * col_stride * 8;
-        const __m256 ysum = q4k_ysum(sb + g * col_stride * 16, dg);
+        const __m256 ysum = q4k_ysum(sb + g * col_stride * 8, dg);
         const uint8_t * qt = t + R * 20;
         _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {
             __m256i dot[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()}; // even, odd m
@@ -296,75 +235,30 @@ inline void tile_q4k_1(const uint8_t * t, int64_t nbp, const int8_t * y, const f
             __m256 dsc, dmn;
             q4k_factors(t + r * 20, dsc, dmn);
             const __m256 sc = _mm256_mul_ps(dsc, _mm256_loadu_ps(dg));
-            lo[r][0] = _mm256_fnmadd_ps(dmn, ysum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[0]), sc, lo[r][0]));
-            hi[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[1]), sc, hi[r][0]);
+            acc[r] = _mm256_fnmadd_ps(dmn, ysum, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(dot[0], dot[1])), sc, acc[r]));
         }
     }
-    store<R>(lo, hi, dst);
+    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) dst[r] = hsum(acc[r]);
 }
 
-// Q4_K, several columns: the 64 bytes of vectors 2J and 2J + 1 hold activation vectors 4J, 4J + 1 in
-// their low nibbles and 4J + 2, 4J + 3 in their high nibbles, so each nibble half pairs with one
-// contiguous zmm of activations (lanes 0-7 the even m, 8-15 the odd m).
-template <int R, int NC>
-inline void tile_q4k_n(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                       int64_t col_stride, float * dst, int64_t dst_stride) {
-    __m512 acc[R][NC];
-    zero<R, NC>(acc);
-    const int64_t group = R * 148;
-    constexpr int RP = R % 2 == 0 ? 2 : 1; // rows per pass
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
-            _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
-        __m512 ysum[NC]; // lanes 0-7 only: the min term once per block
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
-            ysum[n] = _mm512_zextps256_ps512(q4k_ysum(sb + (g * col_stride + n) * 16, dy + (g * col_stride + n) * 8));
-        const uint8_t * qt = t + R * 20;
-        _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
-            __m512i dot[RP][NC];
-            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++)
-                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_setzero_si512();
-            _Pragma("GCC unroll 2") for (int J = 0; J < 2; J++) {
-                _Pragma("GCC unroll 2") for (int hi = 0; hi < 2; hi++) {
-                    __m512i yv[NC];
-                    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++)
-                        yv[n] = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + J * 128 + hi * 64));
-                    _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
-                        const __m512i p = _mm512_loadu_si512((const void *) (qt + (r0 + r) * 128 + J * 64));
-                        const __m512i xv = _mm512_and_si512(hi ? _mm512_srli_epi16(p, 4) : p, low);
-                        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv, yv[n]);
-                    }
-                }
-            }
-            _Pragma("GCC unroll 2") for (int r = 0; r < RP; r++) {
-                __m256 dsc8, dmn8;
-                q4k_factors(t + (r0 + r) * 20, dsc8, dmn8);
-                const __m512 dsc = dup8(dsc8), dmn = _mm512_zextps256_ps512(dmn8);
-                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
-                    const __m512 sc = _mm512_mul_ps(dsc, dup8(_mm256_loadu_ps(dy + (g * col_stride + n) * 8)));
-                    acc[r0 + r][n] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][n]), sc, acc[r0 + r][n]);
-                    acc[r0 + r][n] = _mm512_fnmadd_ps(dmn, ysum[n], acc[r0 + r][n]);
-                }
-            }
-        }
-    }
-    store<R, NC>(acc, dst, dst_stride);
-}
-
-// Q4_K, 4 rows x 4 columns: as tile_q8_4x4, the same float order as tile_q4k_n.
-inline void tile_q4k_4x4(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
+// Q4_K, 4 rows x NC columns: the 64 bytes of vectors 2J and 2J + 1 hold activation vectors 4J, 4J + 1
+// in their low nibbles and 4J + 2, 4J + 3 in their high nibbles, so each nibble half pairs with one
+// contiguous zmm of activations (lanes 0-7 the even m, 8-15 the odd m). Per group the two halves of
+// rows r and r + 1 are folded (in integer) into one zmm, whose float update is that of two rows.
+template <int NC>
+inline void tile_q4k_4xn(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                          int64_t col_stride, float * dst, int64_t dst_stride) {
-    alignas(64) float acc[4][4][16] = {};
-    const int64_t group = 4 * 148;
+    __m512 acc[2][NC];
+    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[0][n] = acc[1][n] = _mm512_setzero_ps();
     const __m512i low = _mm512_set1_epi8(0x0F);
-    for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+    for (int64_t g = 0; g < nbp / 8; g++, t += 4 * 148) {
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < 4 * 148; o += 64)
             _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
+        const int64_t o = g * col_stride;
         const uint8_t * qt = t + 80;
-        __m512i dot[4][4];
+        __m512i dot[4][NC];
         _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)
-            _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) dot[r][n] = _mm512_setzero_si512();
+            _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dot[r][n] = _mm512_setzero_si512();
         _Pragma("GCC unroll 2") for (int J = 0; J < 2; J++) {
             _Pragma("GCC unroll 2") for (int hi = 0; hi < 2; hi++) {
                 __m512i xv[4];
@@ -372,26 +266,44 @@ inline void tile_q4k_4x4(const uint8_t * t, int64_t nbp, const int8_t * y, const
                     const __m512i p = _mm512_loadu_si512((const void *) (qt + r * 128 + J * 64));
                     xv[r] = _mm512_and_si512(hi ? _mm512_srli_epi16(p, 4) : p, low);
                 }
-                _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) {
-                    const __m512i yv = _mm512_loadu_si512((const void *) (y + (g * col_stride + n) * 256 + J * 128 + hi * 64));
+                _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+                    const __m512i yv = _mm512_loadu_si512((const void *) (y + (o + n) * 256 + J * 128 + hi * 64));
                     _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) dot[r][n] = _mm512_dpbusd_epi32(dot[r][n], xv[r], yv);
                 }
             }
         }
-        _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++) {
-            __m256 dsc8, dmn8;
-            q4k_factors(t + r * 20, dsc8, dmn8);
-            const __m512 dsc = dup8(dsc8), dmn = _mm512_zextps256_ps512(dmn8);
-            _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) {
-                const __m512 ysum = _mm512_zextps256_ps512(q4k_ysum(sb + (g * col_stride + n) * 16, dy + (g * col_stride + n) * 8));
-                const __m512 sc = _mm512_mul_ps(dsc, dup8(_mm256_loadu_ps(dy + (g * col_stride + n) * 8)));
-                __m512 a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][n]), sc, _mm512_load_ps(acc[r][n]));
-                _mm512_store_ps(acc[r][n], _mm512_fnmadd_ps(dmn, ysum, a));
+        __m512 dsc[2], dmn[2]; // rows 2p, 2p + 1 in the halves
+        _Pragma("GCC unroll 2") for (int p = 0; p < 2; p++) {
+            __m256 dsc0, dmn0, dsc1, dmn1;
+            q4k_factors(t + (2 * p) * 20, dsc0, dmn0);
+            q4k_factors(t + (2 * p + 1) * 20, dsc1, dmn1);
+            dsc[p] = join(dsc0, dsc1);
+            dmn[p] = join(dmn0, dmn1);
+        }
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+            const __m512 dyv = bcast8(dy + (o + n) * 8), ysum = dup8(q4k_ysum(sb + (o + n) * 8, dy + (o + n) * 8));
+            _Pragma("GCC unroll 2") for (int p = 0; p < 2; p++) {
+                const __m512i a = dot[2 * p][n], b = dot[2 * p + 1][n];
+                const __m512i fold = _mm512_add_epi32(_mm512_shuffle_i64x2(a, b, 0x44), _mm512_shuffle_i64x2(a, b, 0xEE));
+                const __m512 sc = _mm512_mul_ps(dsc[p], dyv);
+                acc[p][n] = _mm512_fnmadd_ps(dmn[p], ysum, _mm512_fmadd_ps(_mm512_cvtepi32_ps(fold), sc, acc[p][n]));
             }
         }
     }
-    _Pragma("GCC unroll 4") for (int r = 0; r < 4; r++)
-        _Pragma("GCC unroll 4") for (int n = 0; n < 4; n++) dst[n * dst_stride + r] = hsum512(_mm512_load_ps(acc[r][n]));
+    _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+        store2(acc[0][n], dst + n * dst_stride);
+        store2(acc[1][n], dst + n * dst_stride + 2);
+    }
+}
+
+// F16's 16-lane tree: halves, quarters, pairs, neighbours (= hsum(lo + hi) of the two 8-lane halves).
+// (The masked forms of the shuffles: GCC 12 warns about the undefined source of the plain ones.)
+inline float hsum512(__m512 v) {
+    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_mask_shuffle_f32x4(v, 0xFFFF, v, v, 0xB1));
+    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0x4E));
+    v = _mm512_add_ps(v, _mm512_mask_permute_ps(v, 0xFFFF, v, 0xB1));
+    return _mm512_cvtss_f32(v);
 }
 
 // F16 tile: per chunk of 16 columns, the R rows' 16 halves converted to fp32 and multiplied into
@@ -444,31 +356,26 @@ void gemm_f16(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t
     for (; r < r1; r++) f16_cols<1>(w + r * cols * 2, nch, x, in.x_stride, n_col, dst + r - r0, dst_stride);
 }
 
-template <bool Q4K, int R, int NC>
-inline void tile_any(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
-                     int64_t col_stride, float * dst, int64_t dst_stride) {
-    if constexpr (Q4K && R == 4 && NC == 4) tile_q4k_4x4(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
-    else if constexpr (Q4K && NC > 1) tile_q4k_n<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
-    else if constexpr (Q4K) tile_q4k_1<R>(t, nbp, y, dy, sb, col_stride, dst);
-    else if constexpr (R == 4 && NC == 4) tile_q8_4x4(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
-    else if constexpr (NC > 1) tile_q8_n<R, NC>(t, nbp, y, dy, sb, col_stride, dst, dst_stride);
-    else tile_q8_1<R>(t, nbp, y, dy, sb, col_stride, dst);
-}
-
-// All columns of one tile, four at a time.
+// All columns of one tile: a 4-row tile up to four at a time, a 1-row tile (the last rows % 4 rows of
+// a matrix, at most 3) one by one.
 template <bool Q4K, int R>
 inline void int8_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                       int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
-    for (int64_t c = 0; c < n_col; c += 4) {
+    for (int64_t c = 0; c < n_col; c += R == 4 ? 4 : 1) {
         const int8_t * yc = y + c * 256;
         const float * dc = dy + c * 8;
-        const int32_t * sc = sb + c * 16;
+        const int32_t * sc = sb + c * 8;
         float * oc = dst + c * dst_stride;
+        if constexpr (R == 1) {
+            if constexpr (Q4K) tile_q4k_1<1>(t, nbp, yc, dc, sc, col_stride, oc);
+            else tile_q8_1<1>(t, nbp, yc, dc, sc, col_stride, oc);
+            continue;
+        }
         switch (n_col - c < 4 ? n_col - c : 4) {
-            case 1: tile_any<Q4K, R, 1>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 2: tile_any<Q4K, R, 2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            case 3: tile_any<Q4K, R, 3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
-            default: tile_any<Q4K, R, 4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 1: Q4K ? tile_q4k_1<4>(t, nbp, yc, dc, sc, col_stride, oc) : tile_q8_1<4>(t, nbp, yc, dc, sc, col_stride, oc); break;
+            case 2: Q4K ? tile_q4k_4xn<2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride) : tile_q8_4xn<2>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            case 3: Q4K ? tile_q4k_4xn<3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride) : tile_q8_4xn<3>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
+            default: Q4K ? tile_q4k_4xn<4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride) : tile_q8_4xn<4>(t, nbp, yc, dc, sc, col_stride, oc, dst_stride); break;
         }
     }
 }
@@ -480,7 +387,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
     const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
     const int8_t * y = in.y + c0 * 256;
     const float * dy = in.dy + c0 * 8;
-    const int32_t * sb = in.sb + c0 * 16;
+    const int32_t * sb = in.sb + c0 * 8;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4) {
         int8_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);

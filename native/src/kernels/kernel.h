@@ -22,22 +22,25 @@
 //
 // Activations of the int8 formats (Q8_0, Q4_K) are quantised per 32 values as Q8_0 (scale
 // max|x| / 127, round to nearest even, quants in [-127, 127]) by the kernel's quantize(): y (int8, in
-// groups of 8 blocks, [m][l][4] like the weights), dy (the scales), and sb: per block two sums,
-// -128 * (sum of the block's quants in the even activation vectors m) and the same for the odd m, which
-// remove the +128 of the Q8_0 weight quants from an unsigned x signed dot product, each half on its
-// own (their sum, -128 * sum(y), gives Q4_K's min term). The columns' groups are interleaved,
-// [group][column]: group g of column c is at y + (g * n_col + c) * 256, dy + (g * n_col + c) * 8 and
-// sb + (g * n_col + c) * 16 (the 8 blocks' even sums, then their odd sums). F16 products take the
-// f32 activations as they are.
+// groups of 8 blocks, [m][l][4] like the Q8_0 weights), dy (the scales), and sb: per block
+// -128 * (the sum of its quants), which removes the +128 of the Q8_0 weight quants from an unsigned x
+// signed dot product and gives Q4_K's min term. The columns' groups are interleaved, [group][column]:
+// group g of column c is at y + (g * n_col + c) * 256, dy + (g * n_col + c) * 8 and
+// sb + (g * n_col + c) * 8. F16 products take the f32 activations as they are.
 //
 // Batch invariance (every kernel, every format): a column's result depends only on the weights and
 // that column, never on how many columns are multiplied together, which slot the column is in, or the
 // row range [r0, r1): integer dot products are exact, and each (row, column) accumulates its float
-// terms in one fixed order, the same for one column and for many. The x86 kernels' order: 16 float
-// lanes per (row, column); lane l (< 8) collects block l's dot product over the even activation vectors
-// m (and Q4_K's min term), lane 8 + l over the odd m, each group adding float(dot) * (dx_l * dy_l) with
-// one FMA; at the end the 16 lanes are summed as halves, quarters, pairs, neighbours. (Other instruction
-// sets may round differently; the x86 kernels agree bit for bit.)
+// terms in one fixed order, the same for one column and for many. The int8 formats' order, in every
+// kernel: 8 float lanes per (row, column), lane l for block l of each group of 8 blocks; per group
+// acc_l = fma(float(dot_l), dx_l * dy_l, acc_l), dot_l being block l's whole integer dot product (Q8_0:
+// started from sb_l; Q4_K: dx_l = d * scale_l, then acc_l = acc_l - (dmin * min_l) * ysum_l by one
+// fused multiply-subtract, ysum_l = (float(sb_l) * (-1/128)) * dy_l); at the end the 8 lanes are summed
+// as halves (l + l + 4), pairs (l + l + 2), neighbours. (Eight lanes per (row, column) keep the float
+// work at one multiply, one convert and one FMA per 8 blocks, and let a 512-bit register hold two
+// rows.) F16: fp32 FMAs over 16 lanes (lane j: columns k with k % 16 == j), summed as
+// halves, quarters, pairs, neighbours. The x86 kernels agree bit for bit; NEON follows the int8 order
+// (its F16 tree differs).
 #pragma once
 
 #include <stddef.h>
@@ -86,7 +89,7 @@ struct csm_kernel {
     const char * name; // as PYCSM_KERNEL spells it: "avx512", "avx2", "neon"
     const char * isa;  // for people: "AVX512-VNNI", ...
     // Quantises n_col columns of K floats (column c at x + c * x_stride) into nbp blocks each (layout
-    // above; blocks past K are zero): n_col * nbp * 32 bytes of y, n_col * nbp dy, n_col * nbp * 2 sb.
+    // above; blocks past K are zero): n_col * nbp * 32 bytes of y, n_col * nbp dy, n_col * nbp sb.
     void (*quantize)(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64_t nbp, int8_t * y, float * dy,
                      int32_t * sb);
     csm_gemm_fn gemm[CSM_WFMT_COUNT]; // per format; null: this kernel lacks the format

@@ -1,15 +1,15 @@
 // neon.cpp - the NEON kernel (kernel.h) for 64-bit ARM with the dot-product extension: Q8_0 and
 // Q4_K as int8 dot products (SDOT), F16 as f32 FMAs. The only file built with -march=armv8.2-a+dotprod
 // (and, with GCC, -fno-schedule-insns: GCC 12's scheduling before register allocation hoists the
-// unrolled loads of a tile and spills, 297 vector spills and reloads in the Q8_0 4-row, 2-column tile
+// unrolled loads of a tile and spills, 297 vector spills and reloads in a Q8_0 4-row, 2-column tile
 // with it, none without, counted in the aarch64 disassembly). Keep it free of C++ library headers:
 // inline library code compiled here with the dot-product extension could be picked by the linker for
 // other files.
 //
 // Batch invariance (kernel.h): every column goes through the same float operations whatever the
-// number of columns in a pass: exact integer dot products per block, then per group of 8 blocks one
-// fused multiply-add per 4 lanes into that column's own accumulator, summed across lanes at the end
-// by one fixed instruction.
+// number of columns in a pass, and the x86 kernels' operations: exact integer dot products per block,
+// then per group of 8 blocks one fused multiply-add per lane (8 lanes, block l in lane l: two 4-lane
+// accumulators) into that row and column's own accumulators, summed at the end in kernel.h's tree.
 //
 // Speed: not measured; pycsm's hosts are x86, where this file is checked for correctness only, under
 // qemu-user (tests/native/neon_kernel_check.cpp, .ci/neon). The choices below follow the cores'
@@ -62,10 +62,10 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
             const float amax = vmaxvq_f32(a);
             const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32x4_t q[8];
-            int32x4_t s[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}; // quants of the even, odd vectors m
+            int32x4_t s = vdupq_n_s32(0); // the sum of the block's quants
             _Pragma("GCC unroll 16") for (int i = 0; i < 8; i++) {
                 q[i] = vcvtnq_s32_f32(vmulq_n_f32(v[i], id)); // round to nearest even
-                s[i % 2] = vaddq_s32(s[i % 2], q[i]);
+                s = vaddq_s32(s, q[i]);
             }
             // vector q[m] holds bytes 4m..4m+3 of the block: they go to lane b % 8 of vector m
             const int64_t gi = (b / 8) * n_col + c;
@@ -80,15 +80,14 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
                 grp[(4 * h + 3) * 8 + b % 8] = vgetq_lane_s32(bytes, 3);
             }
             dy[gi * 8 + b % 8] = amax / 127.0f;
-            sb[gi * 16 + b % 8] = -128 * vaddvq_s32(s[0]);
-            sb[gi * 16 + 8 + b % 8] = -128 * vaddvq_s32(s[1]);
+            sb[gi * 8 + b % 8] = -128 * vaddvq_s32(s);
         }
         for (int64_t b = nb; b < nbp; b++) {
             const int64_t gi = (b / 8) * n_col + c;
             int32_t * grp = (int32_t *) (y + gi * 256);
             _Pragma("GCC unroll 16") for (int m = 0; m < 8; m++) grp[m * 8 + b % 8] = 0;
             dy[gi * 8 + b % 8] = 0.0f;
-            sb[gi * 16 + b % 8] = sb[gi * 16 + 8 + b % 8] = 0;
+            sb[gi * 8 + b % 8] = 0;
         }
     }
 }
@@ -136,26 +135,31 @@ inline void load_f16x8(const uint8_t * p, float32x4_t & lo, float32x4_t & hi) {
     hi = vcvt_high_f32_f16(h);
 }
 
-// dst[n * dst_stride + r] = the sum of acc[r][n]'s lanes.
+// dst[n * dst_stride + r] = the sum of acc[r][n]'s 8 lanes (blocks 0-3, 4-7) in kernel.h's tree:
+// halves (lane l + lane l + 4), pairs (l + l + 2), neighbours, as the x86 kernels' hsum.
 template <int R, int NC>
-inline void store(const float32x4_t (&acc)[R][NC], float * dst, int64_t dst_stride) {
+inline void store(const float32x4_t (&acc)[R][NC][2], float * dst, int64_t dst_stride) {
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) dst[n * dst_stride + r] = vaddvq_f32(acc[r][n]);
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
+            const float32x4_t h = vaddq_f32(acc[r][n][0], acc[r][n][1]);
+            dst[n * dst_stride + r] = vpadds_f32(vadd_f32(vget_low_f32(h), vget_high_f32(h)));
+        }
 }
 
-// The int8 tiles below hold R x NC x 2 dot products in registers and load each activation vector
-// once per group for all R rows: with R = 4, NC = 2 that is 16 of the 32 vector registers, plus the
-// activations, weights and float accumulators (more columns at once spill). Per row and column the
-// two dot products collect blocks (sub-blocks) 0-3 and 4-7 of a group, lane l block l.
+// The int8 tiles below hold R x NC x 2 dot products and as many float accumulators in registers and
+// load each activation vector once per group for all R rows: R x NC = 4 (4 rows x 1 column, 1 row x
+// 4 columns) gives 16 of the 32 vector registers, plus the activations and weights (R x NC = 8
+// spills). Per row and column the two dot products and the two accumulators hold blocks (sub-blocks)
+// 0-3 and 4-7 of a group, lane l block l.
 
 // Q8_0 tile of R rows (kernel.h) times NC columns; y, dy: the first column. The weights
 // are stored as q + 128; XOR 0x80 gives back the signed q, so SDOT needs no offset term (sb is unused).
 template <int R, int NC>
 inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, int64_t col_stride,
                     float * dst, int64_t dst_stride) {
-    float32x4_t acc[R][NC];
+    float32x4_t acc[R][NC][2];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = vdupq_n_f32(0.0f);
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n][0] = acc[r][n][1] = vdupq_n_f32(0.0f);
     const uint8x16_t flip = vdupq_n_u8(0x80);
     for (int64_t g = 0; g < nbp / 8; g++, t += R * 272) {
         const uint8_t * qt = t + R * 16;
@@ -183,8 +187,8 @@ inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const floa
             load_f16x8(t + r * 16, dx0, dx1);
             _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
                 const float * dn = dy + (g * col_stride + n) * 8;
-                acc[r][n] = vfmaq_f32(acc[r][n], vcvtq_f32_s32(d[r][n][0]), vmulq_f32(dx0, vld1q_f32(dn)));
-                acc[r][n] = vfmaq_f32(acc[r][n], vcvtq_f32_s32(d[r][n][1]), vmulq_f32(dx1, vld1q_f32(dn + 4)));
+                acc[r][n][0] = vfmaq_f32(acc[r][n][0], vcvtq_f32_s32(d[r][n][0]), vmulq_f32(dx0, vld1q_f32(dn)));
+                acc[r][n][1] = vfmaq_f32(acc[r][n][1], vcvtq_f32_s32(d[r][n][1]), vmulq_f32(dx1, vld1q_f32(dn + 4)));
             }
         }
     }
@@ -197,9 +201,9 @@ inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const floa
 template <int R, int NC>
 inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                      int64_t col_stride, float * dst, int64_t dst_stride) {
-    float32x4_t acc[R][NC];
+    float32x4_t acc[R][NC][2];
     _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)
-        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n] = vdupq_n_f32(0.0f);
+        _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) acc[r][n][0] = acc[r][n][1] = vdupq_n_f32(0.0f);
     const uint8x16_t low = vdupq_n_u8(0x0F);
     for (int64_t g = 0; g < nbp / 8; g++, t += R * 148) {
         const uint8_t * qt = t + R * 20;
@@ -225,10 +229,8 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
         float32x4_t ys[NC][2]; // dy * sum(y) of sub-blocks 0-3 and 4-7
         _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
             const int64_t o = (g * col_stride + n) * 8;
-            const int32_t * sn = sb + 2 * o; // even-m sums, then odd-m sums (kernel.h)
-            const int32x4_t s0 = vaddq_s32(vld1q_s32(sn), vld1q_s32(sn + 8)), s1 = vaddq_s32(vld1q_s32(sn + 4), vld1q_s32(sn + 12));
-            ys[n][0] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(s0), -1.0f / 128.0f), vld1q_f32(dy + o));
-            ys[n][1] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(s1), -1.0f / 128.0f), vld1q_f32(dy + o + 4));
+            ys[n][0] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(vld1q_s32(sb + o)), -1.0f / 128.0f), vld1q_f32(dy + o));
+            ys[n][1] = vmulq_f32(vmulq_n_f32(vcvtq_f32_s32(vld1q_s32(sb + o + 4)), -1.0f / 128.0f), vld1q_f32(dy + o + 4));
         }
         _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {
             // the row's header: fp16 d, fp16 dmin, 8 scales, 8 mins
@@ -242,10 +244,8 @@ inline void tile_q4k(const uint8_t * t, int64_t nbp, const int8_t * y, const flo
             const float32x4_t dmn1 = vmulq_n_f32(vcvtq_f32_u32(vmovl_high_u16(mn)), dmin);
             _Pragma("GCC unroll 16") for (int n = 0; n < NC; n++) {
                 const float * dn = dy + (g * col_stride + n) * 8;
-                acc[r][n] = vfmaq_f32(acc[r][n], vcvtq_f32_s32(d[r][n][0]), vmulq_f32(dsc0, vld1q_f32(dn)));
-                acc[r][n] = vfmaq_f32(acc[r][n], vcvtq_f32_s32(d[r][n][1]), vmulq_f32(dsc1, vld1q_f32(dn + 4)));
-                acc[r][n] = vfmsq_f32(acc[r][n], dmn0, ys[n][0]);
-                acc[r][n] = vfmsq_f32(acc[r][n], dmn1, ys[n][1]);
+                acc[r][n][0] = vfmsq_f32(vfmaq_f32(acc[r][n][0], vcvtq_f32_s32(d[r][n][0]), vmulq_f32(dsc0, vld1q_f32(dn))), dmn0, ys[n][0]);
+                acc[r][n][1] = vfmsq_f32(vfmaq_f32(acc[r][n][1], vcvtq_f32_s32(d[r][n][1]), vmulq_f32(dsc1, vld1q_f32(dn + 4))), dmn1, ys[n][1]);
             }
         }
     }
@@ -307,13 +307,13 @@ inline void tile_any(int64_t n, const uint8_t * t, int64_t nbp, const int8_t * y
     else tile_q8<R, NC>(t, nbp, y, dy, col_stride, dst, dst_stride);
 }
 
-// All columns of one int8 tile, NC at a time: 2 for 4-row tiles, 4 for single rows (see above).
+// All columns of one int8 tile, NC at a time: 1 for 4-row tiles, 4 for single rows (see above).
 template <bool Q4K, int R>
 inline void tile_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                       int64_t col_stride, int64_t n_col, float * dst, int64_t dst_stride) {
-    constexpr int NC = R == 4 ? 2 : 4;
+    constexpr int NC = R == 4 ? 1 : 4;
     for (int64_t c = 0; c < n_col; c += NC) {
-        tile_any<Q4K, R, NC>(n_col - c < NC ? n_col - c : NC, t, nbp, y + c * 256, dy + c * 8, sb + c * 16, col_stride,
+        tile_any<Q4K, R, NC>(n_col - c < NC ? n_col - c : NC, t, nbp, y + c * 256, dy + c * 8, sb + c * 8, col_stride,
                              dst + c * dst_stride, dst_stride);
     }
 }
@@ -325,7 +325,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
     const int64_t nbp = csm_kernel_nbp(cols), row_bytes = Q4K ? cols / 256 * 148 : nbp * 34, full = rows / 4 * 4;
     const int8_t * y = in.y + c0 * 256;
     const float * dy = in.dy + c0 * 8;
-    const int32_t * sb = in.sb + c0 * 16;
+    const int32_t * sb = in.sb + c0 * 8;
     int64_t r = r0;
     for (; r + 4 <= r1 && r + 4 <= full; r += 4)
         tile_cols<Q4K, 4>(w + r * row_bytes, nbp, y, dy, sb, in.col_stride, n_col, dst + r - r0, dst_stride);
