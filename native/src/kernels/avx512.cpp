@@ -150,9 +150,10 @@ inline void tile_q8_1(const uint8_t * t, int64_t nbp, const int8_t * y, const fl
 // Q8_0, 4 rows x NC columns (a batch, a prompt): per activation vector m, rows 0-1 and 2-3 joined in
 // two zmm serve all NC columns, each column's vector broadcast to both halves; all 2 x NC dot products
 // and float accumulators stay in registers (NC = 6: 24 of the 32, 29 with the weights, activations
-// and scales). Per group 16 NC vpdpbusd against 3 NC float instructions and 16 inserts. (Packing rows interleaved per vector m, so that one load
-// gives two rows, made 64-column products 10-15 % faster but one column 5-10 % slower: kernel_bench
-// CPU time, Zen 4.)
+// and scales). Per group 16 NC vpdpbusd against 3 NC float instructions and 16 inserts. (Packing the
+// rows interleaved per vector m, so that one load gives two rows, made 64-column products 10-15 %
+// faster but one column 5-10 % slower: kernel_bench CPU time, Zen 4. Rejoining each tile once into
+// that form for a prompt's many column passes gave no clear gain: 256 columns -7 %, 64 +5 %.)
 template <int NC>
 inline void tile_q8_4xn(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
                         int64_t col_stride, float * dst, int64_t dst_stride) {
