@@ -33,14 +33,15 @@
 // row range [r0, r1): integer dot products are exact, and each (row, column) accumulates its float
 // terms in one fixed order, the same for one column and for many. The int8 formats' order, in every
 // kernel: 8 float lanes per (row, column), lane l for block l of each group of 8 blocks; per group
-// acc_l = fma(float(dot_l), dx_l * dy_l, acc_l), dot_l being block l's whole integer dot product (Q8_0:
-// started from sb_l; Q4_K: dx_l = d * scale_l, then acc_l = acc_l - (dmin * min_l) * ysum_l by one
-// fused multiply-subtract, ysum_l = (float(sb_l) * (-1/128)) * dy_l); at the end the 8 lanes are summed
-// as halves (l + l + 4), pairs (l + l + 2), neighbours. (Eight lanes per (row, column) keep the float
+// acc_l = fma(float(dot_l), dx_l * dy_l, acc_l), dot_l being block l's whole integer dot product of
+// the signed quants, exact however it is computed (AVX512's Q8_0 starts it from sb_l to undo the
+// +128). Q4_K: dx_l = d * scale_l, and then acc_l = acc_l - (dmin * min_l) * ysum_l by one fused
+// multiply-subtract, ysum_l = (float(sb_l) * (-1/128)) * dy_l. At the end the 8 lanes are summed as
+// halves (l + l + 4), pairs (l + l + 2), neighbours. (Eight lanes per (row, column) keep the float
 // work at one multiply, one convert and one FMA per 8 blocks, and let a 512-bit register hold two
-// rows.) F16: fp32 FMAs over 16 lanes (lane j: columns k with k % 16 == j), summed as
-// halves, quarters, pairs, neighbours. The x86 kernels agree bit for bit; NEON follows the int8 order
-// (its F16 tree differs).
+// rows.) F16: fp32 FMAs over 16 lanes (lane j: columns k with k % 16 == j), summed as halves,
+// quarters, pairs, neighbours. The x86 kernels agree bit for bit; NEON follows the int8 order (its
+// F16 tree differs).
 #pragma once
 
 #include <stddef.h>
