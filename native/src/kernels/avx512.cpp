@@ -358,7 +358,7 @@ void gemm_f16(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t
 }
 
 // Columns taken at a time by a 4-row Q8_0 tile while that many remain: 6 rather than 4 makes 64- and
-// 256-column products 11 % faster (kernel_bench CPU time, Zen 4). Q4_K's tile holds 4 (its 16-lane
+// 256-column products 7-11 % faster (kernel_bench CPU time, Zen 4). Q4_K's tile holds 4 (its 16-lane
 // dot products take twice the registers).
 constexpr int64_t Q8_COLS = 6;
 
