@@ -160,6 +160,7 @@ void csm_thread_pools::rest() const {
 
 // The backend computes on n_new threads from the next graph on (the pool left pauses).
 void csm_thread_pools::use(int32_t n_new) {
+    const ggml_threadpool_t in_use = n == n_max ? full : reduced;
     ggml_threadpool_t tp = full, old = nullptr;
     if (n_new < n_max && n_new != reduced_n) {
         old = reduced;
@@ -177,7 +178,8 @@ void csm_thread_pools::use(int32_t n_new) {
         reduced_n = n_new;
     }
     if (n_new < n_max) tp = reduced;
-    ggml_backend_cpu_set_threadpool(backend, tp); // pauses the pool used before
+    ggml_threadpool_pause(in_use); // its workers sleep from now on
+    ggml_backend_cpu_set_threadpool(backend, tp);
     ggml_backend_cpu_set_n_threads(backend, n_new);
     if (old) ggml_threadpool_free(old);
     csm_log(CSM_LOG_DEBUG, "threads: %d -> %d", n, n_new);
