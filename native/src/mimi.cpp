@@ -48,26 +48,30 @@ template <typename F> static mimi_graph & graph(mimi_runner & r, const std::vect
     return *r.graph;
 }
 
-// RoPE positions and the sliding-window causal mask of a chunk of g.T positions per lane, lane i
-// after the positions its slot slots[i] consumed.
+// RoPE positions, key/value ring rows and sliding-window causal masks of a chunk of g.T positions
+// per lane, lane i after the positions its slot slots[i] consumed. Ring row j of a slot holds, once
+// the chunk is written, the latest position p <= its last with p % ring == j (none yet when p < 0).
 static void set_attention(mimi_runner & r, mimi_graph & g, const std::vector<int32_t> & slots) {
     if (!g.pos) return;
-    const int64_t T = g.T, n_kv = g.mask->ne[0], S = n_kv - T, lanes = (int64_t) slots.size();
+    const int64_t T = g.T, ring = g.mask->ne[0], lanes = (int64_t) slots.size();
     std::vector<int32_t> pos((size_t) (T * lanes));
-    std::vector<float> mask((size_t) (n_kv * T * lanes));
+    std::vector<int64_t> rows((size_t) (T * lanes));
+    std::vector<float> mask((size_t) (ring * T * lanes));
     for (int64_t i = 0; i < lanes; i++) {
-        const int64_t p0 = r.n_pos[(size_t) slots[(size_t) i]];
+        const int64_t slot = slots[(size_t) i], p0 = r.n_pos[(size_t) slot], last = p0 + T - 1;
         for (int64_t t = 0; t < T; t++) {
             pos[(size_t) (i * T + t)] = (int32_t) (p0 + t);
+            rows[(size_t) (i * T + t)] = slot * ring + (p0 + t) % ring;
             const int64_t pq = p0 + t;
-            for (int64_t j = 0; j < n_kv; j++) {
-                const int64_t pk = p0 - S + j;
+            for (int64_t j = 0; j < ring; j++) {
+                const int64_t pk = last - ((last - j) % ring + ring) % ring;
                 const bool ok = pk >= 0 && pk <= pq && pq - pk < MIMI_WINDOW;
-                mask[(size_t) ((i * T + t) * n_kv + j)] = ok ? 0.0f : -INFINITY;
+                mask[(size_t) ((i * T + t) * ring + j)] = ok ? 0.0f : -INFINITY;
             }
         }
     }
     ggml_backend_tensor_set(g.pos, pos.data(), 0, pos.size() * sizeof(int32_t));
+    ggml_backend_tensor_set(g.kv_rows, rows.data(), 0, rows.size() * sizeof(int64_t));
     ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(float));
 }
 

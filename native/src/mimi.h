@@ -7,9 +7,10 @@
 // input channel fastest: each codec (and each one-shot call) keeps such a permuted copy.
 //
 // Streaming: every causal layer keeps what it needs from the previous chunk in a state tensor (the
-// last inputs of a convolution, the overlap tail of a transposed convolution, the last 249 keys and
-// values of each attention layer), read at the start of the chunk's graph and rewritten at its end, so
-// any chunking of the input gives the output of one pass over all of it.
+// last inputs of a convolution, the overlap tail of a transposed convolution, read at the start of
+// the chunk's graph and rewritten at its end; the keys and values of each attention layer in a ring
+// of the last positions, where a chunk writes its own rows in place), so any chunking of the input
+// gives the output of one pass over all of it.
 //
 // Slots: a decoder keeps the state of n_slots independent streams (each state tensor has a last
 // dimension of n_slots, slot-major). One decoder graph runs any subset of the slots at once: the
@@ -80,12 +81,16 @@ struct mimi_tfm_layer {
     ggml_tensor * qkv = nullptr, * out = nullptr, * up = nullptr, * down = nullptr; // matrices (any type)
     ggml_tensor * n1w = nullptr, * n1b = nullptr, * n2w = nullptr, * n2b = nullptr; // f32 [dim]
     ggml_tensor * ls1 = nullptr, * ls2 = nullptr;                                 // f32 [dim]
-    ggml_tensor * k_cache = nullptr, * v_cache = nullptr; // state: f32 [dim, MIMI_WINDOW - 1, n_slots] (post-RoPE keys)
+    // state: f32 [dim, ring, n_slots] (post-RoPE keys); position p of a slot in row p % ring
+    ggml_tensor * k_cache = nullptr, * v_cache = nullptr;
 };
 
 struct mimi_tfm {
     std::vector<mimi_tfm_layer> layers;
     int64_t dim = 0, n_heads = 0, head_dim = 0, ff = 0;
+    // rows of a key/value ring: the MIMI_WINDOW - 1 positions before a chunk and the chunk's own, so
+    // that writing a chunk never overwrites a key one of its queries reads
+    int64_t ring = 0;
 };
 
 struct mimi_rvq {
@@ -123,7 +128,8 @@ struct mimi_graph {
     ggml_tensor * ids = nullptr;    // decoder: i32 [n_frames * lanes, n_q] codes, codebook-major, lane-major
     ggml_tensor * pcm_in = nullptr; // encoder: f32 [1, n_samples]
     ggml_tensor * pos = nullptr;    // i32 [T * lanes] RoPE positions (null without transformer layers)
-    ggml_tensor * mask = nullptr;   // f32 [MIMI_WINDOW - 1 + T, T, lanes] attention masks (cached keys first)
+    ggml_tensor * kv_rows = nullptr; // i64 [T * lanes] rows of the key/value state (all slots' rings in a row) to write
+    ggml_tensor * mask = nullptr;   // f32 [ring, T, lanes] attention masks over each lane's ring
     ggml_tensor * pcm_out = nullptr; // decoder: f32 [1, n_frames * samples_per_frame, lanes]
     std::vector<ggml_tensor *> codes_out; // encoder: i32 [n_frames] per codebook
     int64_t T = 0;                  // transformer positions of the chunk (per lane)

@@ -35,8 +35,10 @@ static ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * st, int32_t s0,
 // schedules the rewrite of each lane's slot with its last tail->ne[1] columns. Consecutive slots in
 // consecutive lanes are read and written as one block (the usual case: streams take the lowest free
 // slot).
-static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x, const int32_t * slots, int64_t lanes) {
+static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x) {
     if (!tail) return x;
+    const int32_t * slots = b.slots.data();
+    const int64_t lanes = (int64_t) b.slots.size();
     std::vector<std::pair<int64_t, int64_t>> runs;  // (first lane, lanes) of consecutive slots
     for (int64_t i = 0; i < lanes; i++) {
         if (!runs.empty() && slots[i] == slots[runs.back().first] + runs.back().second) {
@@ -58,10 +60,6 @@ static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x,
         ggml_build_forward_expand(b.gf, ggml_cpy(b.ctx, keep, slot_view(b.ctx, tail, slots[run.first], run.second)));
     }
     return xp;
-}
-
-static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x) {
-    return with_tail(b, tail, x, b.slots.data(), (int64_t) b.slots.size());
 }
 
 // The [row, n, lanes] view of a contiguous tensor [C, len, lanes] whose column t of a lane starts
@@ -126,12 +124,17 @@ static ggml_tensor * layer_norm(builder & b, ggml_tensor * x, ggml_tensor * w, g
     return ggml_add(b.ctx, ggml_mul(b.ctx, ggml_norm(b.ctx, x, 1e-5f), w), bias);
 }
 
-// Transformer over x [dim, T, lanes] with sliding-window causal attention; each layer's keys/values
-// of the previous MIMI_WINDOW - 1 positions come from (and go back to) its cache, lane by lane. The
-// products with the weights take all lanes at once; attention runs per lane, on the lane's own keys.
-static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos, ggml_tensor * mask) {
+// Transformer over x [dim, T, lanes] with sliding-window causal attention. Each layer writes the
+// chunk's keys/values into the rings of the lanes' slots (one row per position, in place: nothing
+// else of a ring is copied), then each lane attends over its ring with its mask, which leaves out
+// rows of positions that are not (yet or any more) in its window. The products with the weights take
+// all lanes at once; attention runs per lane.
+static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos,
+                                 ggml_tensor * kv_rows, ggml_tensor * mask) {
     ggml_context * ctx = b.ctx;
     const int64_t d = t.dim, hd = t.head_dim, nh = t.n_heads, T = x->ne[1], lanes = x->ne[2];
+    const int64_t n_kv = t.ring;
+    if (T > n_kv - (MIMI_WINDOW - 1)) csm_fail("internal error: a chunk of %lld positions exceeds the key ring", (long long) T);
     const float scale = 1.0f / std::sqrt((float) hd);
     for (const mimi_tfm_layer & l : t.layers) {
         ggml_tensor * h = layer_norm(b, x, l.n1w, l.n1b);
@@ -140,15 +143,17 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
         // every lane's positions in a row (RoPE takes one position per index of dimension 2)
         ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, nh, T * lanes, hd * es, qkv->nb[1], 0);
         ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, nh, T * lanes, hd * es, qkv->nb[1], d * es);
+        ggml_tensor * v = ggml_view_2d(ctx, qkv, d, T * lanes, qkv->nb[1], 2 * d * es);
         q = ggml_rope_ext(ctx, q, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        const int64_t n_rows = n_kv * l.k_cache->ne[2];
+        ggml_tensor * Ks = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.k_cache, d, n_rows), ggml_reshape_2d(ctx, k, d, T * lanes), kv_rows);
+        ggml_tensor * Vs = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.v_cache, d, n_rows), ggml_cont(ctx, v), kv_rows);
         ggml_tensor * o_all = nullptr;                                             // [d, T * lanes]
         for (int64_t i = 0; i < lanes; i++) {
-            ggml_tensor * ki = ggml_view_2d(ctx, k, d, T, k->nb[2], k->nb[2] * T * i);
-            ggml_tensor * vi = ggml_view_2d(ctx, qkv, d, T, qkv->nb[1], qkv->nb[2] * i + 2 * d * es);
-            ggml_tensor * K = with_tail(b, l.k_cache, ki, &b.slots[i], 1);                  // [d, S+T]
-            ggml_tensor * V = with_tail(b, l.v_cache, ggml_cont(ctx, vi), &b.slots[i], 1);  // [d, S+T]
-            const int64_t n_kv = K->ne[1];
+            const size_t ring0 = Ks->nb[1] * n_kv * (size_t) b.slots[(size_t) i];
+            ggml_tensor * K = ggml_view_2d(ctx, Ks, d, n_kv, Ks->nb[1], ring0);         // [d, n_kv]
+            ggml_tensor * V = ggml_view_2d(ctx, Vs, d, n_kv, Vs->nb[1], ring0);
             K = ggml_permute(ctx, ggml_reshape_3d(ctx, K, hd, nh, n_kv), 0, 2, 1, 3);  // [hd, n_kv, nh]
             V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3)); // [n_kv, hd, nh]
             ggml_tensor * qi = ggml_view_3d(ctx, q, hd, nh, T, q->nb[1], q->nb[2], q->nb[2] * T * i);
@@ -184,7 +189,9 @@ static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T, int6
     if (t.layers.empty()) return;  // no attention: no inputs (they would stay unallocated)
     g.pos = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, T * lanes);
     ggml_set_input(g.pos);
-    g.mask = ggml_new_tensor_3d(g.ctx, GGML_TYPE_F32, MIMI_WINDOW - 1 + T, T, lanes);
+    g.kv_rows = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I64, T * lanes);
+    ggml_set_input(g.kv_rows);
+    g.mask = ggml_new_tensor_3d(g.ctx, GGML_TYPE_F32, t.ring, T, lanes);
     ggml_set_input(g.mask);
 }
 
@@ -230,7 +237,7 @@ std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n, const
     x = ggml_reshape_3d(ctx, x, a.dim, s * n, lanes);
 
     attention_inputs(*g, a.dec_tfm, s * n, lanes);
-    x = transformer(b, a.dec_tfm, x, g->pos, g->mask);
+    x = transformer(b, a.dec_tfm, x, g->pos, g->kv_rows, g->mask);
 
     // SEANet decoder
     x = conv(b, a.dec.first, x);
@@ -270,7 +277,7 @@ std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_sample
     x = conv(b, a.enc.last, ggml_elu(ctx, x));                                 // [dim, T]
 
     attention_inputs(*g, a.enc_tfm, x->ne[1], 1);
-    x = transformer(b, a.enc_tfm, x, g->pos, g->mask);
+    x = transformer(b, a.enc_tfm, x, g->pos, g->kv_rows, g->mask);
 
     // downsample: conv k 2s stride s, no bias, replicate padding (first column on the left before the
     // first chunk, last column on the right at the end)

@@ -386,9 +386,10 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t
     }
     conv_state(ctx_state, sn.last, slots);
     mimi_tfm & t = enc ? a.enc_tfm : a.dec_tfm;
+    t.ring = MIMI_WINDOW - 1 + mimi_chunk_frames(a) * a.latent_stride;  // a chunk's transformer positions at most
     for (mimi_tfm_layer & l : t.layers) {
-        l.k_cache = state(ctx_state, t.dim, MIMI_WINDOW - 1, slots);
-        l.v_cache = state(ctx_state, t.dim, MIMI_WINDOW - 1, slots);
+        l.k_cache = state(ctx_state, t.dim, t.ring, slots);
+        l.v_cache = state(ctx_state, t.dim, t.ring, slots);
     }
     if (enc) {
         conv_state(ctx_state, a.down, slots);
