@@ -162,8 +162,10 @@ class Engine:
     # ---------------------------------------------------------------- the engine thread
 
     def _mimi_slot(self) -> int:
-        """A free Mimi slot, reset (at most max_batch streams run, so one is free)."""
-        slot = self._free_slots.pop()
+        """The lowest free Mimi slot, reset (at most max_batch streams run, so one is free). Low slots
+        first keep the running ones consecutive: the decoder reads and writes their state as a block."""
+        slot = min(self._free_slots)
+        self._free_slots.remove(slot)
         try:
             self._mimi.reset(slot)
         except BaseException:
@@ -247,7 +249,7 @@ class Engine:
     def _deliver(self, events) -> None:
         now = time.monotonic()
         made = [(ev, self._active[ev.stream]) for ev in events if ev.stream in self._active]
-        framed = [(ev, r) for ev, r in made if ev.codes is not None]
+        framed = sorted(((ev, r) for ev, r in made if ev.codes is not None), key=lambda p: p[1].mimi_slot)
         failed = None
         if framed:
             # every stream's new frame in one Mimi call: each weight product serves all of them
