@@ -120,16 +120,6 @@ static ggml_backend_t new_backend(const csm_model * m) {
 
 static bool on_cpu(const csm_model * m) { return ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU; }
 
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp) {
-    *backend = new_backend(m);
-    if (on_cpu(m)) {
-        *tp = new_pool(n_threads);
-        ggml_backend_cpu_set_n_threads(*backend, n_threads);
-        ggml_backend_cpu_set_threadpool(*backend, *tp);
-    }
-}
-
 void csm_backend_init(const csm_model * m, int32_t n_threads, bool adaptive, ggml_backend_t * backend,
                       csm_thread_pools & pools) {
     *backend = new_backend(m);

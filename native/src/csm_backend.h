@@ -1,4 +1,4 @@
-// csm_backend.h - the ggml backend and CPU thread pool that the LM context and Mimi each run on.
+// csm_backend.h - the ggml backend and CPU thread pools that the LM context and Mimi each run on.
 #pragma once
 
 #include "csm_model.h"
@@ -6,7 +6,7 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 
-// The CPU thread pools of the LM context's backend, sized to the CPUs that are free.
+// The CPU thread pools of a backend (the LM context's, a Mimi runner's), sized to the CPUs that are free.
 //
 // ggml's workers spin at every barrier of a graph, so when other busy processes leave fewer free CPUs
 // than threads, a descheduled worker holds the others at the next barrier: beside one process spinning
@@ -49,18 +49,12 @@ private:
     bool trying = false;              // the open window runs on a thread more, being tried
 };
 
-// Puts a CPU thread pool's workers to sleep when it goes out of scope (and on rest()), so that
-// they do not poll for work while the caller runs: a pool left polling keeps a core busy for tens
+// Puts the CPU thread pool in use to sleep when it goes out of scope (and on rest()), so that its
+// workers do not poll for work while the caller runs: a pool left polling keeps a core busy for tens
 // of milliseconds after each call. The next graph computation wakes the pool again.
 struct csm_pool_rest {
-    ggml_threadpool_t tp = nullptr;
-    const csm_thread_pools * pools = nullptr; // or the pool in use of these
-    explicit csm_pool_rest(ggml_threadpool_t t) : tp(t) {}
-    explicit csm_pool_rest(const csm_thread_pools & p) : pools(&p) {}
-    void rest() const {
-        if (pools) pools->rest();
-        else if (tp) ggml_threadpool_pause(tp);
-    }
+    const csm_thread_pools & pools;
+    void rest() const { pools.rest(); }
     ~csm_pool_rest() { rest(); }
 };
 
@@ -70,8 +64,7 @@ int32_t csm_usable_cpus();
 // Threads to use: n when positive (at most csm_usable_cpus(): more threads than CPUs only spin at
 // ggml's barriers), else csm_usable_cpus().
 int32_t csm_default_threads(int32_t n);
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU. Throws.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp);
-// The same with adaptable pools (csm_thread_pools; adaptive: the thread count follows contention).
+// Backend on the model's device, with persistent CPU thread pools (csm_thread_pools; adaptive: the
+// thread count follows other processes' load) when it is the CPU. Throws.
 void csm_backend_init(const csm_model * m, int32_t n_threads, bool adaptive, ggml_backend_t * backend,
                       csm_thread_pools & pools);

@@ -76,7 +76,9 @@ static void set_attention(mimi_runner & r, mimi_graph & g, const std::vector<int
 }
 
 static void compute(mimi_runner & r, mimi_graph & g) {
+    r.pools.before_compute();
     ggml_status st = ggml_backend_graph_compute(r.backend, g.gf);
+    r.pools.after_compute();
     if (st != GGML_STATUS_SUCCESS) csm_fail("Mimi graph computation failed (status %d)", (int) st);
 }
 
@@ -234,7 +236,7 @@ csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) 
             csm_release(c);
             throw;
         }
-        csm_pool_rest{c->dec->threadpool}.rest(); // preparing the weights woke it
+        csm_pool_rest{c->dec->pools}.rest(); // preparing the weights woke it
         return c;
     });
 }
@@ -253,7 +255,7 @@ int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int
         const csm_hold<csm_mimi_codec> hold(codec);
         if (n_frames == 0) return 0;
         check_decode_args(codec->dec->model, codes, n_frames, out_pcm, max_samples);
-        const csm_pool_rest pool{codec->dec->threadpool}; // asleep between the caller's chunks
+        const csm_pool_rest pool{codec->dec->pools}; // asleep between the caller's chunks
         return decode_frames(*codec->dec, {0}, codes, n_frames, out_pcm);
     });
 }
@@ -269,7 +271,7 @@ csm_mimi_batch_decoder * csm_mimi_batch_decoder_new(const csm_model * model, int
             csm_release(d);
             throw;
         }
-        csm_pool_rest{d->dec->threadpool}.rest(); // preparing the weights woke it
+        csm_pool_rest{d->dec->pools}.rest(); // preparing the weights woke it
         return d;
     });
 }
@@ -302,7 +304,7 @@ int64_t csm_mimi_batch_decoder_decode(csm_mimi_batch_decoder * dec, const int32_
         const std::vector<int32_t> lanes = checked_slots(*dec->dec, slots, n_slots);
         check_decode_args(dec->dec->model, codes, n_frames, out_pcm, max_samples, n_slots);
         if (n_frames == 0) return 0;
-        const csm_pool_rest pool{dec->dec->threadpool}; // asleep between the caller's calls
+        const csm_pool_rest pool{dec->dec->pools}; // asleep between the caller's calls
         return decode_frames(*dec->dec, lanes, codes, n_frames, out_pcm);
     });
 }

@@ -19,6 +19,7 @@
 // slot decoded alone.
 #pragma once
 
+#include "csm_backend.h"
 #include "csm_model.h"
 
 #include "ggml-alloc.h"
@@ -145,7 +146,7 @@ struct mimi_runner {
     mimi_arch arch;
     bool encoder = false;
     ggml_backend_t backend = nullptr;
-    ggml_threadpool_t threadpool = nullptr;
+    csm_thread_pools pools;   // the CPU backend's thread pools (none on other devices)
     bool cpu = true;
 
     ggml_context * ctx_prep = nullptr;     // prepared weights

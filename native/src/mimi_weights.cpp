@@ -275,7 +275,8 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t
     if (slots < 1 || (enc && slots != 1)) csm_fail("internal error: %d Mimi slots", slots);
     n_slots = slots;
     mimi_bind(*m, arch);
-    csm_backend_init(m, csm_default_threads(n_threads), &backend, &threadpool);
+    // the default count (n_threads <= 0) adapts to other processes' load (csm_thread_pools)
+    csm_backend_init(m, csm_default_threads(n_threads), n_threads <= 0, &backend, pools);
     cpu = ggml_backend_is_cpu(backend);
     mimi_arch & a = arch;
 
@@ -414,7 +415,6 @@ mimi_runner::~mimi_runner() {
     if (buf_prep) ggml_backend_buffer_free(buf_prep);
     if (ctx_prep) ggml_free(ctx_prep);
     if (backend) ggml_backend_free(backend);
-    if (threadpool) ggml_threadpool_free(threadpool);
 }
 
 void mimi_runner::reset() {
