@@ -243,6 +243,53 @@ def _mimi_stream(model, codes, threads):
     return times[0], float(np.mean(times)), note
 
 
+VOICE_TEXT = "This is the reference recording that gives the voice, about ten seconds of a person speaking."
+
+
+def _prefill(model, gen, threads) -> dict:
+    """Prompt prefill with a voice context already encoded (a saved voice): 10 s (125 frames of codes
+    and their text) and 40 s (500 frames) before the benchmark's text. Positions/s from the library's
+    prefill time (the fastest of 3); time to first audio with the 10 s context = the call to the first
+    frame's callback + that frame's Mimi decode; and the Mimi encode of 10 s of audio, which a voice
+    made from a recording costs once."""
+    import numpy as np
+
+    from pycsm.codec import MimiStreamDecoder, encode
+    from pycsm.prompt import build_prompt
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for seconds in (10, 40):
+        codes = rng.integers(1, 2048, (int(seconds * 1000 / FRAME_MS), 32), dtype=np.int32)
+        prompt = build_prompt(model.tokenizer, TEXT, SPEAKER, [(SPEAKER, VOICE_TEXT, codes)])
+        best, ttfa = None, None
+        for rep in range(3):
+            stamps = []
+            t0 = time.perf_counter()
+            res = gen.generate(prompt, temperature=0.9, top_k=50, seed=7 + rep, max_frames=1, stop_at_eos=False,
+                               on_frame=lambda i, c: stamps.append(time.perf_counter()))
+            first = (stamps[0] - t0) * 1e3
+            if seconds == 10:
+                with MimiStreamDecoder(model.handle, n_threads=threads) as dec:
+                    t = time.perf_counter()
+                    dec.decode(res.codes[:1])
+                    first += (time.perf_counter() - t) * 1e3
+                ttfa = first if ttfa is None else min(ttfa, first)
+            best = res.t_prefill_ms if best is None else min(best, res.t_prefill_ms)
+        n = int(prompt.shape[0])
+        out[f"{seconds}s"] = {"positions": n, "prefill_ms": round(best, 1), "positions_per_s": round(n / best * 1e3, 1)}
+        if ttfa is not None:
+            out[f"{seconds}s"]["ttfa_ms"] = round(ttfa, 1)
+    pcm = (rng.standard_normal(240000) * 0.1).astype(np.float32)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        encode(model.handle, pcm, n_threads=threads)
+        times.append((time.perf_counter() - t) * 1e3)
+    out["mimi_encode_10s_ms"] = round(min(times), 1)
+    return out
+
+
 def worker_pycsm(args) -> dict:
     from pycsm import __version__
     from pycsm.generator import Generator
@@ -287,6 +334,57 @@ def worker_pycsm(args) -> dict:
     out["mimi_ms_per_frame"] = mean
     out["ttfa_ms"] = stamps[0] + (first or 0.0)
     out["ttfa_includes_mimi"] = first is not None
+    out["kernel"] = system_info_kernel()
+    if args.prefill:
+        out["prefill"] = _prefill(model, gen, args.threads)
+    return out
+
+
+def system_info_kernel() -> str:
+    """Which kernel runs the quantised products in this process (pycsm's system_info, its last field)."""
+    from pycsm.model import system_info
+
+    return system_info().rsplit("matmul: ", 1)[-1]
+
+
+def worker_pycsm_busy(args) -> dict:
+    """ms/frame with one busy process beside it (a Python loop spinning, pinned to the last CPU this
+    process may use), for the default thread count, 1 thread and --threads threads; and the default
+    count on the idle machine, measured before the spinner starts and after it stops (the faster)."""
+    import numpy as np
+
+    from pycsm.generator import Generator
+    from pycsm.model import Model
+
+    model = Model(args.file, device="cpu")
+    prompt = _pycsm_prompt(model)
+    cpus = sorted(os.sched_getaffinity(0))
+
+    def ms_per_frame(n_threads):
+        with Generator(model, n_threads=n_threads) as gen:
+            gen.generate(prompt, seed=1, max_frames=2, stop_at_eos=False)  # warm-up
+            stamps = []
+            gen.generate(prompt, temperature=0.9, top_k=50, seed=2, max_frames=args.frames, stop_at_eos=False,
+                         on_frame=lambda i, c: stamps.append(time.perf_counter()))
+        return float(np.mean(np.diff(stamps))) * 1e3  # the frame loop (the prefill is before frame 0)
+
+    out = {"kind": "pycsm-busy", "file": str(args.file), "frames": args.frames, "cpus": len(cpus),
+           "kernel": system_info_kernel()}
+    idle = [ms_per_frame(0)]
+    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True: pass"])
+    try:
+        time.sleep(0.5)
+        out["busy_default_ms"] = ms_per_frame(0)
+        out["busy_1_ms"] = ms_per_frame(1)
+        out[f"busy_{args.threads}_ms"] = ms_per_frame(args.threads)
+    finally:
+        spin.kill()
+        spin.wait()
+    time.sleep(0.5)
+    idle.append(ms_per_frame(0))
+    out["idle_default_ms"] = min(idle)
+    out["default_vs_1_thread"] = out["busy_default_ms"] / out["busy_1_ms"]
+    out["default_vs_idle"] = out["busy_default_ms"] / out["idle_default_ms"]
     return out
 
 
@@ -596,7 +694,7 @@ def worker_transformers(args) -> dict:
 
 
 WORKERS = {"bandwidth": worker_bandwidth, "pycsm": worker_pycsm, "pycsm-batch": worker_pycsm_batch,
-           "crispasr": worker_crispasr, "transformers": worker_transformers}
+           "crispasr": worker_crispasr, "transformers": worker_transformers, "pycsm-busy": worker_pycsm_busy}
 
 
 # ------------------------------------------------------------------------------------------
@@ -633,19 +731,19 @@ def run_worker(kind: str, args, log, **extra) -> dict:
     return _best(kind, [_run_worker_undisturbed(kind, args, log, **extra) for _ in range(args.repeat)])
 
 
-def run_round_robin(kinds: list[str], args, log, **extra) -> list[dict]:
-    """Like run_worker for several configurations of one file, taking turns: one run of each, then
-    the next round, so that each one's best-of-N comes from the same stretch of time (the systems
-    compared on a file see the same bandwidth drift)."""
-    runs = {k: [] for k in kinds}
+def run_round_robin(configs: list[tuple[str, dict]], args, log) -> list[dict]:
+    """Like run_worker for several configurations (kind, worker options) of one file, taking turns: one
+    run of each, then the next round, so that each one's best-of-N comes from the same stretch of time
+    (the systems compared on a file see the same bandwidth drift)."""
+    runs = [[] for _ in configs]
     for _ in range(max(1, args.repeat)):
-        for k in kinds:
+        for i, (k, extra) in enumerate(configs):
             # the bandwidth of this moment, for this run's bound (it drifts between runs)
             bw = _run_worker_undisturbed("bandwidth", args, log).get("bytes_per_s")
             r = _run_worker_undisturbed(k, args, log, **extra)
             r["bandwidth_before"] = bw
-            runs[k].append(r)
-    return [_best(k, runs[k]) for k in kinds]
+            runs[i].append(r)
+    return [_best(k, runs[i]) for i, (k, _) in enumerate(configs)]
 
 
 def _run_worker_undisturbed(kind: str, args, log, **extra) -> dict:
@@ -672,10 +770,13 @@ def _run_worker_once(kind: str, args, log, **extra) -> dict:
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     if args.crispasr_speaker_prefix:
         cmd.append("--crispasr-speaker-prefix")
+    if args.no_prefill:
+        cmd.append("--no-prefill")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                OPENBLAS_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    label = f"{kind} {extra.get('file', '') and Path(extra['file']).name} {extra.get('dtype', '')}".strip()
+    label = (f"{kind} {extra.get('file', '') and Path(extra['file']).name} {extra.get('dtype', '')} "
+             f"{extra.get('use_kernel', '')}").strip()
     waited = wait_until_idle(args.wait_idle, log) if args.wait_idle > 0 else 0.0
     log(f"[bench] running {label} ...")
     import resource
@@ -707,16 +808,18 @@ def fmt(v, spec=".0f", dash="-"):
     return dash if v is None else format(v, spec)
 
 
-def build_rows(results, reads, bandwidth, files):
+def build_rows(results, reads, bandwidth, files, kernels=None):
     crisp = {r["file"]: r for r in results if r["kind"] == "crispasr" and "ms_per_frame" in r}
     rows = []
     order = {"pycsm": 0, "pycsm-batch": 1, "crispasr": 2, "transformers": 3}
+    kindex = {k: i for i, k in enumerate(kernels or [])}
     findex = {f: i for i, f in enumerate(files)}
     results = sorted(results, key=lambda r: (r["kind"] == "transformers", findex.get(r.get("file"), 99),
-                                             order.get(r["kind"], 9), r.get("dtype") or ""))
+                                             kindex.get(r.get("use_kernel"), -1), order.get(r["kind"], 9),
+                                             r.get("dtype") or ""))
     for r in results:
         kind = r["kind"]
-        if kind == "bandwidth":
+        if kind in ("bandwidth", "pycsm-busy"):  # the busy rows have their own notes
             continue
         if kind == "transformers":
             name, ftype = f"transformers {r['dtype']}", r["dtype"]
@@ -725,7 +828,9 @@ def build_rows(results, reads, bandwidth, files):
         else:
             ftype = Path(r.get("file", "?")).stem.rsplit("-", 1)[-1]
             name = {"pycsm": "pycsm", "pycsm-batch": f"pycsm batch x{r.get('batch', '?')}",
-                    "crispasr": "CrispASR"}[kind]
+                    "crispasr": "CrispASR", "pycsm-busy": "pycsm busy"}[kind]
+            if r.get("use_kernel"):
+                name += f" {r['use_kernel']}"
             nbytes = reads.get(r.get("file"), {}).get("bytes")
         ms = r.get("ms_per_frame")
         bw = r.get("bandwidth_before") or bandwidth  # measured just before this run, when it was
@@ -740,7 +845,8 @@ def build_rows(results, reads, bandwidth, files):
                          rtf=ms / FRAME_MS if ms else None, bw=bw, bound=bound,
                          x_bound=ms / bound if ms and bound else None, vs_crisp=vs, ttfa=r.get("ttfa_ms"),
                          load=r.get("load_ms"), rss=r.get("peak_rss"), error=r.get("error"),
-                         frames=r.get("n_frames"), foreign=r.get("foreign_cores")))
+                         frames=r.get("n_frames"), foreign=r.get("foreign_cores"), kernel=r.get("use_kernel"),
+                         kind=kind, path=r.get("file")))
     return rows
 
 
@@ -765,6 +871,53 @@ def print_table(rows, bandwidth, bw_method, args, out=print):
                       fmt(r["frames"], "d"), fmt(r["foreign"], ".2f")])
     widths = [max(len(str(x)) for x in col) for col in zip(hdr, *table)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    out(line(hdr))
+    out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in table:
+        out(line(row))
+    out("")
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2] if xs else None
+
+
+def print_kernel_table(results, rows, files, kernels, out=print):
+    """One line per kernel and file: one stream's ms/frame, x bound, x CrispASR (its ms/frame over
+    ours), frames/s against the first kernel's, the batch's interleaved ratio to one stream (median;
+    with the prefills / frame loop alone), prefill positions/s and time to first audio with a voice
+    context already encoded (10 s; 40 s), and the Mimi encode of 10 s of audio."""
+    hdr = ["kernel", "file", "ms/frame", "x bound", "x CrispASR", f"fps vs {kernels[0] or 'default'}", "batch ratio",
+           "prefill pos/s 10 s", "prefill pos/s 40 s", "TTFA 10 s ms", "Mimi encode 10 s ms"]
+    table = []
+    for f in files:
+        base = None
+        for k in kernels:
+            one = next((r for r in rows if r["kind"] == "pycsm" and r["path"] == f and r["kernel"] == k and r["ms"]), None)
+            res = next((r for r in results if r["kind"] == "pycsm" and r.get("file") == f and r.get("use_kernel") == k
+                        and "ms_per_frame" in r), None)
+            bat = next((r for r in results if r["kind"] == "pycsm-batch" and r.get("file") == f
+                        and r.get("use_kernel") == k and r.get("interleaved")), None)
+            if not one:
+                continue
+            base = base or one["ms"]
+            pre = (res or {}).get("prefill", {})
+            ratio = "-"
+            if bat:
+                full = _median([p["ratio"] for p in bat["interleaved"]])
+                loop = _median([p["decode_ratio"] for p in bat["interleaved"]])
+                ratio = f"{full:.2f}x / {loop:.2f}x (x{bat['batch']})"
+            table.append([k or "default", Path(f).stem.rsplit("-", 1)[-1], fmt(one["ms"], ".1f"), fmt(one["x_bound"], ".2f"),
+                          fmt(one["vs_crisp"], ".2f"), fmt(base / one["ms"], ".2f"), ratio,
+                          fmt(pre.get("10s", {}).get("positions_per_s"), ".0f"),
+                          fmt(pre.get("40s", {}).get("positions_per_s"), ".0f"),
+                          fmt(pre.get("10s", {}).get("ttfa_ms"), ".0f"), fmt(pre.get("mimi_encode_10s_ms"), ".0f")])
+    if not table:
+        return
+    widths = [max(len(str(x)) for x in col) for col in zip(hdr, *table)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    out("Per kernel (batch ratio: batch frames/s over one stream's, interleaved, median; with the prefills / "
+        "frame loop alone):")
     out(line(hdr))
     out("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in table:
@@ -797,17 +950,28 @@ def main(argv=None) -> int:
                     help="before each run, wait up to this many seconds for other processes to leave the CPU "
                          "alone (0: do not wait); ggml's spinning threads slow down badly when cores are shared")
     ap.add_argument("--json", type=Path, help="write all measurements to this JSON file")
-    ap.add_argument("--only", help="comma-separated subset of pycsm,batch,crispasr,transformers")
+    ap.add_argument("--only", help="comma-separated subset of pycsm,batch,busy,crispasr,transformers")
+    ap.add_argument("--kernel", default="",
+                    help="comma-separated pycsm kernels to run each (avx512, avx2, neon, ggml: PYCSM_KERNEL); "
+                         "default: the one pycsm picks")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the prompt prefill / TTFA-with-voice measurements")
     ap.add_argument("--merge", type=Path, help="start from this earlier --json run: its results are kept for "
                                                "the configurations this run does not measure again")
     ap.add_argument("--table-from", type=Path, help="print the table of a saved --json file and exit")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--file", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
+    ap.add_argument("--use-kernel", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.prefill = not args.no_prefill
 
     if args.worker:
-        emit(WORKERS[args.worker](args))
+        if args.use_kernel:  # read by the library when the model packs its weights
+            os.environ["PYCSM_KERNEL"] = args.use_kernel
+        r = WORKERS[args.worker](args)
+        if args.use_kernel:
+            r["use_kernel"] = args.use_kernel
+        emit(r)
         return 0
     if args.table_from:
         d = json.loads(args.table_from.read_text())
@@ -817,6 +981,10 @@ def main(argv=None) -> int:
         args.threads = int(d["args"]["threads"])
         args.repeat = int(d["args"].get("repeat", 1))
         print_table(d["rows"], bw, method, args)
+        kernels = [k for k in d["args"].get("kernel", "").split(",") if k] or [None]
+        files = list(dict.fromkeys(r["file"] for r in d["results"] if r.get("kind") == "pycsm" and r.get("file")))
+        if all("path" in r for r in d["rows"]):
+            print_kernel_table(d["results"], d["rows"], files, kernels)
         return 0
 
     log = lambda m: print(m, file=sys.stderr, flush=True)
@@ -848,27 +1016,39 @@ def main(argv=None) -> int:
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "reads": reads,
                                              "bandwidth_bytes_per_s": bw, "results": results,
-                                             "rows": build_rows(results, reads, bw or 0, files)}, indent=1))
+                                             "rows": build_rows(results, reads, bw or 0, files, kernels)}, indent=1))
 
-    only = set(args.only.split(",")) if args.only else {"pycsm", "batch", "crispasr", "transformers"}
+    only = set(args.only.split(",")) if args.only else {"pycsm", "batch", "busy", "crispasr", "transformers"}
+    kernels = [k.strip() for k in args.kernel.split(",") if k.strip()] or [None]
     if args.merge:  # keep the earlier run's results for what this run does not measure again
         prev = json.loads(args.merge.read_text())
-        key = lambda r: (r.get("kind"), r.get("file"), r.get("dtype"))
-        planned = {("pycsm", f, None) for f in files if "pycsm" in only}
-        planned |= {("pycsm-batch", f, None) for f in files if "batch" in only and args.batch > 1}
-        planned |= {("crispasr", f, None) for f in files if "crispasr" in only and have_crisp}
+        key = lambda r: (r.get("kind"), r.get("file"), r.get("dtype"), r.get("use_kernel"))
+        planned = {("pycsm", f, None, k) for f in files for k in kernels if "pycsm" in only}
+        planned |= {("pycsm-batch", f, None, k) for f in files for k in kernels if "batch" in only and args.batch > 1}
+        planned |= {("pycsm-busy", f, None, None) for f in files if "busy" in only}
+        planned |= {("crispasr", f, None, None) for f in files if "crispasr" in only and have_crisp}
         if "transformers" in only and not args.no_peers and not args.no_transformers:
-            planned |= {("transformers", files[0], d) for d in args.transformers_dtypes.split(",") if d}
+            planned |= {("transformers", files[0], d, None) for d in args.transformers_dtypes.split(",") if d}
         results += [r for r in prev["results"] if r.get("kind") != "bandwidth" and key(r) not in planned]
         for r in prev["results"]:
             if r.get("kind") != "bandwidth" and key(r) not in planned:
                 r["merged_from"] = str(args.merge)
     save()
     for f in files:
-        kinds = [k for k, chosen in (("pycsm", "pycsm" in only), ("pycsm-batch", args.batch > 1 and "batch" in only),
-                                     ("crispasr", have_crisp and "crispasr" in only)) if chosen]
-        results += run_round_robin(kinds, args, log, file=f)
+        configs = []
+        for k in kernels:
+            kx = {"use_kernel": k} if k else {}
+            if "pycsm" in only:
+                configs.append(("pycsm", dict(file=f, **kx)))
+            if args.batch > 1 and "batch" in only:
+                configs.append(("pycsm-batch", dict(file=f, **kx)))
+        if have_crisp and "crispasr" in only:
+            configs.append(("crispasr", dict(file=f)))
+        results += run_round_robin(configs, args, log)
         save()
+        if "busy" in only:  # its spinner is this worker's own child: not counted as a disturbance
+            results.append(_run_worker_undisturbed("pycsm-busy", args, log, file=f))
+            save()
     if not args.no_peers and not args.no_transformers and "transformers" in only:
         if importlib.util.find_spec("transformers") is None:
             log("[bench] transformers not installed: skipped")
@@ -877,8 +1057,9 @@ def main(argv=None) -> int:
                 results.append(run_worker("transformers", args, log, file=files[0], dtype=dt))
                 save()
 
-    rows = build_rows(results, reads, bw or 0, files)
+    rows = build_rows(results, reads, bw or 0, files, kernels)
     print_table(rows, bw or 0, results[0].get("method", "?"), args)
+    print_kernel_table(results, rows, files, kernels)
     notes = sorted({r.get("mimi_note") for r in results if r.get("mimi_note")})
     for n in notes:
         print(f"note: Mimi: {n}")
@@ -886,13 +1067,14 @@ def main(argv=None) -> int:
     if busy:
         print("note: other processes used CPU during " + ", ".join(f"{r['system']} {r['file']}" for r in busy)
               + " (column busy, in cores): those rows are slower than this machine can do")
+    kname = lambda r: f" ({r['use_kernel']})" if r.get("use_kernel") else ""
     for r in results:
         if r.get("kind") == "pycsm-batch" and "frames_per_s" in r:
             single = next((s for s in results if s["kind"] == "pycsm" and s.get("file") == r["file"]
-                           and "ms_per_frame" in s), None)
+                           and s.get("use_kernel") == r.get("use_kernel") and "ms_per_frame" in s), None)
             if single:
                 fps1 = single["n_frames"] / single["wall_ms"] * 1e3
-                print(f"note: batch x{r['batch']} on {Path(r['file']).name}: {r['frames_per_s']:.2f} frames/s "
+                print(f"note: batch x{r['batch']} on {Path(r['file']).name}{kname(r)}: {r['frames_per_s']:.2f} frames/s "
                       f"vs {fps1:.2f} frames/s for one stream ({r['frames_per_s'] / fps1:.2f}x, fastest runs, with "
                       f"prefill; frame loop alone {single['ms_per_frame'] / r['ms_per_frame']:.2f}x)")
         if r.get("kind") == "pycsm-batch" and r.get("interleaved"):
@@ -900,9 +1082,16 @@ def main(argv=None) -> int:
                 ratios = [p[key] for p in r["interleaved"] if key in p]
                 if ratios:
                     med = sorted(ratios)[len(ratios) // 2]
-                    print(f"note: batch x{r['batch']} on {Path(r['file']).name} vs one stream, interleaved frame by "
+                    print(f"note: batch x{r['batch']} on {Path(r['file']).name}{kname(r)} vs one stream, interleaved frame by "
                           f"frame in one process, frames/s {what}: {' '.join(f'{x:.2f}x' for x in ratios)} "
                           f"(median {med:.2f}x)")
+    for r in results:
+        if r.get("kind") == "pycsm-busy" and "busy_default_ms" in r:
+            n = args.threads
+            print(f"note: one busy process beside {Path(r['file']).name} ({r['kernel']}, {r['cpus']} CPUs): default threads "
+                  f"{r['busy_default_ms']:.0f} ms/frame, 1 thread {r['busy_1_ms']:.0f}, {n} threads "
+                  f"{r.get(f'busy_{n}_ms', float('nan')):.0f}; idle, default threads {r['idle_default_ms']:.0f}: "
+                  f"default = {r['default_vs_1_thread']:.2f}x one thread's time, {r['default_vs_idle']:.2f}x the idle time")
     log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
     save()
     return 0

@@ -6,8 +6,11 @@ Starts the server (`python -m pycsm.server`, --max-batch 4 unless told otherwise
 then for each client count N runs N clients, each sending `--requests` streamed requests one after
 another (or until `--duration` seconds have passed), and prints a markdown table: requests/s, audio
 seconds per second, p50/p95 time to first byte and total time, errors, the server's RSS after the
-level. Before the server starts, `--batch-ratio` measures the native batch alone (4 streams against
-1, frames per second, same frame count), the bound a 4-client level can approach.
+level. Before the server starts, `--batch-ratio FRAMES` measures the native batch alone the way
+benchmarks/bench.py does (its own function: a batch of 4 and one stream generating FRAMES frames,
+interleaved frame by frame in this process, frames per second with the prefills and of the frame
+loop alone; the median of `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
+after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
 Random-weight benchmark files never emit the end frame: every request runs to its --audio cap, so
 each level moves the same audio per request.
@@ -16,6 +19,7 @@ each level moves the same audio per request.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -51,27 +55,21 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def batch_ratio(model: str, threads: int | None, frames: int) -> tuple[float, float]:
-    """Frames per second of the native batch with 1 and with 4 streams (prefill excluded)."""
-    sys.path.insert(0, str(REPO))
-    from pycsm.batch import Batch
+def bench_batch_ratio(model: str, threads: int | None, frames: int, runs: int) -> dict:
+    """bench.py's batch x4 measurement (benchmarks/bench.py, _interleaved, with its prompts): one
+    stream and a batch of 4 interleaved frame by frame. Medians over `runs` runs of frames/s with the
+    prefills ("ratio") and of the frame loop alone ("decode_ratio")."""
+    spec = importlib.util.spec_from_file_location("pycsm_bench", REPO / "benchmarks" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)  # puts this checkout first on sys.path
     from pycsm.model import Model
     from pycsm.prompt import build_prompt
 
-    with Model(model) as m:
-        prompt = build_prompt(m.tokenizer, TEXTS[0], 0)
-        rates = []
-        for n in (1, 4):
-            with Batch(m, max_streams=n, n_threads=threads) as b:
-                for i in range(n):
-                    b.add(prompt, seed=i, max_frames=frames + 1, stop_at_eos=False)
-                while b.n_running < n:  # prefills
-                    b.step()
-                t0, done = time.perf_counter(), 0
-                while b.n_streams:
-                    done += sum(e.codes is not None for e in b.step())
-                rates.append(done / (time.perf_counter() - t0))
-    return rates[0], rates[1]
+    with Model(model, device="cpu") as m:
+        prompts = [build_prompt(m.tokenizer, bench.TEXT, s % 4) for s in range(4)]
+        results = [bench._interleaved(m, prompts, threads, frames, 3 + i) for i in range(runs)]
+    return {key: statistics.median(r[key] for r in results)
+            for key in ("one_fps", "batch_fps", "ratio", "one_decode_fps", "batch_decode_fps", "decode_ratio")}
 
 
 class Level:
@@ -130,14 +128,23 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--batch-ratio", type=int, default=0, metavar="FRAMES",
-                    help="first measure the native batch x4 against one stream over FRAMES frames")
+                    help="first measure the native batch x4 against one stream over FRAMES frames, as bench.py does")
+    ap.add_argument("--batch-ratio-runs", type=int, default=1, metavar="N",
+                    help="interleaved runs of that measurement, their median is used (default 1)")
     args = ap.parse_args()
     if not 1 <= max(args.clients) <= 64 or args.requests < 1 or args.duration <= 0:
         ap.error("clients in [1, 64], requests >= 1, duration > 0")
+    if not 0 <= args.batch_ratio <= 10000 or not 1 <= args.batch_ratio_runs <= 100:
+        ap.error("--batch-ratio in [0, 10000] frames, --batch-ratio-runs in [1, 100]")
 
+    bench = None
     if args.batch_ratio:
-        one, four = batch_ratio(args.model, args.threads, args.batch_ratio)
-        print(f"native batch: 1 stream {one:.2f} frames/s, 4 streams {four:.2f} frames/s, x4 ratio {four / one:.2f}")
+        bench = bench_batch_ratio(args.model, args.threads, args.batch_ratio, args.batch_ratio_runs)
+        print(f"native batch x4 as bench.py measures it ({args.batch_ratio} frames, median of "
+              f"{args.batch_ratio_runs}): with the prefills 1 stream {bench['one_fps']:.2f} frames/s, 4 streams "
+              f"{bench['batch_fps']:.2f} frames/s, ratio {bench['ratio']:.2f}; frame loop alone "
+              f"{bench['one_decode_fps']:.2f} / {bench['batch_decode_fps']:.2f} frames/s, ratio "
+              f"{bench['decode_ratio']:.2f}", flush=True)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -168,6 +175,7 @@ def main() -> int:
               "| errors | server RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|")
         base = None
+        gains = {}
         for n in args.clients:
             level = Level()
             t0 = time.monotonic()
@@ -181,10 +189,16 @@ def main() -> int:
             wall = time.monotonic() - t0
             rate = sum(level.audio_s) / wall
             base = base or rate
+            gains[n] = rate / base if base else float("nan")
             print(f"| {n} | {len(level.total)} | {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
                   f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
                   f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
                   f"| {rss_mib(server.pid):.0f} |", flush=True)
+        if bench and 4 in gains and args.clients[0] == 1:
+            print(f"\n4 clients / 1 client: {gains[4]:.2f}x audio s/s; bench.py's batch x4 ratio in this run: "
+                  f"{bench['ratio']:.2f} with the prefills, {bench['decode_ratio']:.2f} frame loop alone; "
+                  f"load / bench: {gains[4] / bench['ratio']:.0%} of the ratio with the prefills, "
+                  f"{gains[4] / bench['decode_ratio']:.0%} of the frame loop's")
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -194,6 +194,7 @@ class csm_batch_event(Structure):
 csm_model_p = c_void_p
 csm_context_p = c_void_p
 csm_mimi_codec_p = c_void_p
+csm_mimi_batch_decoder_p = c_void_p
 csm_batch_p = c_void_p
 
 # name: (restype, argtypes), in header order
@@ -242,6 +243,14 @@ _SIGNATURES = {
     "csm_mimi_codec_free": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_reset": (None, [csm_mimi_codec_p]),
     "csm_mimi_codec_decode": (c_int64, [csm_mimi_codec_p, POINTER(c_int32), c_int32, POINTER(c_float), c_int64]),
+    "csm_mimi_batch_decoder_new": (csm_mimi_batch_decoder_p, [csm_model_p, c_int32, c_int32]),
+    "csm_mimi_batch_decoder_free": (None, [csm_mimi_batch_decoder_p]),
+    "csm_mimi_batch_decoder_n_slots": (c_int32, [csm_mimi_batch_decoder_p]),
+    "csm_mimi_batch_decoder_reset": (c_int32, [csm_mimi_batch_decoder_p, c_int32]),
+    "csm_mimi_batch_decoder_decode": (
+        c_int64,
+        [csm_mimi_batch_decoder_p, POINTER(c_int32), c_int32, POINTER(c_int32), c_int32, POINTER(c_float), c_int64],
+    ),
     "csm_batch_default_params": (csm_batch_params, []),
     "csm_stream_default_params": (csm_stream_params, []),
     "csm_batch_new": (csm_batch_p, [csm_model_p, csm_batch_params]),

@@ -10,8 +10,13 @@ with an ``_as_parameter_``) so they work with any wrapper that owns the loaded m
         for chunk in chunks:
             play(dec.decode(chunk))
 
+    with MimiBatchDecoder(model_handle, n_slots=4) as dec:  # several streams, one native pass per call
+        dec.reset(2)                                         # a new stream takes slot 2
+        pcm = dec.decode([0, 2], codes)                      # codes [2, frames, 32] -> [2, frames * 1920]
+
 A pycsm.Model may be passed instead of its handle. A stream decoder keeps its model alive (in C,
 and the Model object in Python); a one-shot call must not start after the model was closed.
+Each slot of a MimiBatchDecoder gives the audio a MimiStreamDecoder of its own would give.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from ._native import CSM_N_CODEBOOKS, check_ptr, check_status, lib
 from .errors import CSMError
 from .model import check_n_threads
 
-__all__ = ["SAMPLES_PER_FRAME", "SAMPLE_RATE", "MimiStreamDecoder", "decode", "encode"]
+__all__ = ["SAMPLES_PER_FRAME", "SAMPLE_RATE", "MimiBatchDecoder", "MimiStreamDecoder", "decode", "encode"]
 
 SAMPLE_RATE = 24000
 SAMPLES_PER_FRAME = 1920
@@ -55,20 +60,24 @@ def _threads(n_threads: int | None) -> int:
     return check_n_threads(n_threads)
 
 
+def _int32_array(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype.kind not in "iu" and arr.size:
+        raise CSMError(f"{what} must be integers, got dtype {arr.dtype}")
+    # values that do not fit int32 must not wrap around into valid values in the cast
+    i32 = np.iinfo(np.int32)
+    if arr.size and (arr.min() < i32.min or arr.max() > i32.max):
+        where = tuple(int(i) for i in np.argwhere((arr < i32.min) | (arr > i32.max))[0])
+        raise CSMError(f"{what}: {arr[where]} at index {list(where)} is out of range")
+    return np.ascontiguousarray(arr, dtype=np.int32)
+
+
 def _codes_array(codes) -> np.ndarray:
     arr = np.asarray(codes)
     if arr.ndim == 1 and arr.size == CSM_N_CODEBOOKS:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] != CSM_N_CODEBOOKS:
         raise CSMError(f"codes must have shape [frames, {CSM_N_CODEBOOKS}], got {list(arr.shape)}")
-    if arr.dtype.kind not in "iu" and arr.size:
-        raise CSMError(f"codes must be integers, got dtype {arr.dtype}")
-    # values that do not fit int32 must not wrap around into valid codes in the cast
-    i32 = np.iinfo(np.int32)
-    if arr.size and (arr.min() < i32.min or arr.max() > i32.max):
-        f, cb = np.argwhere((arr < i32.min) | (arr > i32.max))[0]
-        raise CSMError(f"code {arr[f, cb]} at frame {f}, codebook {cb} is out of range")
-    return np.ascontiguousarray(arr, dtype=np.int32)
+    return _int32_array(arr, "codes")
 
 
 def _samples_per_frame(model) -> int:
@@ -149,3 +158,71 @@ class MimiStreamDecoder(NativeOwner):
         with self._native.use() as codec:
             lib.csm_mimi_codec_reset(codec)
         self.frames = 0
+
+
+class MimiBatchDecoder(NativeOwner):
+    """Streaming Mimi decoder for up to n_slots streams at once: each slot keeps the streaming state
+    of one stream, and one decode() call runs the next frames of any set of slots in a single native
+    pass (every weight product serves all of them). A slot's outputs, concatenated, equal what a
+    MimiStreamDecoder fed the same frames returns. reset(slot) when a new stream takes a slot.
+    Holds native state (caches, thread pool): close() it, or use ``with``.
+    """
+
+    def __init__(self, model, n_slots: int, n_threads: int | None = None):
+        self._owner = model  # a pycsm.Model stays referenced (the native decoder holds its model too)
+        h = _handle(model)
+        n_threads = _threads(n_threads)
+        if not isinstance(n_slots, int) or isinstance(n_slots, bool):
+            raise CSMError(f"n_slots must be an int, got {type(n_slots).__name__}")
+        if not 1 <= n_slots <= 256:
+            raise CSMError(f"n_slots {n_slots} is outside [1, 256]")
+        self._spf = _samples_per_frame(h)
+        self._native = NativeHandle(check_ptr(lib.csm_mimi_batch_decoder_new(h, n_slots, n_threads),
+                                              "Mimi batch decoder"),
+                                    lib.csm_mimi_batch_decoder_free, "Mimi batch decoder")
+        self.n_slots = n_slots
+        self.frames = [0] * n_slots  # per slot: frames decoded since creation or its last reset()
+
+    def _slots(self, slots) -> np.ndarray:
+        arr = np.asarray(slots).reshape(-1) if np.ndim(slots) else np.asarray([slots])
+        arr = _int32_array(arr, "slots")
+        if arr.size == 0:
+            raise CSMError("no slots given")
+        bad = (arr < 0) | (arr >= self.n_slots)
+        if bad.any():
+            raise CSMError(f"slot {arr[bad][0]} is outside [0, {self.n_slots})")
+        if np.unique(arr).size != arr.size:
+            raise CSMError(f"a slot is given twice in {arr.tolist()}")
+        return arr
+
+    def decode(self, slots, codes) -> np.ndarray:
+        """Decode the next frames of each slot in `slots`: codes [len(slots), frames, 32] (every slot
+        the same number of frames; [len(slots), 32] for one frame each). Returns float32
+        [len(slots), frames * 1920], row i the audio of slots[i]."""
+        self._native.get()  # closed: say so before looking at the arguments
+        sl = self._slots(slots)
+        arr = np.asarray(codes)
+        if arr.ndim == 2 and arr.shape == (sl.size, CSM_N_CODEBOOKS):
+            arr = arr[:, None, :]
+        if arr.ndim != 3 or arr.shape[0] != sl.size or arr.shape[2] != CSM_N_CODEBOOKS:
+            raise CSMError(f"codes must have shape [{sl.size} slots, frames, {CSM_N_CODEBOOKS}], "
+                           f"got {list(arr.shape)}")
+        arr = _int32_array(arr, "codes")
+        n_frames = arr.shape[1]
+        out = np.empty((sl.size, n_frames * self._spf), dtype=np.float32)
+        if n_frames == 0:
+            return out
+        with self._native.use() as dec:
+            n = lib.csm_mimi_batch_decoder_decode(dec, sl.ctypes.data_as(_I32P), sl.size, arr.ctypes.data_as(_I32P),
+                                                  n_frames, out.ctypes.data_as(_F32P), out.size)
+        check_status(n, "Mimi batch decode")
+        for s in sl.tolist():
+            self.frames[s] += n_frames
+        return out
+
+    def reset(self, slot: int) -> None:
+        """Forget one slot's streamed state: its next frames start a new utterance."""
+        s = int(self._slots(slot)[0])
+        with self._native.use() as dec:
+            check_status(lib.csm_mimi_batch_decoder_reset(dec, s), "Mimi batch decoder reset")
+        self.frames[s] = 0

@@ -70,6 +70,7 @@ extern "C" {
 typedef struct csm_model      csm_model;       // weights + hyper-parameters (read-only, shareable)
 typedef struct csm_context    csm_context;     // generation state: KV caches, graphs, thread pool
 typedef struct csm_mimi_codec csm_mimi_codec;  // Mimi decoder/encoder state for streaming
+typedef struct csm_mimi_batch_decoder csm_mimi_batch_decoder;  // streaming Mimi state of several streams
 
 // ---------------------------------------------------------------------------------------------
 // Errors, logging, version
@@ -303,6 +304,24 @@ CSM_API void    csm_mimi_codec_reset(csm_mimi_codec * codec);  // forget all str
 // Decodes n_frames more frames; writes n_frames * samples_per_frame samples. -1 on error.
 CSM_API int64_t csm_mimi_codec_decode(csm_mimi_codec * codec, const int32_t * codes, int32_t n_frames,
                                       float * out_pcm, int64_t max_samples);
+
+// Batched streaming decoder: the streaming state of n_slots streams (1..256), decoded together. One
+// call decodes n_frames more frames of each of several slots in one pass, every weight product
+// serving all of them; each slot's output equals that of a csm_mimi_codec fed the same frames.
+// Slots are independent: reset one when a new stream takes it.
+CSM_API csm_mimi_batch_decoder * csm_mimi_batch_decoder_new(const csm_model * model, int32_t n_slots,
+                                                            int32_t n_threads);
+CSM_API void    csm_mimi_batch_decoder_free(csm_mimi_batch_decoder * dec);  // NULL is fine
+CSM_API int32_t csm_mimi_batch_decoder_n_slots(const csm_mimi_batch_decoder * dec);  // -1 on error
+// Forgets one slot's streamed state. 0, or -1 on error.
+CSM_API int32_t csm_mimi_batch_decoder_reset(csm_mimi_batch_decoder * dec, int32_t slot);
+// Decodes n_frames more frames of each of the n_slots distinct slots in `slots`. codes: n_slots *
+// n_frames frames, slot by slot in the order of `slots` (codes[((i * n_frames) + f) * 32 + cb]);
+// out_pcm: n_slots * n_frames * samples_per_frame samples, in the same order. Returns the number of
+// samples written, or -1 on error (nothing decoded, no state changed).
+CSM_API int64_t csm_mimi_batch_decoder_decode(csm_mimi_batch_decoder * dec, const int32_t * slots,
+                                              int32_t n_slots, const int32_t * codes, int32_t n_frames,
+                                              float * out_pcm, int64_t max_samples);
 
 // ---------------------------------------------------------------------------------------------
 // Continuous batching: streams join and leave a running batch between frames

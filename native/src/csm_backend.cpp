@@ -2,8 +2,10 @@
 #include "csm_backend.h"
 
 #include "csm_log.h"
+#include "csm_platform.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdlib>
@@ -102,16 +104,108 @@ static void check_threads_available(int32_t n_threads) {
     }
 }
 
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp) {
-    *backend = ggml_backend_dev_init(m->dev, nullptr);
-    if (!*backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
-    if (ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
-        check_threads_available(n_threads);
-        ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
-        *tp = ggml_threadpool_new(&tpp);
-        if (!*tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
-        ggml_backend_cpu_set_n_threads(*backend, n_threads);
-        ggml_backend_cpu_set_threadpool(*backend, *tp);
+static ggml_threadpool_t new_pool(int32_t n_threads) {
+    check_threads_available(n_threads);
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(n_threads);
+    ggml_threadpool_t tp = ggml_threadpool_new(&tpp);
+    if (!tp) csm_fail("cannot create a thread pool of %d threads", n_threads);
+    return tp;
+}
+
+static ggml_backend_t new_backend(const csm_model * m) {
+    ggml_backend_t backend = ggml_backend_dev_init(m->dev, nullptr);
+    if (!backend) csm_fail("cannot initialise the %s backend", ggml_backend_dev_name(m->dev));
+    return backend;
+}
+
+static bool on_cpu(const csm_model * m) { return ggml_backend_dev_type(m->dev) == GGML_BACKEND_DEVICE_TYPE_CPU; }
+
+void csm_backend_init(const csm_model * m, int32_t n_threads, bool adaptive, ggml_backend_t * backend,
+                      csm_thread_pools & pools) {
+    *backend = new_backend(m);
+    if (on_cpu(m)) pools.init(*backend, n_threads, adaptive);
+}
+
+static int64_t wall_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+csm_thread_pools::~csm_thread_pools() {
+    if (reduced) ggml_threadpool_free(reduced);
+    if (full) ggml_threadpool_free(full);
+}
+
+void csm_thread_pools::init(ggml_backend_t be, int32_t n_threads, bool adapt) {
+    full = new_pool(n_threads);
+    backend = be;
+    n_max = n = n_threads;
+    adaptive = adapt && n_threads > 1 && csm_os_process_cpu_ns() >= 0;
+    ggml_backend_cpu_set_n_threads(backend, n);
+    ggml_backend_cpu_set_threadpool(backend, full);
+}
+
+void csm_thread_pools::rest() const {
+    if (backend) ggml_threadpool_pause(n == n_max ? full : reduced);
+}
+
+// The backend computes on n_new threads from the next graph on (the pool left pauses).
+void csm_thread_pools::use(int32_t n_new) {
+    const ggml_threadpool_t in_use = n == n_max ? full : reduced;
+    ggml_threadpool_t tp = full, old = nullptr;
+    if (n_new < n_max && n_new != reduced_n) {
+        old = reduced;
+        reduced = nullptr;
+        reduced_n = 0;
+        try {
+            reduced = new_pool(n_new);
+        } catch (const std::exception & e) { // keep what runs, and stop adapting
+            csm_log(CSM_LOG_WARN, "threads: staying at %d (%s)", n, e.what());
+            adaptive = false;
+            if (old && n != n_max) { reduced = old; reduced_n = n; }
+            else if (old) ggml_threadpool_free(old);
+            return;
+        }
+        reduced_n = n_new;
+    }
+    if (n_new < n_max) tp = reduced;
+    ggml_threadpool_pause(in_use); // its workers sleep from now on
+    ggml_backend_cpu_set_threadpool(backend, tp);
+    ggml_backend_cpu_set_n_threads(backend, n_new);
+    if (old) ggml_threadpool_free(old);
+    csm_log(CSM_LOG_DEBUG, "threads: %d -> %d", n, n_new);
+    n = n_new;
+}
+
+void csm_thread_pools::before_compute() {
+    if (!adaptive) return;
+    start_cpu = csm_os_process_cpu_ns();
+    start_wall = wall_ns();
+}
+
+void csm_thread_pools::after_compute() {
+    if (!adaptive || start_cpu < 0) return;
+    win_wall += wall_ns() - start_wall;
+    win_cpu += csm_os_process_cpu_ns() - start_cpu;
+    start_cpu = -1;
+    if (win_wall < (int64_t) (WINDOW_MS * 1e6)) return;
+    const double share = (double) win_cpu / ((double) win_wall * n); // of the n CPUs' worth the threads should get
+    win_wall = win_cpu = 0;
+    const bool starved = share < STARVED;
+    if (starved) {
+        if (trying) probe_gap = std::min(probe_gap * 2, 256);
+        trying = false;
+        quiet = 0;
+        if (n > 1) {
+            csm_log(CSM_LOG_DEBUG, "threads: %d got %.2f of their CPU time", n, share);
+            use(n - 1);
+        }
+        return;
+    }
+    if (trying) probe_gap = 4; // the thread more got its CPU: keep it
+    trying = false;
+    if (n < n_max && ++quiet >= probe_gap) {
+        quiet = 0;
+        trying = true;
+        use(n + 1);
     }
 }

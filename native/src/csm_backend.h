@@ -1,4 +1,4 @@
-// csm_backend.h - the ggml backend and CPU thread pool that the LM context and Mimi each run on.
+// csm_backend.h - the ggml backend and CPU thread pools that the LM context and Mimi each run on.
 #pragma once
 
 #include "csm_model.h"
@@ -6,12 +6,55 @@
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
 
-// Puts a CPU thread pool's workers to sleep when it goes out of scope (and on rest()), so that
-// they do not poll for work while the caller runs: a pool left polling keeps a core busy for tens
+// The CPU thread pools of a backend (the LM context's, a Mimi runner's), sized to the CPUs that are free.
+//
+// ggml's workers spin at every barrier of a graph, so when other busy processes leave fewer free CPUs
+// than threads, a descheduled worker holds the others at the next barrier: beside one process spinning
+// on one of 2 cores, a 2-thread frame took 2.5x the time of a 1-thread one. With the default thread
+// count (adaptive) the pools watch the process's CPU time while graphs compute: over a window of at
+// least WINDOW_MS of computing, n running threads (busy or spinning) should get n CPUs' worth; when
+// they got less than STARVED of it, the next graphs run on one thread fewer. After 4 quiet windows one more
+// thread is tried again; a try that is starved goes back and waits twice as long before the next
+// (up to 256 windows, about 5 s). A fixed thread count (n_threads > 0) never changes.
+// The pool of n_max threads and, while fewer run, a pool of that many (ggml's excluded workers would
+// keep polling for work): the backend uses one, the other sleeps.
+class csm_thread_pools {
+public:
+    csm_thread_pools() = default;
+    csm_thread_pools(const csm_thread_pools &) = delete;
+    csm_thread_pools & operator=(const csm_thread_pools &) = delete;
+    ~csm_thread_pools();
+    // Creates the n_threads pool and sets it on backend (a CPU backend). Throws.
+    void init(ggml_backend_t backend, int32_t n_threads, bool adaptive);
+    // Around every graph computation on the backend.
+    void before_compute();
+    void after_compute();
+    // Puts the pool in use to sleep (see csm_pool_rest).
+    void rest() const;
+    int32_t threads() const { return n; }
+
+    static constexpr double WINDOW_MS = 20.0;
+    static constexpr double STARVED = 0.85;
+
+private:
+    void use(int32_t n_new);
+
+    ggml_backend_t backend = nullptr;
+    ggml_threadpool_t full = nullptr, reduced = nullptr; // n_max threads; n < n_max threads
+    int32_t n_max = 1, n = 1, reduced_n = 0;
+    bool adaptive = false;
+    int64_t start_wall = 0, start_cpu = -1; // the computation under way: its start, ns (cpu < 0: none)
+    int64_t win_wall = 0, win_cpu = 0;      // the window so far: wall and process CPU time computing, ns
+    int32_t quiet = 0, probe_gap = 4; // quiet windows since the last change; windows before a try
+    bool trying = false;              // the open window runs on a thread more, being tried
+};
+
+// Puts the CPU thread pool in use to sleep when it goes out of scope (and on rest()), so that its
+// workers do not poll for work while the caller runs: a pool left polling keeps a core busy for tens
 // of milliseconds after each call. The next graph computation wakes the pool again.
 struct csm_pool_rest {
-    ggml_threadpool_t tp;
-    void rest() const { if (tp) ggml_threadpool_pause(tp); }
+    const csm_thread_pools & pools;
+    void rest() const { pools.rest(); }
     ~csm_pool_rest() { rest(); }
 };
 
@@ -21,5 +64,7 @@ int32_t csm_usable_cpus();
 // Threads to use: n when positive (at most csm_usable_cpus(): more threads than CPUs only spin at
 // ggml's barriers), else csm_usable_cpus().
 int32_t csm_default_threads(int32_t n);
-// Backend on the model's device, with a persistent CPU thread pool when it is the CPU. Throws.
-void csm_backend_init(const csm_model * m, int32_t n_threads, ggml_backend_t * backend, ggml_threadpool_t * tp);
+// Backend on the model's device, with persistent CPU thread pools (csm_thread_pools; adaptive: the
+// thread count follows other processes' load) when it is the CPU. Throws.
+void csm_backend_init(const csm_model * m, int32_t n_threads, bool adaptive, ggml_backend_t * backend,
+                      csm_thread_pools & pools);

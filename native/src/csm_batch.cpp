@@ -123,7 +123,7 @@ struct csm_batch : csm_refcounted {
 
     int32_t step(csm_batch_event * events) {
         csm_context & c = *ctx;
-        const csm_pool_rest pool{c.threadpool}; // asleep between the caller's steps
+        const csm_pool_rest pool{c.pools}; // asleep between the caller's steps
         prefill_chunk();
         const int32_t B = (int32_t) run.size();
         if (B == 0) return 0;

@@ -13,7 +13,6 @@ csm_context::~csm_context() {
     if (buf_state) ggml_backend_buffer_free(buf_state);
     if (ctx_state) ggml_free(ctx_state);
     if (backend) ggml_backend_free(backend);
-    if (threadpool) ggml_threadpool_free(threadpool);
 }
 
 // The KV caches are sized by the file (positions x layers x key/value width): computed and refused
@@ -52,7 +51,8 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
     c->n_active = p.n_batch;
     c->n_dctx = m->hp.n_codebooks;
     c->n_past.assign(c->n_seq, 0);
-    csm_backend_init(m, c->params.n_threads, &c->backend, &c->threadpool);
+    // the default count (n_threads <= 0) adapts to other processes' load (csm_thread_pools)
+    csm_backend_init(m, c->params.n_threads, p.n_threads <= 0, &c->backend, c->pools);
 
     const csm_llama & B = m->backbone, & D = m->depth;
     const int n_tensors = 2 * (B.n_layers + D.n_layers) + 1;

@@ -50,7 +50,7 @@ struct csm_context : csm_refcounted {
     int32_t n_dctx = 0;      // depth decoder positions (n_codebooks, padded)
 
     ggml_backend_t backend = nullptr;
-    ggml_threadpool_t threadpool = nullptr;
+    csm_thread_pools pools;   // the CPU backend's thread pools (none on other devices)
 
     ggml_context * ctx_state = nullptr;
     ggml_backend_buffer_t buf_state = nullptr;

@@ -27,7 +27,7 @@ void generate(csm_context & c, int32_t n_batch, const int32_t * const * prompts,
     }
     const int32_t ncb = m.hp.n_codebooks, V = m.hp.audio_vocab_size, n_valid = m.hp.mimi_codebook_size;
     const float t0 = p.sampling.temperature;
-    const csm_pool_rest pool{c.threadpool}; // idle while on_frame runs and after returning
+    const csm_pool_rest pool{c.pools}; // idle while on_frame runs and after returning
     const int32_t k0 = p.sampling.top_k;
     const float td = p.sampling.depth_temperature < 0 ? t0 : p.sampling.depth_temperature;
     const int32_t kd = p.sampling.depth_top_k < 0 ? k0 : p.sampling.depth_top_k;
@@ -112,7 +112,7 @@ void eval_frame_logits(csm_context & c, const int32_t * prompt, int32_t n_pos, c
     csm_check_prompt(m, prompt, n_pos, c.n_ctx);
     if (!logits0) csm_fail("logits0 is required");
     const int32_t V = m.hp.audio_vocab_size, ncb = m.hp.n_codebooks;
-    const csm_pool_rest pool{c.threadpool};
+    const csm_pool_rest pool{c.pools};
     csm_runner r(c);
     r.prefill(0, prompt, n_pos);
     memcpy(logits0, r.logits.data(), sizeof(float) * V);

@@ -199,6 +199,8 @@ void csm_build_depthk(csm_context & c) {
 }
 
 void csm_compute(csm_context & c, csm_graph & g) {
+    c.pools.before_compute();
     ggml_status st = ggml_backend_graph_compute(c.backend, g.gf);
+    c.pools.after_compute();
     if (st != GGML_STATUS_SUCCESS) csm_fail("graph computation failed (status %d)", (int) st);
 }

@@ -138,6 +138,13 @@ uint64_t csm_os_physical_memory() {
     return GlobalMemoryStatusEx(&ms) ? (uint64_t) ms.ullTotalPhys : 0;
 }
 
+int64_t csm_os_process_cpu_ns() {
+    FILETIME create, exit, kernel, user; // 100 ns units
+    if (!GetProcessTimes(GetCurrentProcess(), &create, &exit, &kernel, &user)) return -1;
+    const auto ticks = [](const FILETIME & f) { return ((int64_t) f.dwHighDateTime << 32) | f.dwLowDateTime; };
+    return (ticks(kernel) + ticks(user)) * 100;
+}
+
 FILE * csm_os_fopen_read(const char * path) {
     const std::wstring w = wide(path);
     return w.empty() ? nullptr : _wfopen(w.c_str(), L"rb");
@@ -200,6 +207,7 @@ int csm_os_remove(const char * path) {
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <time.h>
 
 int csm_os_is_regular_path(const char * path) {
     struct stat st;
@@ -264,6 +272,12 @@ void csm_os_advise_huge_pages(void * addr, size_t size) {
 uint64_t csm_os_physical_memory() {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     return pages > 0 && page > 0 ? (uint64_t) pages * (uint64_t) page : 0;
+}
+
+int64_t csm_os_process_cpu_ns() {
+    timespec ts;
+    if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return -1;
+    return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
 FILE * csm_os_fopen_read(const char * path) { return fopen(path, "rb"); }

@@ -50,6 +50,9 @@ void csm_os_advise_huge_pages(void * addr, size_t size);
 // The machine's physical memory in bytes; 0 when unknown.
 uint64_t csm_os_physical_memory();
 
+// CPU time used so far by all threads of this process, in ns; -1 when unknown.
+int64_t csm_os_process_cpu_ns();
+
 // stdio on UTF-8 paths. csm_os_create_temp creates a new file exclusively (no symlink followed,
 // nothing overwritten), readable by all as an ordinary output file, named `path` with its trailing
 // "XXXXXX" replaced (path is updated to the name chosen), open for binary writing.

@@ -21,33 +21,61 @@ struct builder {
     ggml_context * ctx;
     ggml_cgraph * gf;
     bool cpu;
+    std::vector<int32_t> slots;  // lane i runs the state of slots[i]
 };
 
 } // namespace
 
-// [tail | x] along time; schedules the rewrite of tail with the last tail->ne[1] columns.
+// The state of slots [s0, s0 + n) of a state tensor [rows, cols, n_slots].
+static ggml_tensor * slot_view(ggml_context * ctx, ggml_tensor * st, int32_t s0, int64_t n) {
+    return ggml_view_3d(ctx, st, st->ne[0], st->ne[1], n, st->nb[1], st->nb[2], st->nb[2] * s0);
+}
+
+// [tail | x] along time, lane by lane (x [C, T, lanes], lane i reading slot slots[i] of tail);
+// schedules the rewrite of each lane's slot with its last tail->ne[1] columns. Consecutive slots in
+// consecutive lanes are read and written as one block (the usual case: streams take the lowest free
+// slot).
 static ggml_tensor * with_tail(builder & b, ggml_tensor * tail, ggml_tensor * x) {
     if (!tail) return x;
-    ggml_tensor * xp = ggml_concat(b.ctx, tail, x, 1);
+    const int32_t * slots = b.slots.data();
+    const int64_t lanes = (int64_t) b.slots.size();
+    std::vector<std::pair<int64_t, int64_t>> runs;  // (first lane, lanes) of consecutive slots
+    for (int64_t i = 0; i < lanes; i++) {
+        if (!runs.empty() && slots[i] == slots[runs.back().first] + runs.back().second) {
+            runs.back().second++;
+        } else {
+            runs.push_back({i, 1});
+        }
+    }
+    ggml_tensor * tails = nullptr;
+    for (const auto & run : runs) {
+        ggml_tensor * t = slot_view(b.ctx, tail, slots[run.first], run.second);
+        tails = tails ? ggml_concat(b.ctx, tails, t, 2) : t;
+    }
+    ggml_tensor * xp = ggml_concat(b.ctx, tails, x, 1);
     const int64_t P = tail->ne[1];
-    ggml_tensor * keep = ggml_view_2d(b.ctx, xp, xp->ne[0], P, xp->nb[1], xp->nb[1] * (xp->ne[1] - P));
-    ggml_build_forward_expand(b.gf, ggml_cpy(b.ctx, keep, tail));
+    for (const auto & run : runs) {
+        ggml_tensor * keep = ggml_view_3d(b.ctx, xp, xp->ne[0], P, run.second, xp->nb[1], xp->nb[2],
+                                          xp->nb[2] * run.first + xp->nb[1] * (xp->ne[1] - P));
+        ggml_build_forward_expand(b.gf, ggml_cpy(b.ctx, keep, slot_view(b.ctx, tail, slots[run.first], run.second)));
+    }
     return xp;
 }
 
-// The [row, n] view of a contiguous tensor whose column t starts t * step bytes in: the columns
-// overlap when step is shorter than a row. ggml_view_2d sizes a view as if it were contiguous, so
-// the view is made one column long and then widened; its last byte stays inside x.
+// The [row, n, lanes] view of a contiguous tensor [C, len, lanes] whose column t of a lane starts
+// t * step bytes into the lane: the columns overlap when step is shorter than a row. ggml_view_3d sizes
+// a view as if it were contiguous, so the view is made one column long and then widened; each lane's
+// last byte stays inside that lane.
 static ggml_tensor * overlapping_view(ggml_context * ctx, ggml_tensor * x, int64_t row, int64_t n, size_t step) {
-    GGML_ASSERT(ggml_is_contiguous(x) && (size_t) row * ggml_element_size(x) + (n - 1) * step <= ggml_nbytes(x));
-    ggml_tensor * v = ggml_view_2d(ctx, x, row, 1, x->nb[1], 0);
+    GGML_ASSERT(ggml_is_contiguous(x) && (size_t) row * ggml_element_size(x) + (n - 1) * step <= x->nb[2]);
+    ggml_tensor * v = ggml_view_3d(ctx, x, row, 1, x->ne[2], x->nb[1], x->nb[2], 0);
     v->ne[1] = n;
     v->nb[1] = step;
-    v->nb[2] = v->nb[3] = step * n;
+    v->nb[3] = v->nb[2] * v->ne[2];
     return v;
 }
 
-// Convolution over a contiguous, already padded input xp [in, len]: a matrix product with the
+// Convolution over a contiguous, already padded input xp [in, len, lanes]: a matrix product with the
 // overlapping view whose column t is xp[:, t*stride .. t*stride + k) (im2col without a copy).
 static ggml_tensor * conv_padded(builder & b, const mimi_conv & c, ggml_tensor * xp) {
     const int64_t len = xp->ne[1];
@@ -76,13 +104,13 @@ static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, int
 // Causal ConvTranspose1d, kernel 2s, stride s, right trim s: out[:, m*s + r] =
 // W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
 static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x) {
-    const int64_t s = c.stride, oc = c.out, L = x->ne[1];
-    ggml_tensor * Y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, oc * c.k), x); // [oc*2s, L]
-    ggml_tensor * lo = ggml_view_2d(b.ctx, Y, oc * s, L, Y->nb[1], 0);
-    ggml_tensor * hi = ggml_view_2d(b.ctx, Y, oc * s, L, Y->nb[1], oc * s * ggml_element_size(Y));
-    ggml_tensor * hp = with_tail(b, c.tail, hi);                                            // [oc*s, L+1]
-    ggml_tensor * y = ggml_add(b.ctx, lo, ggml_view_2d(b.ctx, hp, oc * s, L, hp->nb[1], 0));
-    y = ggml_reshape_2d(b.ctx, y, oc, s * L);
+    const int64_t s = c.stride, oc = c.out, L = x->ne[1], lanes = x->ne[2];
+    ggml_tensor * Y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, oc * c.k), x); // [oc*2s, L, lanes]
+    ggml_tensor * lo = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], 0);
+    ggml_tensor * hi = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], oc * s * ggml_element_size(Y));
+    ggml_tensor * hp = with_tail(b, c.tail, hi);                                            // [oc*s, L+1, lanes]
+    ggml_tensor * y = ggml_add(b.ctx, lo, ggml_view_3d(b.ctx, hp, oc * s, L, lanes, hp->nb[1], hp->nb[2], 0));
+    y = ggml_reshape_3d(b.ctx, y, oc, s * L, lanes);
     return ggml_add(b.ctx, y, c.b);
 }
 
@@ -96,32 +124,48 @@ static ggml_tensor * layer_norm(builder & b, ggml_tensor * x, ggml_tensor * w, g
     return ggml_add(b.ctx, ggml_mul(b.ctx, ggml_norm(b.ctx, x, 1e-5f), w), bias);
 }
 
-// Transformer over x [dim, T] with sliding-window causal attention; each layer's keys/values of the
-// previous MIMI_WINDOW - 1 positions come from (and go back to) its cache.
-static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos, ggml_tensor * mask) {
+// Transformer over x [dim, T, lanes] with sliding-window causal attention. Each layer writes the
+// chunk's keys/values into the rings of the lanes' slots (one row per position, in place: nothing
+// else of a ring is copied), then each lane attends over its ring with its mask, which leaves out
+// rows of positions that are not (yet or any more) in its window. The products with the weights take
+// all lanes at once; attention runs per lane.
+static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos,
+                                 ggml_tensor * kv_rows, ggml_tensor * mask) {
     ggml_context * ctx = b.ctx;
-    const int64_t d = t.dim, hd = t.head_dim, nh = t.n_heads, T = x->ne[1];
+    const int64_t d = t.dim, hd = t.head_dim, nh = t.n_heads, T = x->ne[1], lanes = x->ne[2];
+    const int64_t n_kv = t.ring;
+    if (T > n_kv - (MIMI_WINDOW - 1)) csm_fail("internal error: a chunk of %lld positions exceeds the key ring", (long long) T);
     const float scale = 1.0f / std::sqrt((float) hd);
     for (const mimi_tfm_layer & l : t.layers) {
         ggml_tensor * h = layer_norm(b, x, l.n1w, l.n1b);
-        ggml_tensor * qkv = ggml_mul_mat(ctx, l.qkv, h);                         // [3d, T]
+        ggml_tensor * qkv = ggml_mul_mat(ctx, l.qkv, h);                         // [3d, T, lanes]
         const size_t es = ggml_element_size(qkv);
-        ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, nh, T, hd * es, qkv->nb[1], 0);
-        ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, nh, T, hd * es, qkv->nb[1], d * es);
-        ggml_tensor * v = ggml_view_2d(ctx, qkv, d, T, qkv->nb[1], 2 * d * es);
+        // every lane's positions in a row (RoPE takes one position per index of dimension 2)
+        ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, nh, T * lanes, hd * es, qkv->nb[1], 0);
+        ggml_tensor * k = ggml_view_3d(ctx, qkv, hd, nh, T * lanes, hd * es, qkv->nb[1], d * es);
+        ggml_tensor * v = ggml_view_2d(ctx, qkv, d, T * lanes, qkv->nb[1], 2 * d * es);
         q = ggml_rope_ext(ctx, q, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-        ggml_tensor * K = with_tail(b, l.k_cache, ggml_reshape_2d(ctx, k, d, T));   // [d, S+T]
-        ggml_tensor * V = with_tail(b, l.v_cache, ggml_cont(ctx, v));              // [d, S+T]
-        const int64_t n_kv = K->ne[1];
-        K = ggml_permute(ctx, ggml_reshape_3d(ctx, K, hd, nh, n_kv), 0, 2, 1, 3);  // [hd, n_kv, nh]
-        V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3)); // [n_kv, hd, nh]
-        q = ggml_permute(ctx, q, 0, 2, 1, 3);                                      // [hd, T, nh]
-        ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                                // [n_kv, T, nh]
-        kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
-        ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                                // [hd, T, nh]
-        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                      // [hd, nh, T]
-        o = ggml_mul_mat(ctx, l.out, ggml_reshape_2d(ctx, o, d, T));
+        const int64_t n_rows = n_kv * l.k_cache->ne[2];
+        ggml_tensor * Ks = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.k_cache, d, n_rows), ggml_reshape_2d(ctx, k, d, T * lanes), kv_rows);
+        ggml_tensor * Vs = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.v_cache, d, n_rows), ggml_cont(ctx, v), kv_rows);
+        ggml_tensor * o_all = nullptr;                                             // [d, T * lanes]
+        for (int64_t i = 0; i < lanes; i++) {
+            const size_t ring0 = Ks->nb[1] * n_kv * (size_t) b.slots[(size_t) i];
+            ggml_tensor * K = ggml_view_2d(ctx, Ks, d, n_kv, Ks->nb[1], ring0);         // [d, n_kv]
+            ggml_tensor * V = ggml_view_2d(ctx, Vs, d, n_kv, Vs->nb[1], ring0);
+            K = ggml_permute(ctx, ggml_reshape_3d(ctx, K, hd, nh, n_kv), 0, 2, 1, 3);  // [hd, n_kv, nh]
+            V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3)); // [n_kv, hd, nh]
+            ggml_tensor * qi = ggml_view_3d(ctx, q, hd, nh, T, q->nb[1], q->nb[2], q->nb[2] * T * i);
+            qi = ggml_permute(ctx, qi, 0, 2, 1, 3);                                    // [hd, T, nh]
+            ggml_tensor * kq = ggml_mul_mat(ctx, K, qi);                               // [n_kv, T, nh]
+            ggml_tensor * mi = ggml_view_2d(ctx, mask, mask->ne[0], T, mask->nb[1], mask->nb[2] * i);
+            kq = ggml_soft_max_ext(ctx, kq, mi, scale, 0.0f);
+            ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                                // [hd, T, nh]
+            o = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3)), d, T);
+            o_all = o_all ? ggml_concat(ctx, o_all, o, 1) : o;
+        }
+        ggml_tensor * o = ggml_mul_mat(ctx, l.out, ggml_reshape_3d(ctx, o_all, d, T, lanes));
         x = ggml_add(ctx, x, ggml_mul(ctx, o, l.ls1));
 
         h = layer_norm(b, x, l.n2w, l.n2b);
@@ -131,65 +175,69 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
     return x;
 }
 
-static void new_graph(mimi_runner & r, mimi_graph & g, builder & b) {
-    const size_t n = mimi_graph_nodes(r.arch);
+static void new_graph(mimi_runner & r, mimi_graph & g, builder & b, std::vector<int32_t> slots) {
+    const size_t n = mimi_graph_nodes(r.arch) * slots.size();
     ggml_init_params ip = {n * ggml_tensor_overhead() + ggml_graph_overhead_custom(n, false), nullptr, true};
     g.ctx = ggml_init(ip);
     if (!g.ctx) csm_fail("out of memory creating a graph");
     g.gf = ggml_new_graph_custom(g.ctx, n, false);
-    b = {g.ctx, g.gf, r.cpu};
+    b = {g.ctx, g.gf, r.cpu, std::move(slots)};
 }
 
-static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T) {
+static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T, int64_t lanes) {
     g.T = T;
     if (t.layers.empty()) return;  // no attention: no inputs (they would stay unallocated)
-    g.pos = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, T);
+    g.pos = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I32, T * lanes);
     ggml_set_input(g.pos);
-    g.mask = ggml_new_tensor_2d(g.ctx, GGML_TYPE_F32, MIMI_WINDOW - 1 + T, T);
+    g.kv_rows = ggml_new_tensor_1d(g.ctx, GGML_TYPE_I64, T * lanes);
+    ggml_set_input(g.kv_rows);
+    g.mask = ggml_new_tensor_3d(g.ctx, GGML_TYPE_F32, t.ring, T, lanes);
     ggml_set_input(g.mask);
 }
 
-std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n) {
+std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n, const std::vector<int32_t> & slots) {
     const mimi_arch & a = r.arch;
     auto g = std::make_unique<mimi_graph>();
     builder b;
-    new_graph(r, *g, b);
+    new_graph(r, *g, b, slots);
     ggml_context * ctx = b.ctx;
+    const int64_t lanes = (int64_t) slots.size();
 
     // RVQ: sum of codebook rows, per quantizer group through its 1x1 output projection
-    g->ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n, a.n_q);
+    g->ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n * lanes, a.n_q);
     ggml_set_input(g->ids);
     ggml_tensor * lat = nullptr;
     int64_t q0 = 0;
     for (const mimi_rvq * q : {&a.rvq_sem, &a.rvq_ac}) {
         ggml_tensor * sum = nullptr;
         for (size_t i = 0; i < q->books.size(); i++) {
-            ggml_tensor * ids = ggml_view_1d(ctx, g->ids, n, g->ids->nb[1] * (q0 + (int64_t) i));
-            ggml_tensor * e = ggml_get_rows(ctx, q->books[i], ids);            // [cb_dim, n]
+            ggml_tensor * ids = ggml_view_1d(ctx, g->ids, n * lanes, g->ids->nb[1] * (q0 + (int64_t) i));
+            ggml_tensor * e = ggml_get_rows(ctx, q->books[i], ids);            // [cb_dim, n * lanes]
             sum = sum ? ggml_add(ctx, sum, e) : e;
         }
         q0 += (int64_t) q->books.size();
-        ggml_tensor * p = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, q->out_proj, a.cb_dim, a.dim), sum); // [dim, n]
+        ggml_tensor * p = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, q->out_proj, a.cb_dim, a.dim), sum); // [dim, n * lanes]
         lat = lat ? ggml_add(ctx, lat, p) : p;
     }
+    lat = ggml_reshape_3d(ctx, lat, a.dim, n, lanes);
 
     // upsample: depthwise ConvTranspose1d, kernel 2s, stride s, no bias
     const int64_t s = a.latent_stride;
-    ggml_tensor * xp = with_tail(b, a.up_tail, lat);                          // [dim, n+1]
-    ggml_tensor * cur = ggml_view_2d(ctx, xp, a.dim, n, xp->nb[1], xp->nb[1]);
-    ggml_tensor * prev = ggml_view_2d(ctx, xp, a.dim, n, xp->nb[1], 0);
+    ggml_tensor * xp = with_tail(b, a.up_tail, lat);                          // [dim, n+1, lanes]
+    ggml_tensor * cur = ggml_view_3d(ctx, xp, a.dim, n, lanes, xp->nb[1], xp->nb[2], xp->nb[1]);
+    ggml_tensor * prev = ggml_view_3d(ctx, xp, a.dim, n, lanes, xp->nb[1], xp->nb[2], 0);
     ggml_tensor * x = nullptr;
     for (int64_t j = 0; j < s; j++) {
         ggml_tensor * w0 = ggml_view_2d(ctx, a.up_wp, a.dim, 1, a.up_wp->nb[1], a.up_wp->nb[1] * j);
         ggml_tensor * w1 = ggml_view_2d(ctx, a.up_wp, a.dim, 1, a.up_wp->nb[1], a.up_wp->nb[1] * (j + s));
         ggml_tensor * o = ggml_add(ctx, ggml_mul(ctx, cur, w0), ggml_mul(ctx, prev, w1));
-        o = ggml_reshape_3d(ctx, o, a.dim, 1, n);
-        x = x ? ggml_concat(ctx, x, o, 1) : o;                                 // [dim, j+1, n]
+        o = ggml_reshape_4d(ctx, o, a.dim, 1, n, lanes);
+        x = x ? ggml_concat(ctx, x, o, 1) : o;                                 // [dim, j+1, n, lanes]
     }
-    x = ggml_reshape_2d(ctx, x, a.dim, s * n);
+    x = ggml_reshape_3d(ctx, x, a.dim, s * n, lanes);
 
-    attention_inputs(*g, a.dec_tfm, s * n);
-    x = transformer(b, a.dec_tfm, x, g->pos, g->mask);
+    attention_inputs(*g, a.dec_tfm, s * n, lanes);
+    x = transformer(b, a.dec_tfm, x, g->pos, g->kv_rows, g->mask);
 
     // SEANet decoder
     x = conv(b, a.dec.first, x);
@@ -197,7 +245,7 @@ std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n) {
         x = convtr(b, st.up, ggml_elu(ctx, x));
         x = resblock(b, st.res, x);
     }
-    x = conv(b, a.dec.last, ggml_elu(ctx, x));                                 // [1, n * spf]
+    x = conv(b, a.dec.last, ggml_elu(ctx, x));                                 // [1, n * spf, lanes]
     g->pcm_out = x;
     ggml_set_output(x);
     ggml_build_forward_expand(g->gf, x);
@@ -212,7 +260,7 @@ std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_sample
     const mimi_arch & a = r.arch;
     auto g = std::make_unique<mimi_graph>();
     builder b;
-    new_graph(r, *g, b);
+    new_graph(r, *g, b, {0});
     ggml_context * ctx = b.ctx;
 
     g->pcm_in = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n_samples);
@@ -228,8 +276,8 @@ std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_sample
     }
     x = conv(b, a.enc.last, ggml_elu(ctx, x));                                 // [dim, T]
 
-    attention_inputs(*g, a.enc_tfm, x->ne[1]);
-    x = transformer(b, a.enc_tfm, x, g->pos, g->mask);
+    attention_inputs(*g, a.enc_tfm, x->ne[1], 1);
+    x = transformer(b, a.enc_tfm, x, g->pos, g->kv_rows, g->mask);
 
     // downsample: conv k 2s stride s, no bias, replicate padding (first column on the left before the
     // first chunk, last column on the right at the end)

@@ -259,19 +259,24 @@ template <typename T> static void permute_host(const T * src, T * dst, const int
     }
 }
 
-static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols) {
+static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols, int32_t n_slots) {
     if (cols <= 0) return nullptr;
-    return ggml_new_tensor_2d(ctx, GGML_TYPE_F32, rows, cols);
+    return ggml_new_tensor_3d(ctx, GGML_TYPE_F32, rows, cols, n_slots);
 }
 
-static void conv_state(ggml_context * ctx, mimi_conv & c) { c.tail = state(ctx, c.in, c.k - c.stride); }
+static void conv_state(ggml_context * ctx, mimi_conv & c, int32_t n_slots) {
+    c.tail = state(ctx, c.in, c.k - c.stride, n_slots);
+}
 
-void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
+void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t slots) {
     model_ref.reset(m);
     model = m;
     encoder = enc;
+    if (slots < 1 || (enc && slots != 1)) csm_fail("internal error: %d Mimi slots", slots);
+    n_slots = slots;
     mimi_bind(*m, arch);
-    csm_backend_init(m, csm_default_threads(n_threads), &backend, &threadpool);
+    // the default count (n_threads <= 0) adapts to other processes' load (csm_thread_pools)
+    csm_backend_init(m, csm_default_threads(n_threads), n_threads <= 0, &backend, pools);
     cpu = ggml_backend_is_cpu(backend);
     mimi_arch & a = arch;
 
@@ -370,26 +375,27 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc) {
     ggml_init_params sp = {n_state * ggml_tensor_overhead(), nullptr, true};
     ctx_state = ggml_init(sp);
     if (!ctx_state) csm_fail("out of memory");
-    conv_state(ctx_state, sn.first);
+    conv_state(ctx_state, sn.first, slots);
     for (mimi_stage & st : sn.stages) {
-        conv_state(ctx_state, st.res.c1);
-        conv_state(ctx_state, st.res.c2);
+        conv_state(ctx_state, st.res.c1, slots);
+        conv_state(ctx_state, st.res.c2, slots);
         if (enc) {
-            conv_state(ctx_state, st.down);
+            conv_state(ctx_state, st.down, slots);
         } else {
-            st.up.tail = state(ctx_state, st.up.out * st.up.stride, 1);
+            st.up.tail = state(ctx_state, st.up.out * st.up.stride, 1, slots);
         }
     }
-    conv_state(ctx_state, sn.last);
+    conv_state(ctx_state, sn.last, slots);
     mimi_tfm & t = enc ? a.enc_tfm : a.dec_tfm;
+    t.ring = MIMI_WINDOW - 1 + mimi_chunk_frames(a) * a.latent_stride;  // a chunk's transformer positions at most
     for (mimi_tfm_layer & l : t.layers) {
-        l.k_cache = state(ctx_state, t.dim, MIMI_WINDOW - 1);
-        l.v_cache = state(ctx_state, t.dim, MIMI_WINDOW - 1);
+        l.k_cache = state(ctx_state, t.dim, t.ring, slots);
+        l.v_cache = state(ctx_state, t.dim, t.ring, slots);
     }
     if (enc) {
-        conv_state(ctx_state, a.down);
+        conv_state(ctx_state, a.down, slots);
     } else {
-        a.up_tail = state(ctx_state, a.dim, 1);
+        a.up_tail = state(ctx_state, a.dim, 1, slots);
     }
     buf_state = ggml_backend_alloc_ctx_tensors(ctx_state, backend);
     if (!buf_state) csm_fail("cannot allocate the Mimi codec's state");
@@ -409,10 +415,16 @@ mimi_runner::~mimi_runner() {
     if (buf_prep) ggml_backend_buffer_free(buf_prep);
     if (ctx_prep) ggml_free(ctx_prep);
     if (backend) ggml_backend_free(backend);
-    if (threadpool) ggml_threadpool_free(threadpool);
 }
 
 void mimi_runner::reset() {
     ggml_backend_buffer_clear(buf_state, 0);
-    n_pos = 0;
+    n_pos.assign((size_t) n_slots, 0);
+}
+
+void mimi_runner::reset_slot(int32_t slot) {
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx_state); t; t = ggml_get_next_tensor(ctx_state, t)) {
+        ggml_backend_tensor_memset(t, 0, slot * t->nb[2], t->nb[2]);
+    }
+    n_pos[(size_t) slot] = 0;
 }

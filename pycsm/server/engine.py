@@ -2,12 +2,10 @@
 
 Requests wait in a bounded queue, join the batch when a stream slot is free (their prefill split
 between the running streams' frames), and leave it at their end, at their cap, or within one frame
-of being cancelled (a client that went away). Each stream's frames are decoded by a streaming Mimi
-decoder of its own (kept in a pool): the first frame right after the step that made it, then
-`decode_frames` frames at a time. The audio goes to the request's asyncio queue.
-
-Mimi decoding is not batched across streams: a decoder's streaming state (convolution tails, the
-attention window) and its graphs are those of one stream.
+of being cancelled (a client that went away). Mimi decoding is batched too: one MimiBatchDecoder
+keeps a slot of streaming state per stream, and after each step one native call decodes the new
+frame of every stream that made one, so a stream's first frame goes out right after the step that
+made it, whoever else is running. The audio goes to the request's asyncio queue.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..batch import Batch
-from ..codec import MimiStreamDecoder
+from ..codec import MimiBatchDecoder
 from ..errors import CSMError
 from ..model import Model
 
@@ -60,9 +58,8 @@ class Request:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)  # float32 chunks, then End or an exception
     cancelled: bool = False
     stream: int | None = None
-    decoder: MimiStreamDecoder | None = None
+    mimi_slot: int | None = None  # its slot of the engine's MimiBatchDecoder while it runs
     n_frames: int = 0
-    pending: list = field(default_factory=list)  # frames not decoded yet
     t_submit: float = field(default_factory=time.monotonic)
 
     def push(self, item) -> None:
@@ -89,16 +86,20 @@ class Engine:
     """Runs requests in a continuous batch of up to max_batch streams, up to max_queue waiting."""
 
     def __init__(self, model: Model, max_batch: int = 4, max_queue: int = 16, n_threads: int | None = None,
-                 prefill_chunk: int = 0, decode_frames: int = 4):
-        if max_batch < 1 or max_queue < 0 or decode_frames < 1:
-            raise ValueError("max_batch and decode_frames must be >= 1, max_queue >= 0")
-        self.decode_frames = decode_frames
+                 prefill_chunk: int = 0):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1, max_queue >= 0")
         self.model = model
         self.max_batch, self.max_queue = max_batch, max_queue
         self.n_threads = n_threads
         self.stats = Stats()
         self._batch = Batch(model, max_streams=max_batch, n_threads=n_threads, prefill_chunk=prefill_chunk)
-        self._decoders: list[MimiStreamDecoder] = []
+        try:
+            self._mimi = MimiBatchDecoder(model, n_slots=max_batch, n_threads=n_threads)
+        except BaseException:
+            self._batch.close()
+            raise
+        self._free_slots = list(range(max_batch))
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._active: dict[int, Request] = {}
@@ -156,25 +157,28 @@ class Engine:
                 break
             self._thread.join(0.1 if left is None else min(0.1, left))
         self._batch.close()
-        for d in self._decoders:
-            d.close()
-        self._decoders.clear()
+        self._mimi.close()
 
     # ---------------------------------------------------------------- the engine thread
 
-    def _decoder(self) -> MimiStreamDecoder:
-        if self._decoders:
-            d = self._decoders.pop()
-            d.reset()
-            return d
-        return MimiStreamDecoder(self.model, self.n_threads)
+    def _mimi_slot(self) -> int:
+        """The lowest free Mimi slot, reset (at most max_batch streams run, so one is free). Low slots
+        first keep the running ones consecutive: the decoder reads and writes their state as a block."""
+        slot = min(self._free_slots)
+        self._free_slots.remove(slot)
+        try:
+            self._mimi.reset(slot)
+        except BaseException:
+            self._free_slots.append(slot)
+            raise
+        return slot
 
     def _release(self, r: Request) -> None:
         if r.stream is not None:
             self._active.pop(r.stream, None)
-        if r.decoder is not None:
-            self._decoders.append(r.decoder)
-            r.decoder = None
+        if r.mimi_slot is not None:
+            self._free_slots.append(r.mimi_slot)
+            r.mimi_slot = None
         self.stats.request_seconds.append(time.monotonic() - r.t_submit)
 
     def _admit(self) -> list[Request]:
@@ -222,7 +226,7 @@ class Engine:
                     return False
             for r in joining:
                 try:
-                    r.decoder = self._decoder()
+                    r.mimi_slot = self._mimi_slot()
                     r.stream = self._batch.add(r.prompt, temperature=r.temperature, top_k=r.top_k, seed=r.seed,
                                                max_frames=r.max_frames, stop_at_eos=True)
                 except CSMError as e:  # e.g. the prompt does not fit the context
@@ -244,31 +248,29 @@ class Engine:
 
     def _deliver(self, events) -> None:
         now = time.monotonic()
-        n = 0
-        for ev in events:
-            r = self._active.get(ev.stream)
-            if r is None:
-                continue
-            if ev.codes is not None:
-                n += 1
-                r.n_frames += 1
-                r.pending.append(ev.codes)
-            # the first frame at once (time to first byte), then decode_frames at a time: one Mimi
-            # call per frame costs about twice as much per frame as one per 4 frames
-            if r.pending and (ev.stop_reason is not None or r.n_frames == 1 or len(r.pending) >= self.decode_frames):
-                try:
-                    pcm = r.decoder.decode(np.stack(r.pending))
-                except CSMError as e:
-                    if ev.stop_reason is None:
-                        self._batch.remove(ev.stream)
-                    self._release(r)
-                    r.push(e)
-                    continue
-                r.pending.clear()
-                r.push(np.asarray(pcm, dtype=np.float32).reshape(-1))
-            if ev.stop_reason is not None:
+        made = [(ev, self._active[ev.stream]) for ev in events if ev.stream in self._active]
+        framed = sorted(((ev, r) for ev, r in made if ev.codes is not None), key=lambda p: p[1].mimi_slot)
+        failed = None
+        if framed:
+            # every stream's new frame in one Mimi call: each weight product serves all of them
+            try:
+                pcm = self._mimi.decode([r.mimi_slot for _, r in framed], np.stack([ev.codes for ev, _ in framed]))
+            except CSMError as e:  # not one stream's fault (the codes come from the model): fail them all
+                failed = e
+            else:
+                for (_, r), row in zip(framed, pcm):
+                    r.n_frames += 1
+                    r.push(row)
+        for ev, r in made:
+            if failed is not None and ev.codes is not None:
+                if ev.stop_reason is None:
+                    self._batch.remove(ev.stream)
+                self._release(r)
+                r.push(failed)
+            elif ev.stop_reason is not None:
                 self._release(r)
                 r.push(End(ev.stop_reason, r.n_frames))
+        n = 0 if failed is not None else len(framed)
         self.stats.frames += n
         self.stats.steps += 1
         self.stats.recent.append((now, n))
