@@ -102,7 +102,8 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
 }
 
 constexpr int64_t PREFETCH_BYTES = 6144;      // several columns (see avx512.cpp)
-constexpr int64_t PREFETCH_1COL_BYTES = 8192; // one column, Q4_K and F16
+constexpr int64_t PREFETCH_1COL_BYTES = 8192; // one column (Q8_0 too: 4 more instructions per 32 bytes than
+                                               // AVX512's vpdpbusd leave the hardware prefetcher behind)
 
 // The float side of the int8 products, identical to avx512.cpp's (kernel.h): per (row, column) one
 // 8-lane accumulator, lane l collecting block l; per group acc = fma(float(dot), dx_l * dy_l, acc)
@@ -142,10 +143,8 @@ inline void tile_q8(const uint8_t * t, int64_t nbp, const int8_t * y, const floa
     constexpr int RP = NC == 1 ? R : NC == 2 && R % 2 == 0 ? 2 : 1; // rows per pass: what the registers hold
     const __m256i flip = _mm256_set1_epi8((char) 0x80), ones = _mm256_set1_epi16(1);
     for (int64_t g = 0; g < nbp / 8; g++, t += group) {
-        if (NC > 1) {
-            _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
-                _mm_prefetch((const char *) t + PREFETCH_BYTES + o, _MM_HINT_T1);
-        }
+        _Pragma("GCC unroll 32") for (int64_t o = 0; o < group; o += 64)
+            _mm_prefetch((const char *) t + (NC > 1 ? PREFETCH_BYTES : PREFETCH_1COL_BYTES) + o, _MM_HINT_T1);
         const uint8_t * qt = t + R * 16;
         _Pragma("GCC unroll 4") for (int r0 = 0; r0 < R; r0 += RP) {
             __m256i dot[RP][NC];
