@@ -3,9 +3,11 @@
 Requests wait in a bounded queue, join the batch when a stream slot is free (their prefill split
 between the running streams' frames), and leave it at their end, at their cap, or within one frame
 of being cancelled (a client that went away). Mimi decoding is batched too: one MimiBatchDecoder
-keeps a slot of streaming state per stream, and after each step one native call decodes the new
-frame of every stream that made one, so a stream's first frame goes out right after the step that
-made it, whoever else is running. The audio goes to the request's asyncio queue.
+keeps a slot of streaming state per stream, and one native call decodes the frames of all the
+streams that have some due: a stream's first frame right after the step that made it (time to first
+byte), then `decode_frames` frames at a time (several frames per call cost less per frame: 10 against
+14 ms of Mimi per frame with 4 streams on q8_0), and whatever is left when it ends. The audio goes
+to the request's asyncio queue.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Request:
     cancelled: bool = False
     stream: int | None = None
     mimi_slot: int | None = None  # its slot of the engine's MimiBatchDecoder while it runs
+    pending: list = field(default_factory=list)  # codes made and not decoded yet
     n_frames: int = 0
     t_submit: float = field(default_factory=time.monotonic)
 
@@ -86,10 +89,11 @@ class Engine:
     """Runs requests in a continuous batch of up to max_batch streams, up to max_queue waiting."""
 
     def __init__(self, model: Model, max_batch: int = 4, max_queue: int = 16, n_threads: int | None = None,
-                 prefill_chunk: int = 0):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1, max_queue >= 0")
+                 prefill_chunk: int = 0, decode_frames: int = 4):
+        if max_batch < 1 or max_queue < 0 or not 1 <= decode_frames <= 64:
+            raise ValueError("max_batch must be >= 1, max_queue >= 0, decode_frames in [1, 64]")
         self.model = model
+        self.decode_frames = decode_frames
         self.max_batch, self.max_queue = max_batch, max_queue
         self.n_threads = n_threads
         self.stats = Stats()
@@ -249,20 +253,31 @@ class Engine:
     def _deliver(self, events) -> None:
         now = time.monotonic()
         made = [(ev, self._active[ev.stream]) for ev in events if ev.stream in self._active]
-        framed = sorted(((ev, r) for ev, r in made if ev.codes is not None), key=lambda p: p[1].mimi_slot)
-        failed = None
-        if framed:
-            # every stream's new frame in one Mimi call: each weight product serves all of them
+        for ev, r in made:
+            if ev.codes is not None:
+                r.pending.append(ev.codes)
+        # due: a first frame, decode_frames of them, or the last ones; streams with as many frames
+        # due share one Mimi call (each weight product serves all of them)
+        due = collections.defaultdict(list)
+        for ev, r in made:
+            k = len(r.pending)
+            if k and (r.n_frames == 0 or k >= self.decode_frames or ev.stop_reason is not None):
+                due[k].append(r)
+        failed, n = None, 0
+        for k, rs in due.items():
+            rs.sort(key=lambda r: r.mimi_slot)
             try:
-                pcm = self._mimi.decode([r.mimi_slot for _, r in framed], np.stack([ev.codes for ev, _ in framed]))
+                pcm = self._mimi.decode([r.mimi_slot for r in rs], np.stack([np.stack(r.pending) for r in rs]))
             except CSMError as e:  # not one stream's fault (the codes come from the model): fail them all
                 failed = e
-            else:
-                for (_, r), row in zip(framed, pcm):
-                    r.n_frames += 1
-                    r.push(row)
+                break
+            for r, row in zip(rs, pcm):
+                r.pending.clear()
+                r.n_frames += k
+                r.push(row)
+            n += k * len(rs)
         for ev, r in made:
-            if failed is not None and ev.codes is not None:
+            if failed is not None and (ev.codes is not None or r.pending):
                 if ev.stop_reason is None:
                     self._batch.remove(ev.stream)
                 self._release(r)
@@ -270,7 +285,6 @@ class Engine:
             elif ev.stop_reason is not None:
                 self._release(r)
                 r.push(End(ev.stop_reason, r.n_frames))
-        n = 0 if failed is not None else len(framed)
         self.stats.frames += n
         self.stats.steps += 1
         self.stats.recent.append((now, n))
