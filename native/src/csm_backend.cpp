@@ -139,7 +139,8 @@ void csm_thread_pools::init(ggml_backend_t be, int32_t n_threads, bool adapt) {
     full = new_pool(n_threads);
     backend = be;
     n_max = n = n_threads;
-    adaptive = adapt && n_threads > 1 && csm_os_process_cpu_ns() >= 0;
+    wait_known = csm_os_process_run_delay_ns() >= 0;
+    adaptive = adapt && n_threads > 1 && (wait_known || csm_os_process_cpu_ns() >= 0);
     ggml_backend_cpu_set_n_threads(backend, n);
     ggml_backend_cpu_set_threadpool(backend, full);
 }
@@ -178,30 +179,42 @@ void csm_thread_pools::use(int32_t n_new) {
 
 void csm_thread_pools::before_compute() {
     if (!adaptive) return;
-    start_cpu = csm_os_process_cpu_ns();
     start_wall = wall_ns();
+    if (win_start < 0) {
+        win_start = start_wall;
+        if (wait_known) win_start_wait = csm_os_process_run_delay_ns();
+    }
+    if (!wait_known) start_cpu = csm_os_process_cpu_ns();
 }
 
 void csm_thread_pools::after_compute() {
-    if (!adaptive || start_cpu < 0) return;
-    win_wall += wall_ns() - start_wall;
-    win_cpu += csm_os_process_cpu_ns() - start_cpu;
-    start_cpu = -1;
+    if (!adaptive || win_start < 0) return;
+    const int64_t now = wall_ns();
+    win_wall += now - start_wall;
+    if (!wait_known) win_cpu += csm_os_process_cpu_ns() - start_cpu;
     if (win_wall < (int64_t) (WINDOW_MS * 1e6)) return;
-    const double share = (double) win_cpu / ((double) win_wall * n); // of the n CPUs' worth the threads should get
+    bool starved;
+    double share; // what the threads waited for (wait known), else the CPU time they got, of n threads' time
+    if (wait_known) {
+        share = (double) (csm_os_process_run_delay_ns() - win_start_wait) / ((double) (now - win_start) * n);
+        starved = share > WAITED;
+    } else {
+        share = (double) win_cpu / ((double) win_wall * n);
+        starved = share < STARVED;
+    }
+    win_start = -1;
     win_wall = win_cpu = 0;
-    const bool starved = share < STARVED;
     if (starved) {
         if (trying) probe_gap = std::min(probe_gap * 2, 256);
         trying = false;
         quiet = 0;
         if (n > 1) {
-            csm_log(CSM_LOG_DEBUG, "threads: %d got %.2f of their CPU time", n, share);
+            csm_log(CSM_LOG_DEBUG, "threads: %d %s %.2f of their time", n, wait_known ? "waited for a CPU" : "got the CPU", share);
             use(n - 1);
         }
         return;
     }
-    if (trying) probe_gap = 4; // the thread more got its CPU: keep it
+    if (trying) probe_gap = 8; // the thread more got its CPU: keep it
     trying = false;
     if (n < n_max && ++quiet >= probe_gap) {
         quiet = 0;

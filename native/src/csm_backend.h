@@ -11,11 +11,14 @@
 // ggml's workers spin at every barrier of a graph, so when other busy processes leave fewer free CPUs
 // than threads, a descheduled worker holds the others at the next barrier: beside one process spinning
 // on one of 2 cores, a 2-thread frame took 2.5x the time of a 1-thread one. With the default thread
-// count (adaptive) the pools watch the process's CPU time while graphs compute: over a window of at
-// least WINDOW_MS of computing, n running threads (busy or spinning) should get n CPUs' worth; when
-// they got less than STARVED of it, the next graphs run on one thread fewer. After 4 quiet windows one more
+// count (adaptive) the pools watch, over windows of at least WINDOW_MS of computing, how long the
+// process's threads were ready to run but waited for a CPU (Linux: their schedstat); when that is
+// more than WAITED of the n threads' time, the next graphs run on one thread fewer. (Where the wait
+// is unknown: when n running threads, busy or spinning, got less than STARVED of n CPUs' worth of
+// CPU time while computing. Less exact: an idle 2-core machine gave 0.84-0.95, since workers wake
+// from sleep at a step's start.) After 8 quiet windows one more
 // thread is tried again; a try that is starved goes back and waits twice as long before the next
-// (up to 256 windows, about 5 s). A fixed thread count (n_threads > 0) never changes.
+// (up to 256 windows, about 13 s of computing). A fixed thread count (n_threads > 0) never changes.
 // The pool of n_max threads and, while fewer run, a pool of that many (ggml's excluded workers would
 // keep polling for work): the backend uses one, the other sleeps.
 class csm_thread_pools {
@@ -33,8 +36,9 @@ public:
     void rest() const;
     int32_t threads() const { return n; }
 
-    static constexpr double WINDOW_MS = 20.0;
-    static constexpr double STARVED = 0.85;
+    static constexpr double WINDOW_MS = 50.0;
+    static constexpr double WAITED = 0.10;
+    static constexpr double STARVED = 0.75;
 
 private:
     void use(int32_t n_new);
@@ -43,9 +47,11 @@ private:
     ggml_threadpool_t full = nullptr, reduced = nullptr; // n_max threads; n < n_max threads
     int32_t n_max = 1, n = 1, reduced_n = 0;
     bool adaptive = false;
-    int64_t start_wall = 0, start_cpu = -1; // the computation under way: its start, ns (cpu < 0: none)
-    int64_t win_wall = 0, win_cpu = 0;      // the window so far: wall and process CPU time computing, ns
-    int32_t quiet = 0, probe_gap = 4; // quiet windows since the last change; windows before a try
+    bool wait_known = false;                   // the OS tells how long threads waited for a CPU
+    int64_t start_wall = 0, start_cpu = 0;     // the computation under way: its start, ns
+    int64_t win_start = -1, win_start_wait = 0; // the window: its start (-1: none open), threads' wait then
+    int64_t win_wall = 0, win_cpu = 0;         // the window so far: wall and process CPU time computing, ns
+    int32_t quiet = 0, probe_gap = 8; // quiet windows since the last change; windows before a try
     bool trying = false;              // the open window runs on a thread more, being tried
 };
 

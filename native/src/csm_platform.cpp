@@ -145,6 +145,8 @@ int64_t csm_os_process_cpu_ns() {
     return (ticks(kernel) + ticks(user)) * 100;
 }
 
+int64_t csm_os_process_run_delay_ns() { return -1; }
+
 FILE * csm_os_fopen_read(const char * path) {
     const std::wstring w = wide(path);
     return w.empty() ? nullptr : _wfopen(w.c_str(), L"rb");
@@ -208,6 +210,8 @@ int csm_os_remove(const char * path) {
 #include <sys/stat.h>
 #include <unistd.h>
 #include <time.h>
+#include <dirent.h>
+#include <cstdio>
 
 int csm_os_is_regular_path(const char * path) {
     struct stat st;
@@ -278,6 +282,36 @@ int64_t csm_os_process_cpu_ns() {
     timespec ts;
     if (clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts) != 0) return -1;
     return (int64_t) ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+int64_t csm_os_process_run_delay_ns() {
+#ifdef __linux__
+    DIR * d = opendir("/proc/self/task");
+    if (!d) return -1;
+    int64_t total = 0;
+    bool any = false;
+    while (const dirent * e = readdir(d)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        char path[64];
+        snprintf(path, sizeof path, "/proc/self/task/%.20s/schedstat", e->d_name);
+        const int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) continue; // the thread just ended
+        char buf[96];
+        const ssize_t n = read(fd, buf, sizeof buf - 1);
+        close(fd);
+        if (n <= 0) continue;
+        buf[n] = 0;
+        unsigned long long run = 0, wait = 0; // "run_ns wait_ns timeslices"
+        if (sscanf(buf, "%llu %llu", &run, &wait) == 2) {
+            total += (int64_t) wait;
+            any = true;
+        }
+    }
+    closedir(d);
+    return any ? total : -1;
+#else
+    return -1;
+#endif
 }
 
 FILE * csm_os_fopen_read(const char * path) { return fopen(path, "rb"); }

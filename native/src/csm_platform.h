@@ -52,6 +52,9 @@ uint64_t csm_os_physical_memory();
 
 // CPU time used so far by all threads of this process, in ns; -1 when unknown.
 int64_t csm_os_process_cpu_ns();
+// Time the threads of this process have spent ready to run but waiting for a CPU, in ns (Linux:
+// /proc/self/task/*/schedstat); -1 when unknown.
+int64_t csm_os_process_run_delay_ns();
 
 // stdio on UTF-8 paths. csm_os_create_temp creates a new file exclusively (no symlink followed,
 // nothing overwritten), readable by all as an ordinary output file, named `path` with its trailing
