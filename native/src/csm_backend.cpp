@@ -146,12 +146,12 @@ void csm_thread_pools::init(ggml_backend_t be, int32_t n_threads, bool adapt) {
 }
 
 void csm_thread_pools::rest() const {
-    if (backend) ggml_threadpool_pause(n == n_max ? full : reduced);
+    if (backend) ggml_threadpool_pause(in_use());
 }
 
 // The backend computes on n_new threads from the next graph on (the pool left pauses).
 void csm_thread_pools::use(int32_t n_new) {
-    const ggml_threadpool_t in_use = n == n_max ? full : reduced;
+    const ggml_threadpool_t before = in_use();
     ggml_threadpool_t tp = full, old = nullptr;
     if (n_new < n_max && n_new != reduced_n) {
         old = reduced;
@@ -169,7 +169,7 @@ void csm_thread_pools::use(int32_t n_new) {
         reduced_n = n_new;
     }
     if (n_new < n_max) tp = reduced;
-    ggml_threadpool_pause(in_use); // its workers sleep from now on
+    ggml_threadpool_pause(before); // its workers sleep from now on
     ggml_backend_cpu_set_threadpool(backend, tp);
     ggml_backend_cpu_set_n_threads(backend, n_new);
     if (old) ggml_threadpool_free(old);
@@ -205,7 +205,7 @@ void csm_thread_pools::after_compute() {
     win_start = -1;
     win_wall = win_cpu = 0;
     if (starved) {
-        if (trying) probe_gap = std::min(probe_gap * 2, 256);
+        if (trying) probe_gap = std::min(probe_gap * 2, TRY_AFTER_MAX);
         trying = false;
         quiet = 0;
         if (n > 1) {
@@ -214,7 +214,7 @@ void csm_thread_pools::after_compute() {
         }
         return;
     }
-    if (trying) probe_gap = 8; // the thread more got its CPU: keep it
+    if (trying) probe_gap = TRY_AFTER; // the thread more got its CPU: keep it
     trying = false;
     if (n < n_max && ++quiet >= probe_gap) {
         quiet = 0;

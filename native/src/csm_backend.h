@@ -39,9 +39,11 @@ public:
     static constexpr double WINDOW_MS = 50.0;
     static constexpr double WAITED = 0.10;
     static constexpr double STARVED = 0.75;
+    static constexpr int32_t TRY_AFTER = 8, TRY_AFTER_MAX = 256; // quiet windows before a thread more
 
 private:
     void use(int32_t n_new);
+    ggml_threadpool_t in_use() const { return n == n_max ? full : reduced; }
 
     ggml_backend_t backend = nullptr;
     ggml_threadpool_t full = nullptr, reduced = nullptr; // n_max threads; n < n_max threads
@@ -51,7 +53,7 @@ private:
     int64_t start_wall = 0, start_cpu = 0;     // the computation under way: its start, ns
     int64_t win_start = -1, win_start_wait = 0; // the window: its start (-1: none open), threads' wait then
     int64_t win_wall = 0, win_cpu = 0;         // the window so far: wall and process CPU time computing, ns
-    int32_t quiet = 0, probe_gap = 8; // quiet windows since the last change; windows before a try
+    int32_t quiet = 0, probe_gap = TRY_AFTER; // quiet windows since the last change; windows before a try
     bool trying = false;              // the open window runs on a thread more, being tried
 };
 

@@ -32,6 +32,19 @@ static std::unique_ptr<mimi_runner> new_runner(const csm_model * model, int32_t 
     return r;
 }
 
+// A streaming decoder handle (csm_mimi_codec, csm_mimi_batch_decoder) around a new runner of n_slots.
+template <typename T> static T * new_streaming(const csm_model * model, int32_t n_threads, int32_t n_slots) {
+    T * h = new T();
+    try {
+        h->dec = new_runner(model, n_threads, false, n_slots);
+    } catch (...) {
+        csm_release(h);
+        throw;
+    }
+    csm_pool_rest{h->dec->pools}.rest(); // preparing the weights woke it
+    return h;
+}
+
 // The runner's graph for `key`, built when the shape changed. One graph at a time: ggml_gallocr
 // places a graph's tensors once, so a graph cannot be re-placed after another one grew the buffer;
 // rebuilding (well under a millisecond) is cheaper than a compute buffer per shape.
@@ -229,15 +242,7 @@ int32_t csm_mimi_encode(const csm_model * model, const float * pcm, int64_t n_sa
 csm_mimi_codec * csm_mimi_codec_new(const csm_model * model, int32_t n_threads) {
     return csm_guard<csm_mimi_codec *>(nullptr, [&] {
         const csm_hold<const csm_model> hold(model);
-        csm_mimi_codec * c = new csm_mimi_codec();
-        try {
-            c->dec = new_runner(model, n_threads, false);
-        } catch (...) {
-            csm_release(c);
-            throw;
-        }
-        csm_pool_rest{c->dec->pools}.rest(); // preparing the weights woke it
-        return c;
+        return new_streaming<csm_mimi_codec>(model, n_threads, 1);
     });
 }
 
@@ -264,15 +269,7 @@ csm_mimi_batch_decoder * csm_mimi_batch_decoder_new(const csm_model * model, int
     return csm_guard<csm_mimi_batch_decoder *>(nullptr, [&] {
         const csm_hold<const csm_model> hold(model);
         if (n_slots < 1 || n_slots > MAX_SLOTS) csm_fail("n_slots %d is outside [1, %d]", n_slots, MAX_SLOTS);
-        csm_mimi_batch_decoder * d = new csm_mimi_batch_decoder();
-        try {
-            d->dec = new_runner(model, n_threads, false, n_slots);
-        } catch (...) {
-            csm_release(d);
-            throw;
-        }
-        csm_pool_rest{d->dec->pools}.rest(); // preparing the weights woke it
-        return d;
+        return new_streaming<csm_mimi_batch_decoder>(model, n_threads, n_slots);
     });
 }
 
