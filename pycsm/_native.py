@@ -149,6 +149,7 @@ class csm_generate_params(Structure):
         ("sampling", csm_sampling_params),
         ("max_frames", c_int32),
         ("stop_at_eos", c_bool),
+        ("reuse_prompt", c_bool),
         ("on_frame", csm_frame_callback),
         ("user_data", c_void_p),
     ]
@@ -159,6 +160,7 @@ class csm_generate_result(Structure):
         ("n_frames", c_int32),
         ("stop_reason", c_int32),
         ("n_prompt", c_int32),
+        ("n_prompt_reused", c_int32),
         ("t_prefill_ms", c_double),
         ("t_backbone_ms", c_double),
         ("t_depth_ms", c_double),

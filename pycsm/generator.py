@@ -25,6 +25,7 @@ class GenerateResult:
     t_prefill_ms: float
     t_backbone_ms: float
     t_depth_ms: float
+    n_prompt_reused: int = 0   # leading prompt positions whose cache rows the previous call left (reuse_prompt)
 
 
 def _i32p(a: np.ndarray):
@@ -77,8 +78,12 @@ class Generator(NativeOwner):
 
     def generate(self, prompt, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None,
                  depth_top_k=None, seed: int = 0, max_frames: int = 0, stop_at_eos: bool = True,
-                 on_frame=None) -> GenerateResult:
+                 on_frame=None, reuse_prompt: bool = True) -> GenerateResult:
         """Generate frames after `prompt` (int32 (positions, 33)).
+
+        reuse_prompt: the leading rows this prompt shares with this Generator's previous prompt (a
+        saved voice, a conversation's earlier turns) keep their cached keys and values and are not
+        computed again; the codes are the same with it off, only the prefill takes longer.
 
         on_frame(index, codes) is called after each frame with its 32 codes; returning False stops
         (stop_reason "aborted"); an exception in it stops generation and is re-raised here.
@@ -86,6 +91,7 @@ class Generator(NativeOwner):
         """
         p = _check_prompt(prompt)
         params = self._params(temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos)
+        params.reuse_prompt = bool(reuse_prompt)
         cap = max_frames if max_frames > 0 else self.model.hparams.bb_max_pos
         out = np.zeros((cap, N.CSM_N_CODEBOOKS), dtype=np.int32)
         failure, user_stop = [], []
@@ -118,16 +124,18 @@ class Generator(NativeOwner):
             raise KeyboardInterrupt
         N.check_status(n, "generation failed")
         return GenerateResult(out[:n].copy(), STOP_REASONS.get(res.stop_reason, "unknown"), res.n_prompt,
-                              res.t_prefill_ms, res.t_backbone_ms, res.t_depth_ms)
+                              res.t_prefill_ms, res.t_backbone_ms, res.t_depth_ms, res.n_prompt_reused)
 
     def generate_batch(self, prompts, *, temperature: float = 0.9, top_k: int = 50, depth_temperature=None,
                        depth_top_k=None, seed: int = 0, max_frames: int = 0,
-                       stop_at_eos: bool = True) -> list[GenerateResult]:
-        """Generate several utterances together (utterance b uses seed + b)."""
+                       stop_at_eos: bool = True, reuse_prompt: bool = True) -> list[GenerateResult]:
+        """Generate several utterances together (utterance b uses seed + b). With reuse_prompt,
+        utterance b reuses what it shares with the prompt in slot b of the previous call."""
         ps = [_check_prompt(p) for p in prompts]
         if not 1 <= len(ps) <= self.n_batch:
             raise ValueError(f"between 1 and {self.n_batch} prompts per batch (n_batch of this generator)")
         params = self._params(temperature, top_k, depth_temperature, depth_top_k, seed, max_frames, stop_at_eos)
+        params.reuse_prompt = bool(reuse_prompt)
         cap = max_frames if max_frames > 0 else self.model.hparams.bb_max_pos
         outs = [np.zeros((cap, N.CSM_N_CODEBOOKS), dtype=np.int32) for _ in ps]
         B = len(ps)
@@ -139,7 +147,8 @@ class Generator(NativeOwner):
             status = N.lib.csm_generate_batch(h, B, prompt_ptrs, n_pos, params, out_ptrs, cap, results)
         N.check_status(status, "batched generation failed")
         return [GenerateResult(o[:r.n_frames].copy(), STOP_REASONS.get(r.stop_reason, "unknown"), r.n_prompt,
-                               r.t_prefill_ms, r.t_backbone_ms, r.t_depth_ms) for o, r in zip(outs, results)]
+                               r.t_prefill_ms, r.t_backbone_ms, r.t_depth_ms, r.n_prompt_reused)
+                for o, r in zip(outs, results)]
 
     def frame_logits(self, prompt, codes=None):
         """Codebook-0 logits after the prompt and, given a frame's 32 codes, the depth decoder's

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,18 @@ def ref(tiny_dir):
     import numpy as np
 
     return dict(np.load(tiny_dir / "reference.npz"))
+
+
+@pytest.fixture(scope="session")
+def tiny_files(tmp_path_factory):
+    """benchmarks/make_model.py's tiny model as f16, q8_0 and q4_k files (random weights, no
+    reference): its depth rows of 64 and backbone rows of 128 make the
+    q4_k file part Q4_K (pycsm's kernel), part Q4_0 (ggml's)."""
+    folder = tmp_path_factory.mktemp("tiny-quant")
+    out = {}
+    for outtype in ("f16", "q8_0", "q4_k"):
+        path = folder / f"tiny-{outtype}.gguf"
+        subprocess.run([sys.executable, str(REPO / "benchmarks/make_model.py"), "--size", "tiny", "--outtype", outtype,
+                        "-o", str(path), "--cache-dir", str(folder), "--threads", "2"], check=True, capture_output=True)
+        out[outtype] = path
+    return out

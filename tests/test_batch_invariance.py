@@ -5,8 +5,6 @@ in the batch)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,23 +14,8 @@ from pycsm.generator import Generator
 from pycsm.model import Model, system_info
 from pycsm.prompt import audio_rows, text_rows
 
-REPO = Path(__file__).resolve().parents[1]
 CPU_FLAGS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"),
              "avx2": ("avx2", "fma", "f16c")}
-
-
-@pytest.fixture(scope="module")
-def tiny_files(tmp_path_factory):
-    """benchmarks/make_model.py's tiny model: its depth rows of 64 and backbone rows of 128 make the
-    q4_k file part Q4_K (pycsm's kernel), part Q4_0 (ggml's)."""
-    folder = tmp_path_factory.mktemp("batch-inv")
-    out = {}
-    for outtype in ("f16", "q8_0", "q4_k"):
-        path = folder / f"tiny-{outtype}.gguf"
-        subprocess.run([sys.executable, str(REPO / "benchmarks/make_model.py"), "--size", "tiny", "--outtype", outtype,
-                        "-o", str(path), "--cache-dir", str(folder), "--threads", "2"], check=True, capture_output=True)
-        out[outtype] = path
-    return out
 
 
 def _prompt(rng, n_text, n_audio):

@@ -236,6 +236,10 @@ struct csm_generate_params {
     struct csm_sampling_params sampling; // how codes are drawn
     int32_t max_frames;          // stop after this many frames (<= 0: until EOS or a full context)
     bool    stop_at_eos;         // end at an all-zero frame (benchmarks turn this off)
+    bool    reuse_prompt;        // keep the cache rows of the leading prompt rows this context's last
+                                 // prompt for the same sequence shares (a saved voice, the earlier turns
+                                 // of a conversation) instead of computing them again; the codes are the
+                                 // same either way, only the prefill is shorter. Default true.
     csm_frame_callback on_frame; // may be NULL
     void *  user_data;           // passed to on_frame
 };
@@ -250,7 +254,8 @@ enum csm_stop_reason {
 struct csm_generate_result {
     int32_t n_frames;            // frames written to out_codes
     int32_t stop_reason;         // enum csm_stop_reason
-    int32_t n_prompt;            // prompt positions prefilled
+    int32_t n_prompt;            // prompt positions
+    int32_t n_prompt_reused;     // of those, leading positions whose cache rows were reused (reuse_prompt)
     double  t_prefill_ms;        // time spent in the prompt prefill
     double  t_backbone_ms;       // time spent in backbone steps after the prefill (incl. codebook 0)
     double  t_depth_ms;          // time spent in the depth decoder (codebooks 1..31)

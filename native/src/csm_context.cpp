@@ -51,6 +51,7 @@ static csm_context * create(const csm_model * m, const csm_context_params & p) {
     c->n_active = p.n_batch;
     c->n_dctx = m->hp.n_codebooks;
     c->n_past.assign(c->n_seq, 0);
+    c->prompt_rows.assign(c->n_seq, {});
     // the default count (n_threads <= 0) adapts to other processes' load (csm_thread_pools)
     csm_backend_init(m, c->params.n_threads, p.n_threads <= 0, &c->backend, c->pools);
 

@@ -60,6 +60,10 @@ struct csm_context : csm_refcounted {
     csm_graph g_prefill, g_step, g_d0, g_dk;
 
     std::vector<int32_t> n_past;     // backbone positions filled per sequence
+    // Per sequence: the prompt rows (CSM_N_COLUMNS int32 each) whose backbone cache rows it still
+    // holds from its last prefill, for csm_runner::prefill's prefix reuse; cleared by anything else
+    // that writes those rows.
+    std::vector<std::vector<int32_t>> prompt_rows;
 
     ~csm_context();
 };

@@ -41,9 +41,13 @@ void generate(csm_context & c, int32_t n_batch, const int32_t * const * prompts,
     for (int32_t b = 0; b < c.n_seq; b++) {
         st[b].rng = csm_rng(p.sampling.seed + (uint64_t) b);
         st[b].done = b >= n_batch;
-        if (st[b].done) { c.n_past[b] = 0; continue; }
+        if (st[b].done) { // an unused sequence: the steps write its row 0
+            c.n_past[b] = 0;
+            c.prompt_rows[b].clear();
+            continue;
+        }
         auto tp = csm_clock::now();
-        r.prefill(b, prompts[b], n_pos[b]);
+        st[b].res.n_prompt_reused = r.prefill(b, prompts[b], n_pos[b], p.reuse_prompt);
         st[b].res.n_prompt = n_pos[b];
         st[b].res.t_prefill_ms = csm_ms_since(tp);
     }
@@ -143,6 +147,7 @@ struct csm_generate_params csm_generate_default_params(void) {
     p.sampling.seed = 0;
     p.max_frames = 0;
     p.stop_at_eos = true;
+    p.reuse_prompt = true;
     p.on_frame = nullptr;
     p.user_data = nullptr;
     return p;

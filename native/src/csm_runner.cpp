@@ -1,6 +1,8 @@
 // csm_runner.cpp - prompt checks, graph inputs and the runner shared by csm_generate and csm_batch.
 #include "csm_runner.h"
 
+#include <algorithm>
+
 #include "csm_log.h"
 
 #include <cmath>
@@ -83,12 +85,25 @@ csm_runner::csm_runner(csm_context & ctx)
 
 int64_t csm_runner::bb_kvd() const { return (int64_t) m.backbone.head_dim * m.backbone.n_kv_heads; }
 
-void csm_runner::prefill(int32_t seq, const int32_t * prompt, int32_t n_pos) {
-    c.n_past[seq] = 0;
-    for (int32_t r0 = 0; r0 < n_pos; r0 += CSM_PREFILL_CHUNK) {
+int32_t csm_runner::prefill(int32_t seq, const int32_t * prompt, int32_t n_pos, bool reuse) {
+    std::vector<int32_t> & held = c.prompt_rows[seq];
+    int32_t keep = 0;
+    if (reuse) {
+        const int32_t n_held = (int32_t) (held.size() / CSM_N_COLUMNS);
+        while (keep < n_pos - 1 && keep < n_held &&
+               std::equal(prompt + (size_t) keep * CSM_N_COLUMNS, prompt + (size_t) (keep + 1) * CSM_N_COLUMNS,
+                          held.begin() + (size_t) keep * CSM_N_COLUMNS)) {
+            keep++;
+        }
+    }
+    held.clear(); // until the rows are all written: a failure leaves nothing to reuse
+    c.n_past[seq] = keep;
+    for (int32_t r0 = keep; r0 < n_pos; r0 += CSM_PREFILL_CHUNK) {
         const int32_t T = std::min(CSM_PREFILL_CHUNK, n_pos - r0);
         prefill_rows(seq, prompt + (size_t) r0 * CSM_N_COLUMNS, T, r0 + T == n_pos);
     }
+    held.assign(prompt, prompt + (size_t) n_pos * CSM_N_COLUMNS);
+    return keep;
 }
 
 void csm_runner::prefill_rows(int32_t seq, const int32_t * rows, int32_t T, bool last) {

@@ -30,7 +30,11 @@ struct csm_runner {
     explicit csm_runner(csm_context & ctx);
 
     // Prefills the whole prompt of sequence `seq` from position 0; codebook-0 logits in logits[seq].
-    void prefill(int32_t seq, const int32_t * prompt, int32_t n_pos);
+    // With reuse, the leading rows this prompt shares with the sequence's last prompt (at most
+    // n_pos - 1) keep their cache rows and are not computed again; the result is the same (a row's
+    // keys and values depend only on the rows before it, and products and attention give a row the
+    // same result whatever rows are computed with it). Returns the rows reused.
+    int32_t prefill(int32_t seq, const int32_t * prompt, int32_t n_pos, bool reuse = false);
     // Appends T prompt rows to sequence `seq` at its n_past (one graph; T <= CSM_PREFILL_CHUNK).
     // With last set, leaves the codebook-0 logits of the last row in logits[seq].
     void prefill_rows(int32_t seq, const int32_t * rows, int32_t T, bool last);
