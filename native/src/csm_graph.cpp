@@ -65,6 +65,10 @@ static ggml_tensor * attention(ggml_context * ctx, const csm_llama & L, ggml_ten
                                    kvd * n_ctx * es * seq0);                    // [n_kv, hd, nkv, B]
     K = ggml_permute(ctx, K, 0, 2, 1, 3);                                      // [hd, n_kv, nkv, B]
     q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3);  // [hd, T, nh, B]
+    // Several positions: the queries of a head made contiguous, so that ggml's products over them
+    // read memory in order (the same dot products, so the same results; a 10 s voice's prefill
+    // ~10 % faster). One position's are contiguous already.
+    if (T > 1) q = ggml_cont(ctx, q);
     ggml_tensor * kq = ggml_mul_mat(ctx, K, q);                                // [n_kv, T, nh, B]
     kq = ggml_soft_max_ext(ctx, kq, kq_mask, 1.0f / std::sqrt((float) hd), 0.0f);
     ggml_tensor * o = ggml_mul_mat(ctx, V, kq);                                // [hd, T, nh, B]
