@@ -237,11 +237,12 @@ def test_columns_are_batch_invariant_at_real_widths(driver, fmt):
 @pytest.mark.parametrize("fmt", [0, 1, 3], ids=["q8_0", "q4_k", "f16"])
 def test_x86_kernels_agree_bit_for_bit(driver_exe, fmt):
     """The AVX2 kernel keeps the AVX512 kernel's float order (kernel.h), so a model gives the same
-    codes on either: their products, tail rows and 1-5 columns included, have the same bits."""
+    codes on either: their products, tail rows, 1-5 columns and a prompt's 13 (AVX512's 6-column
+    tiles) included, have the same bits."""
     if not all(_cpu_has(KERNELS[k][2]) for k in KERNELS):
         pytest.skip("needs a CPU that runs every x86 kernel")
     rng = np.random.default_rng(100 + fmt)
-    for rows, cols, n_col in [(7, 512, 1), (130, 1024, 5), (2051, 256, 3)]:
+    for rows, cols, n_col in [(7, 512, 1), (130, 1024, 5), (2051, 256, 3), (66, 2048, 13)]:
         if fmt == 0:
             blocks = _q8_0_blocks(rng, rows, cols)[0]
         elif fmt == 1:
