@@ -205,6 +205,23 @@ def test_silu_mul_matches_numpy(driver, n):
     assert np.all(np.abs(res[:n] - want) <= 2e-6 * np.abs(want) + 1e-30), np.max(np.abs(res[:n] - want) / (np.abs(want) + 1e-30))
 
 
+@pytest.mark.parametrize("n", [1, 7, 16, 17, 1000])
+def test_elu_matches_numpy(driver, n):
+    """Mimi's ELU: x above 0, expm1(x) below, within 1e-6 relative of float64 expm1 (near 0 too,
+    where exp(x) - 1 would lose its digits), -1 far below; in place as well; no write past n."""
+    rng = np.random.default_rng(n)
+    x = np.concatenate([[-1e30, -100.0, -88.5, -87.2, -1e-7, -0.0, 0.0, 3e-8, 1e30], rng.standard_normal(n) * 3,
+                        -rng.random(n) * 1e-3])[:n].astype(np.float32)
+    out = np.frombuffer(_call(driver, [n, 0, 0, 0, 4], x), np.float32)
+    res, inplace = out[:n], out[n + 1:]
+    assert out[n] == np.float32(-12345.0)
+    x64 = x.astype(np.float64)
+    want = np.where(x64 > 0, x64, np.expm1(np.minimum(x64, 0.0)))
+    assert np.all(np.isfinite(res))
+    assert np.all(np.abs(res - want) <= 1e-6 * np.abs(want) + 1e-38), np.max(np.abs(res - want) / (np.abs(want) + 1e-38))
+    assert np.array_equal(inplace.view(np.uint32), res.view(np.uint32))
+
+
 # One backbone and one depth-decoder layer of CSM-1B (rows, cols: q/o, k/v, gate/up, down) and the
 # depth heads (2051 rows: a tail of 3).
 REAL_SHAPES = [(2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (1024, 1024), (256, 1024), (8192, 1024),

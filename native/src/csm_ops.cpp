@@ -133,6 +133,14 @@ void gate_up_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// dst = elu(src), userdata = the kernel; the threads take contiguous ranges of whole 16-value chunks.
+void elu_op(ggml_tensor * dst, const ggml_tensor * src, int ith, int nth, void * userdata) {
+    const csm_kernel & k = *(const csm_kernel *) userdata;
+    const int64_t n = ggml_nelements(src), chunks = (n + 15) / 16;
+    const int64_t i0 = std::min(chunks * ith / nth * 16, n), i1 = std::min(chunks * (ith + 1) / nth * 16, n);
+    if (i0 < i1) k.elu((const float *) src->data + i0, (float *) dst->data + i0, i1 - i0);
+}
+
 const csm_packed_group * find_group(const csm_model & m, const ggml_tensor * first) {
     auto it = m.packed_groups.find(first);
     return it == m.packed_groups.end() ? nullptr : it->second.get();
@@ -200,4 +208,10 @@ ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tens
     }
     ggml_tensor * args[2] = {x, ids};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, V, B, 1, 1, args, 2, heads_op, GGML_N_TASKS_MAX, (void *) &m);
+}
+
+ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu) {
+    const csm_kernel * k = cpu ? csm_kernel_pick() : nullptr;
+    if (!k || !k->elu || x->type != GGML_TYPE_F32 || !ggml_is_contiguous(x)) return ggml_elu(ctx, x);
+    return ggml_map_custom1(ctx, x, elu_op, GGML_N_TASKS_MAX, (void *) k);
 }

@@ -21,3 +21,7 @@ ggml_tensor * csm_ffn_gate_up(ggml_context * ctx, const csm_model & m, ggml_tens
 // The depth heads: column b of x [dp_d, B] times head ids[b] (i32 [1, B]); result f32 [vocab, B].
 // Uses the model's packed heads when it has them, else ggml_mul_mat_id on the F16/F32 copy.
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids);
+
+// ELU (alpha 1) of x: pycsm's kernel (kernel.h: expm1 to 1e-6 relative) on the CPU backend when one
+// runs here and x is contiguous f32, else ggml_elu (whose scalar expm1f took a sixth of a Mimi decode).
+ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu);

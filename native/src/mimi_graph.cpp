@@ -3,6 +3,7 @@
 #include "mimi.h"
 
 #include "csm_log.h"
+#include "csm_ops.h"
 
 #include <cmath>
 
@@ -115,8 +116,8 @@ static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x)
 }
 
 static ggml_tensor * resblock(builder & b, const mimi_resblock & r, ggml_tensor * x) {
-    ggml_tensor * h = conv(b, r.c1, ggml_elu(b.ctx, x));
-    h = conv(b, r.c2, ggml_elu(b.ctx, h));
+    ggml_tensor * h = conv(b, r.c1, csm_elu(b.ctx, x, b.cpu));
+    h = conv(b, r.c2, csm_elu(b.ctx, h, b.cpu));
     return ggml_add(b.ctx, x, h);
 }
 
@@ -242,10 +243,10 @@ std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n, const
     // SEANet decoder
     x = conv(b, a.dec.first, x);
     for (const mimi_stage & st : a.dec.stages) {
-        x = convtr(b, st.up, ggml_elu(ctx, x));
+        x = convtr(b, st.up, csm_elu(ctx, x, b.cpu));
         x = resblock(b, st.res, x);
     }
-    x = conv(b, a.dec.last, ggml_elu(ctx, x));                                 // [1, n * spf, lanes]
+    x = conv(b, a.dec.last, csm_elu(ctx, x, b.cpu));                          // [1, n * spf, lanes]
     g->pcm_out = x;
     ggml_set_output(x);
     ggml_build_forward_expand(g->gf, x);
@@ -272,9 +273,9 @@ std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_sample
         x = resblock(b, st.res, x);
         const int64_t len = x->ne[1];
         if (!last && len % st.ratio) csm_fail("internal error: encoder chunk not aligned to its strides");
-        x = conv(b, st.down, ggml_elu(ctx, x), last ? extra_padding(len, st.ratio) : 0);
+        x = conv(b, st.down, csm_elu(ctx, x, b.cpu), last ? extra_padding(len, st.ratio) : 0);
     }
-    x = conv(b, a.enc.last, ggml_elu(ctx, x));                                 // [dim, T]
+    x = conv(b, a.enc.last, csm_elu(ctx, x, b.cpu));                          // [dim, T]
 
     attention_inputs(*g, a.enc_tfm, x->ne[1], 1);
     x = transformer(b, a.enc_tfm, x, g->pos, g->kv_rows, g->mask);

@@ -4,12 +4,14 @@
 //
 //   kernel_check KERNEL      (avx512 | avx2 | neon)
 //
-// stdin:  int64 rows, cols, n_col, n_split, type (0: Q8_0, 1: Q4_K, 2: silu, 3: F16); then
+// stdin:  int64 rows, cols, n_col, n_split, type (0: Q8_0, 1: Q4_K, 2: silu, 3: F16, 4: elu); then
 //         type 0/1/3: the rows in the file format (Q8_0: 34 bytes per 32 values, Q4_K: 144 bytes per
 //         256, F16: 2 bytes per value) and n_col * cols float32 activations (column c at c * cols);
-//         type 2: rows = n, then n float32 g and n float32 u.
+//         type 2: rows = n, then n float32 g and n float32 u; type 4: rows = n, then n float32 x.
 // stdout: int32 available (0: this CPU or build lacks the kernel, nothing follows); then
 //         type 2: n + 1 float32, silu(g) * u and the untouched float after them;
+//         type 4: n + 1 float32, elu(x) and the untouched float after them, then n float32, elu(x)
+//         computed in place;
 //         else n_col * rows float32 results of all columns in one call per row range (column c at
 //         c * rows), the same from one call per column, and for types 0/1 the n_col * cols int8
 //         quantised activations and n_col * cols / 32 float32 scales, in natural order.
@@ -41,6 +43,18 @@ int main(int argc, char ** argv) {
         if (!avail) return 0;
         k->silu_mul(g.data(), u.data(), out.data(), n);
         fwrite(out.data(), sizeof(float), out.size(), stdout);
+        return 0;
+    }
+    if (h[4] == 4) {
+        const int64_t n = h[0];
+        std::vector<float> x((size_t) n), out((size_t) n + 1, -12345.0f);
+        read_all(x.data(), x.size() * sizeof(float));
+        fwrite(&avail, sizeof avail, 1, stdout);
+        if (!avail) return 0;
+        k->elu(x.data(), out.data(), n);
+        fwrite(out.data(), sizeof(float), out.size(), stdout);
+        k->elu(x.data(), x.data(), n);
+        fwrite(x.data(), sizeof(float), x.size(), stdout);
         return 0;
     }
     const int64_t rows = h[0], cols = h[1], n_col = h[2], n_split = h[3];

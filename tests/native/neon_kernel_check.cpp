@@ -9,7 +9,7 @@
 //     the ggml block formats, not from the packed layout) with those activations;
 //   - batch invariance: each column's result in a batch of 1-8 columns, at any slot, in one call or
 //     split over two calls and over row ranges, equals bit for bit its result computed alone;
-//   - silu(g) * u against double precision, for lengths with and without a tail of n % 4;
+//   - silu(g) * u and Mimi's ELU against double precision, for lengths with and without a tail of n % 4;
 //   - the run-time choice: csm_kernel_pick() gives the NEON kernel unless PYCSM_KERNEL names ggml
 //     or another instruction set's kernel.
 // With --expect-unavailable it checks instead that neither csm_kernel_neon() nor csm_kernel_pick()
@@ -369,6 +369,23 @@ void check_pick(bool have_neon) {
     unsetenv("PYCSM_KERNEL");
 }
 
+void check_elu(int64_t n, uint64_t seed) {
+    rng r(seed);
+    std::vector<float> x((size_t) n), out((size_t) n + 1, -12345.0f);
+    const float special[] = {0.0f, -0.0f, -1e-7f, 3e-8f, -87.5f, -1000.0f, 1e30f, -1e30f};
+    for (int64_t i = 0; i < n; i++) x[i] = i < 8 && n > 16 ? special[i] : (float) (i % 2 ? 6 * r.uniform() - 5 : -1e-3 * r.uniform());
+    K->elu(x.data(), out.data(), n);
+    check c(strf("elu n=%ld", (long) n));
+    for (int64_t i = 0; i < n; i++) {
+        const double ref = x[i] > 0 ? (double) x[i] : std::expm1((double) x[i]);
+        if (!(std::fabs(out[i] - ref) <= 1e-6 * std::fabs(ref) + 1e-38)) c.fail(strf("elu(%g) = %.9g", x[i], out[i]));
+    }
+    if (out[(size_t) n] != -12345.0f) c.fail("wrote past the end");
+    std::vector<float> y = x;
+    K->elu(y.data(), y.data(), n);
+    if (memcmp(y.data(), out.data(), sizeof(float) * (size_t) n) != 0) c.fail("in place differs");
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -377,7 +394,7 @@ int main(int argc, char ** argv) {
     {
         check a(expect_unavailable ? "no NEON kernel on this CPU" : "NEON kernel on this CPU");
         if ((K != nullptr) == expect_unavailable) a.fail("csm_kernel_neon() says the opposite");
-        if (K && (strcmp(K->name, "neon") != 0 || !K->quantize || !K->silu_mul || !K->gemm[Q8_0] || !K->gemm[Q4_K] || !K->gemm[F16]))
+        if (K && (strcmp(K->name, "neon") != 0 || !K->quantize || !K->silu_mul || !K->elu || !K->gemm[Q8_0] || !K->gemm[Q4_K] || !K->gemm[F16]))
             a.fail("incomplete kernel table");
     }
     check_pick(!expect_unavailable);
@@ -396,6 +413,7 @@ int main(int argc, char ** argv) {
         // the backbone's width: 8 groups of 8 blocks (Q8_0), 8 super-blocks (Q4_K), 128 chunks (F16)
         for (csm_wfmt f : {Q8_0, Q4_K, F16}) check_format(f, 10, 2048, seed++);
         for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_silu(n, seed++);
+        for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_elu(n, seed++);
     }
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail > 0 ? 1 : 0;

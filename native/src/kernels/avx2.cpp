@@ -101,6 +101,41 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
     }
 }
 
+// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp (2^n in the exponent bits: n >= -126).
+inline __m256 expm1_ps(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 q = _mm256_set1_ps(1.0f / 40320.0f);
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 5040.0f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 720.0f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120.0f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24.0f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6.0f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
+    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
+    const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(r, q), p2), _mm256_sub_ps(p2, _mm256_set1_ps(1.0f)));
+}
+
+inline __m256 elu8(__m256 v) {
+    const __m256 e = expm1_ps(_mm256_min_ps(v, _mm256_setzero_ps()));
+    return _mm256_blendv_ps(e, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+}
+
+void elu(const float * x, float * out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, elu8(_mm256_loadu_ps(x + i)));
+    if (i < n) { // the tail through a buffer: no read or write past n
+        alignas(32) float xb[8] = {0}, ob[8];
+        for (int64_t j = i; j < n; j++) xb[j - i] = x[j];
+        _mm256_store_ps(ob, elu8(_mm256_load_ps(xb)));
+        for (int64_t j = i; j < n; j++) out[j] = ob[j - i];
+    }
+}
+
 constexpr int64_t PREFETCH_BYTES = 6144;      // several columns (see avx512.cpp)
 constexpr int64_t PREFETCH_1COL_BYTES = 8192; // one column (Q8_0 too: 4 more instructions per 32 bytes than
                                                // AVX512's vpdpbusd leave the hardware prefetcher behind)
@@ -333,7 +368,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "avx2", "AVX2", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul,
+    "avx2", "AVX2", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu,
 };
 
 } // namespace

@@ -76,6 +76,36 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
     }
 }
 
+// exp(x) - 1 for x in [-88, 0.35], accurate relative to the result near 0 as well: x = n ln2 + r,
+// expm1(r) = r q(r) by its series to r^8, then 2^n expm1(r) + (2^n - 1).
+inline __m512 expm1_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 q = _mm512_set1_ps(1.0f / 40320.0f);
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 5040.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 720.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6.0f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    const __m512 p2 = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(r, q), p2), _mm512_sub_ps(p2, _mm512_set1_ps(1.0f)));
+}
+
+void elu(const float * x, float * out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16) 0xFFFF : (__mmask16) ((1u << (n - i)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(k, x + i);
+        const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 e = expm1_ps(_mm512_min_ps(v, _mm512_setzero_ps()));
+        _mm512_mask_storeu_ps(out + i, k, _mm512_mask_blend_ps(pos, e, v));
+    }
+}
+
 // With several columns a tile is compute-heavy enough that the core stops running ahead of memory:
 // fetch the weights this many bytes ahead into L2. (Measured on a Zen 5 host: B=4 steps 18 % faster with
 // 4-8 KiB.)
@@ -456,7 +486,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "avx512", "AVX512-VNNI", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul,
+    "avx512", "AVX512-VNNI", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu,
 };
 
 } // namespace

@@ -96,6 +96,9 @@ struct csm_kernel {
     csm_gemm_fn gemm[CSM_WFMT_COUNT]; // per format; null: this kernel lacks the format
     // out[i] = silu(g[i]) * u[i] for i < n, within 2e-6 relative; huge |g| give 0 or g * u, never inf/nan.
     void (*silu_mul)(const float * g, const float * u, float * out, int64_t n);
+    // out[i] = x[i] > 0 ? x[i] : exp(x[i]) - 1 (Mimi's ELU) for i < n, within 1e-6 relative (expm1's
+    // accuracy near 0, not exp's minus 1); -inf gives -1, never nan for finite x. out may be x.
+    void (*elu)(const float * x, float * out, int64_t n);
 };
 
 // The kernels of this build, each null when the build lacks it or the CPU cannot run it.

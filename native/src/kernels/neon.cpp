@@ -112,6 +112,40 @@ inline float32x4_t exp_ps(float32x4_t x) {
     return vmulq_f32(p, vreinterpretq_f32_s32(e));
 }
 
+// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp (2^n in the exponent bits: n >= -126).
+inline float32x4_t expm1_ps(float32x4_t x) {
+    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
+    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t q = vdupq_n_f32(1.0f / 40320.0f);
+    q = vfmaq_f32(vdupq_n_f32(1.0f / 5040.0f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(1.0f / 720.0f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(0.5f), q, r);
+    q = vfmaq_f32(vdupq_n_f32(1.0f), q, r);
+    const float32x4_t p2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+    return vaddq_f32(vmulq_f32(vmulq_f32(r, q), p2), vsubq_f32(p2, vdupq_n_f32(1.0f)));
+}
+
+inline float32x4_t elu4(float32x4_t v) {
+    const float32x4_t e = expm1_ps(vminq_f32(v, vdupq_n_f32(0.0f)));
+    return vbslq_f32(vcgtq_f32(v, vdupq_n_f32(0.0f)), v, e);
+}
+
+void elu(const float * x, float * out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) vst1q_f32(out + i, elu4(vld1q_f32(x + i)));
+    if (i < n) { // the last n % 4 values, lane for lane as above
+        float xt[4] = {0, 0, 0, 0}, ot[4];
+        for (int64_t j = i; j < n; j++) xt[j - i] = x[j];
+        vst1q_f32(ot, elu4(vld1q_f32(xt)));
+        for (int64_t j = i; j < n; j++) out[j] = ot[j - i];
+    }
+}
+
 inline float32x4_t silu_mul4(float32x4_t g, float32x4_t u) {
     const float32x4_t e = exp_ps(vnegq_f32(g));
     return vmulq_f32(vdivq_f32(g, vaddq_f32(vdupq_n_f32(1.0f), e)), u);
@@ -333,7 +367,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul,
+    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu,
 };
 
 } // namespace
