@@ -1,7 +1,7 @@
 """Prompt reuse (csm_generate_params.reuse_prompt, on by default): a prompt's leading rows that the
 same slot's previous prompt shared keep their cached keys and values, and the codes equal those of a
 full prefill bit for bit. Prompts cross the attention's 32-position padding; the previous prompts
-are longer, shorter, equal and unrelated; slots a smaller batch left unused must not be reused."""
+are longer, shorter, equal and unrelated; slots a smaller batch left unused keep their rows."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_batch_slots_reuse_their_own_prompts_only(tiny_files):
     voice = audio_rows(rng.integers(0, 2048, (33, 32)))
     prompts = [np.concatenate([voice, text_rows(rng.integers(0, 128000, n))]) for n in (3, 8, 12, 5)]
     swapped = [prompts[1], prompts[0], prompts[2], prompts[3]]
-    calls = [prompts, prompts[:2], prompts, swapped]  # the 2-item call leaves slots 2 and 3 unused
+    calls = [prompts, prompts[:2], prompts, swapped]  # the 2-item call leaves slots 2 and 3 alone
     kw = dict(temperature=0.9, top_k=50, max_frames=FRAMES, stop_at_eos=False)
     with Model(tiny_files["q8_0"]) as m, Generator(m, n_threads=2, n_batch=4) as g, \
             Generator(m, n_threads=2, n_batch=4) as fresh:
@@ -69,8 +69,8 @@ def test_batch_slots_reuse_their_own_prompts_only(tiny_files):
     n = [len(p) for p in prompts]
     assert reused[0] == [0, 0, 0, 0]
     assert reused[1] == [n[0] - 1, n[1] - 1]
-    # slots 2 and 3: the unused sequences' rows were overwritten, nothing to reuse
-    assert reused[2] == [n[0] - 1, n[1] - 1, 0, 0]
+    # slots 2 and 3 sat out the 2-item call (it runs only its own sequences): their rows are intact
+    assert reused[2] == [n[0] - 1, n[1] - 1, n[2] - 1, n[3] - 1]
     # swapped slots share the voice (and nothing of the text, which differs from the first token)
     assert reused[3][0] == _shared(prompts[0], prompts[1]) and reused[3][0] >= len(voice)
     assert reused[3][2:] == [n[2] - 1, n[3] - 1]

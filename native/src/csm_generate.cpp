@@ -34,6 +34,7 @@ void generate(csm_context & c, int32_t n_batch, const int32_t * const * prompts,
     int32_t limit = max_out;
     if (p.max_frames > 0) limit = std::min(limit, p.max_frames);
 
+    c.n_active = n_batch; // the steps run these sequences only (the others keep their cache rows)
     csm_runner r(c);
     csm_sampler sampler;
     std::vector<seq_state> st(c.n_seq);
@@ -41,11 +42,7 @@ void generate(csm_context & c, int32_t n_batch, const int32_t * const * prompts,
     for (int32_t b = 0; b < c.n_seq; b++) {
         st[b].rng = csm_rng(p.sampling.seed + (uint64_t) b);
         st[b].done = b >= n_batch;
-        if (st[b].done) { // an unused sequence: the steps write its row 0
-            c.n_past[b] = 0;
-            c.prompt_rows[b].clear();
-            continue;
-        }
+        if (st[b].done) continue; // unused this time: left as it is
         auto tp = csm_clock::now();
         st[b].res.n_prompt_reused = r.prefill(b, prompts[b], n_pos[b], p.reuse_prompt);
         st[b].res.n_prompt = n_pos[b];
@@ -117,6 +114,7 @@ void eval_frame_logits(csm_context & c, const int32_t * prompt, int32_t n_pos, c
     if (!logits0) csm_fail("logits0 is required");
     const int32_t V = m.hp.audio_vocab_size, ncb = m.hp.n_codebooks;
     const csm_pool_rest pool{c.pools};
+    c.n_active = 1;
     csm_runner r(c);
     r.prefill(0, prompt, n_pos);
     memcpy(logits0, r.logits.data(), sizeof(float) * V);
