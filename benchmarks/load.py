@@ -12,6 +12,9 @@ interleaved frame by frame in this process, frames per second with the prefills 
 loop alone; the median of `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
 after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
+`--voice-seconds S` gives every request a saved voice of S seconds (the server prefills its rows
+once and reuses them for later requests; `--no-prompt-reuse` turns that off, for comparison).
+
 Random-weight benchmark files never emit the end frame: every request runs to its --audio cap, so
 each level moves the same audio per request.
 """
@@ -26,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -79,12 +83,13 @@ class Level:
         self.errors = 0
 
 
-def client(url: str, level: Level, n_requests: int, deadline: float, index: int, audio_bytes: int) -> None:
+def client(url: str, level: Level, n_requests: int, deadline: float, index: int, audio_bytes: int,
+           voice: str | None = None) -> None:
     with httpx.Client(timeout=600) as c:
         for k in range(n_requests):
             if time.monotonic() > deadline:
                 return
-            body = {"model": "csm-1b", "voice": str(index % 2), "input": TEXTS[(index + k) % len(TEXTS)],
+            body = {"model": "csm-1b", "voice": voice or str(index % 2), "input": TEXTS[(index + k) % len(TEXTS)],
                     "response_format": "pcm", "stream_format": "audio", "seed": 1000 * index + k}
             t0 = time.monotonic()
             ttfb, n = None, 0
@@ -131,6 +136,10 @@ def main() -> int:
                     help="first measure the native batch x4 against one stream over FRAMES frames, as bench.py does")
     ap.add_argument("--batch-ratio-runs", type=int, default=1, metavar="N",
                     help="interleaved runs of that measurement, their median is used (default 1)")
+    ap.add_argument("--voice-seconds", type=float, default=0, metavar="S",
+                    help="every request speaks with a saved voice of S seconds (random codes, as a voice made "
+                         "from a recording costs the same), instead of a bare speaker id")
+    ap.add_argument("--no-prompt-reuse", action="store_true", help="start the server with --no-prompt-reuse")
     args = ap.parse_args()
     if not 1 <= max(args.clients) <= 64 or args.requests < 1 or args.duration <= 0:
         ap.error("clients in [1, 64], requests >= 1, duration > 0")
@@ -153,6 +162,20 @@ def main() -> int:
            str(args.max_batch), "--max-queue", "64", "--max-audio-length", str(args.audio), "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.no_prompt_reuse:
+        cmd.append("--no-prompt-reuse")
+    voice = None
+    if args.voice_seconds > 0:
+        import numpy as np
+
+        sys.path.insert(0, str(REPO))
+        from pycsm.voices import Voice, save_voice
+
+        folder = tempfile.mkdtemp(prefix="pycsm-load-voices-")
+        codes = np.random.default_rng(0).integers(0, 2048, (round(args.voice_seconds * 12.5), 32), dtype=np.int32)
+        save_voice(Voice(0, "This is the reference recording that gives the voice.", codes), "bench", folder=folder)
+        cmd += ["--voices", folder]
+        voice = "bench"
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server = subprocess.Popen(cmd, env=env)
     try:
@@ -169,8 +192,10 @@ def main() -> int:
         frames = -(-round(args.audio * 12.5 * 1e6) // 10**6)
         audio_bytes = frames * 1920 * 2
         # one request first: loads the tokenizer and the decoders, not measured
-        client(url, Level(), 1, time.monotonic() + 600, 0, audio_bytes)
-        print(f"\n{args.model}: {args.audio:g} s of audio per request, --max-batch {args.max_batch}\n")
+        client(url, Level(), 1, time.monotonic() + 600, 0, audio_bytes, voice)
+        print(f"\n{args.model}: {args.audio:g} s of audio per request, --max-batch {args.max_batch}"
+              + (f", a saved voice of {args.voice_seconds:g} s" if voice else "")
+              + (", --no-prompt-reuse" if args.no_prompt_reuse else "") + "\n")
         print("| clients | requests | req/s | audio s/s | x 1 client | TTFB p50 / p95 s | total p50 / p95 s "
               "| errors | server RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -180,7 +205,7 @@ def main() -> int:
             level = Level()
             t0 = time.monotonic()
             end = t0 + args.duration
-            threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes))
+            threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes, voice))
                        for i in range(n)]
             for t in threads:
                 t.start()

@@ -173,6 +173,7 @@ class csm_batch_params(Structure):
         ("max_pos", c_int32),
         ("max_streams", c_int32),
         ("prefill_chunk", c_int32),
+        ("reuse_prompt", c_bool),
     ]
 
 
@@ -262,6 +263,7 @@ _SIGNATURES = {
     "csm_batch_step": (c_int32, [csm_batch_p, POINTER(csm_batch_event), c_int32]),
     "csm_batch_n_streams": (c_int32, [csm_batch_p]),
     "csm_batch_n_running": (c_int32, [csm_batch_p]),
+    "csm_batch_rows_reused": (c_int64, [csm_batch_p]),
 }
 
 

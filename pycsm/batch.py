@@ -38,15 +38,19 @@ class Batch(NativeOwner):
 
     prefill_chunk: prompt rows prefilled per step while other streams run (0: about one frame's
     time, from the measured speeds), so a joining stream delays the running ones by about a frame.
+    reuse_prompt: a joining stream takes the cached keys and values of the leading rows its prompt
+    shares with one the batch prefilled before (a saved voice), from a running or a free sequence,
+    instead of prefilling them; the codes are the same (`rows_reused` counts them).
     """
 
     def __init__(self, model: Model, max_streams: int = 4, n_threads: int | None = None, max_pos: int = 0,
-                 prefill_chunk: int = 0):
+                 prefill_chunk: int = 0, reuse_prompt: bool = True):
         params = N.lib.csm_batch_default_params()
         params.n_threads = check_n_threads(n_threads)
         params.max_pos = int(max_pos)
         params.max_streams = int(max_streams)
         params.prefill_chunk = int(prefill_chunk)
+        params.reuse_prompt = bool(reuse_prompt)
         self.model = model
         self.max_streams = int(max_streams)
         self._events = (N.csm_batch_event * self.max_streams)()
@@ -93,3 +97,9 @@ class Batch(NativeOwner):
         """Streams past their prefill."""
         with self._native.use() as h:
             return int(N.lib.csm_batch_n_running(h))
+
+    @property
+    def rows_reused(self) -> int:
+        """Prompt rows the streams so far took from cache rows instead of prefilling (reuse_prompt)."""
+        with self._native.use() as h:
+            return int(N.lib.csm_batch_rows_reused(h))

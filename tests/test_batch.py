@@ -10,6 +10,7 @@ from pycsm.batch import Batch
 from pycsm.errors import CSMError
 from pycsm.generator import Generator
 from pycsm.model import Model, quantize
+from pycsm.prompt import audio_rows, text_rows
 
 
 @pytest.fixture(scope="module", params=["f16", "f32", "q8_0", "q4_k"])
@@ -63,8 +64,28 @@ def single(model, prompt, opts):
         return g.generate(prompt, **opts)
 
 
-def test_streams_equal_single_generate_whatever_joins_and_leaves(model, prompts):
-    check_schedule(model, prompts, prefill_chunk=3)
+@pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "no-reuse"])
+def test_streams_equal_single_generate_whatever_joins_and_leaves(model, prompts, reuse):
+    check_schedule(model, prompts, prefill_chunk=3, reuse_prompt=reuse)
+
+
+def test_a_saved_voice_is_prefilled_once(model):
+    """Streams whose prompts start with the same voice rows take them from a sequence that holds
+    them (in place after the previous stream left, copied from a running one), and still equal
+    their single generate."""
+    rng = np.random.default_rng(1)
+    voice = np.concatenate([text_rows(rng.integers(0, 128000, 7)), audio_rows(rng.integers(0, 2048, (30, 32)))])
+    p1, p2 = (np.concatenate([voice, text_rows(rng.integers(0, 128000, n))]) for n in (5, 9))
+    opts = dict(temperature=0.9, top_k=50, stop_at_eos=False, max_frames=4)
+    schedule = {0: [("add", "s1", p1, dict(opts, seed=1))],   # alone: all 42 rows
+                8: [("add", "s2", p2, dict(opts, seed=2))],   # s1 has left: its sequence holds the voice
+                9: [("add", "s3", p1, dict(opts, seed=3))]}   # from s2's sequence while s2 runs
+    with Batch(model, max_streams=2, n_threads=2, prefill_chunk=4) as batch:
+        got = run_schedule(batch, schedule)
+        reused = batch.rows_reused
+    for name, prompt, seed in (("s1", p1, 1), ("s2", p2, 2), ("s3", p1, 3)):
+        np.testing.assert_array_equal(got[name][0], single(model, prompt, dict(opts, seed=seed)).codes, err_msg=name)
+    assert reused == 2 * len(voice)
 
 
 def test_measured_prefill_chunks_change_nothing(tiny_dir, prompts):
@@ -72,7 +93,7 @@ def test_measured_prefill_chunks_change_nothing(tiny_dir, prompts):
         check_schedule(m, prompts, prefill_chunk=0)
 
 
-def check_schedule(model, prompts, prefill_chunk):
+def check_schedule(model, prompts, prefill_chunk, reuse_prompt=True):
     base = dict(temperature=0.9, top_k=50, stop_at_eos=False)
     opts = {
         "a": dict(base, seed=11, max_frames=9),                        # leaves while b prefills
@@ -92,8 +113,10 @@ def check_schedule(model, prompts, prefill_chunk):
         17: [("add", "e", prompts["ctx"], opts["e"]), ("add", "f", prompts["long"], opts["f"])],
         18: [("remove", "f")],
     }
-    with Batch(model, max_streams=4, n_threads=2, prefill_chunk=prefill_chunk) as batch:
+    with Batch(model, max_streams=4, n_threads=2, prefill_chunk=prefill_chunk, reuse_prompt=reuse_prompt) as batch:
         got = run_schedule(batch, schedule)
+        # c, e and f start with ctx, and b with ctx too: later ones find it held
+        assert (batch.rows_reused > 0) == reuse_prompt
     assert got["c"][1] == "removed" and got["f"][1] == "removed"
     for name in "abde":
         want = single(model, prompts_of(schedule, name), opts[name])

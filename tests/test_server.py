@@ -122,16 +122,24 @@ def expected(tiny_f16):
         return decode(m.handle, r.codes, 2)
 
 
-def test_saved_voice_speaks_with_its_recording_as_context(client, tiny_f16, narrator):
+def reused_rows(server) -> int:
+    text = httpx.get(server.url + "/metrics").text
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("pycsm_prompt_rows_reused_total")))
+
+
+def test_saved_voice_speaks_with_its_recording_as_context(server, client, tiny_f16, narrator):
     voice = narrator[1]
     with Model(tiny_f16) as m, Generator(m, n_threads=2) as g:
         prompt = build_prompt(m.tokenizer, "Hello there.", voice.speaker, [(voice.speaker, voice.text, voice.codes)],
                               parse_special=False)
         want = decode(m.handle, g.generate(prompt, temperature=0.9, top_k=50, seed=7, max_frames=FRAMES).codes, 2)
+    before = reused_rows(server)
     for name in ("narrator", "shimmer"):
         audio = client.audio.speech.create(model="tts-1", voice=name, input="Hello there.", response_format="pcm",
                                            extra_body={"seed": 7})
         assert_same_audio(pcm_samples(audio.content), want)
+    # the second request (shimmer maps to narrator) took the voice's rows from the first one's
+    assert reused_rows(server) - before >= len(voice.codes)
 
 
 def pcm_samples(data: bytes) -> np.ndarray:

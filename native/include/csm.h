@@ -364,6 +364,10 @@ struct csm_batch_params {
     int32_t prefill_chunk;      // prompt rows prefilled per step while streams run (1..256); 0 = about
                                 // one frame's time, from the measured speeds. Alone, a stream
                                 // prefills 256 rows per step.
+    bool    reuse_prompt;       // a joining stream takes the cache rows of the leading prompt rows it
+                                // shares with a prompt the batch prefilled before (a saved voice),
+                                // held by a running or a free sequence, instead of computing them;
+                                // the codes are the same. Default true.
 };
 
 struct csm_stream_params {
@@ -400,6 +404,7 @@ CSM_API int32_t csm_batch_remove(csm_batch * batch, int64_t stream);
 CSM_API int32_t csm_batch_step(csm_batch * batch, struct csm_batch_event * events, int32_t max_events);
 CSM_API int32_t csm_batch_n_streams(const csm_batch * batch);  // streams in the batch, running or joining
 CSM_API int32_t csm_batch_n_running(const csm_batch * batch);  // streams past their prefill
+CSM_API int64_t csm_batch_rows_reused(const csm_batch * batch); // prompt rows reused so far (reuse_prompt)
 
 #ifdef __cplusplus
 }

@@ -43,17 +43,16 @@ struct csm_batch : csm_refcounted {
     int32_t joining_seq = -1;          // where the front one's prefilled rows are (-1: none yet)
     std::vector<float> logits0;        // codebook-0 logits of run[b] at [b * V]
     std::vector<int32_t> frames, prev; // scratch
-    std::vector<float> copy_buf;       // scratch of move_seq
+    std::vector<float> copy_buf;       // scratch of copy_rows
     int64_t next_id = 0;
+    int64_t rows_reused = 0;           // prompt rows taken from cache rows instead of prefilled
     double ms_per_frame = 0, ms_per_row = 0; // measured speeds (0: not yet)
 
     int32_t V() const { return ctx->model->hp.audio_vocab_size; }
 
-    // Copies sequence `from`'s filled backbone cache rows, its backbone output and its logits into
-    // sequence `to` (streams leave from the middle; the last running one fills the hole).
-    void move_seq(int32_t from, int32_t to) {
+    // Copies backbone cache rows [0, n) of sequence `from` into sequence `to`.
+    void copy_rows(int32_t from, int32_t to, int32_t n) {
         csm_context & c = *ctx;
-        const int32_t n = c.n_past[from];
         const csm_llama & L = c.model->backbone;
         const size_t kvd = (size_t) L.head_dim * L.n_kv_heads, es = sizeof(float);
         copy_buf.resize(std::max(kvd * n, (size_t) c.h_buf->ne[0]));
@@ -68,9 +67,52 @@ struct csm_batch : csm_refcounted {
                 copy(l.v, ((from * kvd + ch) * c.n_ctx) * es, ((to * kvd + ch) * c.n_ctx) * es, (size_t) n * es);
             }
         }
-        copy(c.h_buf, (size_t) from * c.h_buf->nb[1], (size_t) to * c.h_buf->nb[1], c.h_buf->nb[1]);
-        c.n_past[to] = n;
+    }
+
+    // Moves sequence `from`'s filled cache rows, its backbone output, its logits and the prompt rows
+    // it holds into sequence `to` (streams leave from the middle; the last running one fills the hole).
+    void move_seq(int32_t from, int32_t to) {
+        csm_context & c = *ctx;
+        c.prompt_rows[to].clear(); // while the rows are in flux
+        copy_rows(from, to, c.n_past[from]);
+        ggml_tensor * h = c.h_buf;
+        ggml_backend_tensor_get(h, copy_buf.data(), (size_t) from * h->nb[1], h->nb[1]);
+        ggml_backend_tensor_set(h, copy_buf.data(), (size_t) to * h->nb[1], h->nb[1]);
+        c.n_past[to] = c.n_past[from];
+        c.prompt_rows[to] = c.prompt_rows[from];
         std::copy_n(logits0.begin() + (size_t) from * V(), V(), logits0.begin() + (size_t) to * V());
+    }
+
+    // Prompt reuse: the joining stream s starts in sequence seq. Of the sequences' held prompt rows
+    // (every sequence keeps those of the last prompt prefilled into it, running or not), the longest
+    // that s's prompt begins with (at most n_pos - 1 rows) is kept in place, or copied in from
+    // another sequence when that one holds more. Returns the rows s need not prefill.
+    int32_t reuse_rows(const batch_stream & s, int32_t seq) {
+        csm_context & c = *ctx;
+        auto shared = [&](int32_t q) {
+            const std::vector<int32_t> & held = c.prompt_rows[q];
+            const int32_t n_held = (int32_t) (held.size() / CSM_N_COLUMNS);
+            int32_t n = 0;
+            while (n < s.n_pos - 1 && n < n_held &&
+                   std::equal(held.begin() + (size_t) n * CSM_N_COLUMNS, held.begin() + (size_t) (n + 1) * CSM_N_COLUMNS,
+                              s.prompt.begin() + (size_t) n * CSM_N_COLUMNS)) {
+                n++;
+            }
+            return n;
+        };
+        int32_t keep = shared(seq), best = seq, best_n = keep;
+        for (int32_t q = 0; q < c.n_seq; q++) {
+            if (q == seq) continue;
+            const int32_t n = shared(q);
+            if (n > best_n) best = q, best_n = n;
+        }
+        if (best != seq) { // a copy: about 64 KiB a row against a prefilled row's ~5 ms
+            c.prompt_rows[seq].clear();
+            copy_rows(best, seq, best_n);
+            keep = best_n;
+        }
+        c.prompt_rows[seq].assign(s.prompt.begin(), s.prompt.begin() + (size_t) keep * CSM_N_COLUMNS);
+        return keep;
     }
 
     // Drops run[b], moving the last running stream into its sequence; then keeps the joining
@@ -103,14 +145,21 @@ struct csm_batch : csm_refcounted {
         if (joining.empty()) return;
         batch_stream & s = joining.front();
         const int32_t seq = (int32_t) run.size();
+        std::vector<int32_t> & held = ctx->prompt_rows[seq];
         if (joining_seq < 0) {
-            ctx->n_past[seq] = 0;
+            s.n_prefilled = params.reuse_prompt ? reuse_rows(s, seq) : 0;
+            if (!params.reuse_prompt) held.clear();
+            rows_reused += s.n_prefilled;
+            ctx->n_past[seq] = s.n_prefilled;
             joining_seq = seq;
         }
         const int32_t T = std::min(chunk_rows(), s.n_pos - s.n_prefilled);
         const bool last = s.n_prefilled + T == s.n_pos;
         const auto t0 = csm_clock::now();
-        run_graphs->prefill_rows(seq, s.prompt.data() + (size_t) s.n_prefilled * CSM_N_COLUMNS, T, last);
+        const int32_t * rows = s.prompt.data() + (size_t) s.n_prefilled * CSM_N_COLUMNS;
+        held.resize((size_t) s.n_prefilled * CSM_N_COLUMNS); // until the chunk is written
+        run_graphs->prefill_rows(seq, rows, T, last);
+        held.insert(held.end(), rows, rows + (size_t) T * CSM_N_COLUMNS);
         measure(ms_per_row, csm_ms_since(t0) / T);
         s.n_prefilled += T;
         if (!last) return;
@@ -184,6 +233,7 @@ struct csm_batch : csm_refcounted {
         run.clear();
         joining.clear();
         joining_seq = -1;
+        for (auto & held : ctx->prompt_rows) held.clear(); // a failed step or move leaves rows unknown
     }
 };
 
@@ -254,6 +304,7 @@ struct csm_batch_params csm_batch_default_params(void) {
     p.max_pos = 0;
     p.max_streams = 4;
     p.prefill_chunk = 0;
+    p.reuse_prompt = true;
     return p;
 }
 
@@ -318,5 +369,7 @@ int32_t csm_batch_n_streams(const csm_batch * batch) {
 }
 
 int32_t csm_batch_n_running(const csm_batch * batch) { return batch ? (int32_t) batch->run.size() : 0; }
+
+int64_t csm_batch_rows_reused(const csm_batch * batch) { return batch ? batch->rows_reused : 0; }
 
 } // extern "C"

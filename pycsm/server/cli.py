@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                         "voices or speaker ids)")
     p.add_argument("--prefill-chunk", type=_number(int, 0), default=0,
                    help="prompt rows a joining request prefills per frame step (default 0: about one frame's time)")
+    p.add_argument("--no-prompt-reuse", action="store_true",
+                   help="prefill every request's whole prompt (by default a request reuses the cached rows "
+                        "of a voice an earlier request prefilled)")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0, metavar="S",
                    help="seconds running requests get to finish on SIGTERM (default 30)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
@@ -75,7 +78,7 @@ def build(args):
     model = Model(path)
     try:
         engine = Engine(model, max_batch=args.max_batch, max_queue=args.max_queue, n_threads=args.threads,
-                        prefill_chunk=args.prefill_chunk)
+                        prefill_chunk=args.prefill_chunk, reuse_prompt=not args.no_prompt_reuse)
     except BaseException:
         model.close()
         raise

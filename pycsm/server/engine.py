@@ -75,6 +75,7 @@ class Stats:
     def __init__(self):
         self.frames = 0
         self.steps = 0
+        self.rows_reused = 0   # prompt rows taken from cached rows (a voice prefilled before)
         self.recent = collections.deque(maxlen=64)   # (time, frames) of recent steps
         self.request_seconds = collections.deque(maxlen=64)
 
@@ -89,7 +90,7 @@ class Engine:
     """Runs requests in a continuous batch of up to max_batch streams, up to max_queue waiting."""
 
     def __init__(self, model: Model, max_batch: int = 4, max_queue: int = 16, n_threads: int | None = None,
-                 prefill_chunk: int = 0, decode_frames: int = 4):
+                 prefill_chunk: int = 0, decode_frames: int = 4, reuse_prompt: bool = True):
         if max_batch < 1 or max_queue < 0 or not 1 <= decode_frames <= 64:
             raise ValueError("max_batch must be >= 1, max_queue >= 0, decode_frames in [1, 64]")
         self.model = model
@@ -97,7 +98,8 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.n_threads = n_threads
         self.stats = Stats()
-        self._batch = Batch(model, max_streams=max_batch, n_threads=n_threads, prefill_chunk=prefill_chunk)
+        self._batch = Batch(model, max_streams=max_batch, n_threads=n_threads, prefill_chunk=prefill_chunk,
+                            reuse_prompt=reuse_prompt)
         try:
             self._mimi = MimiBatchDecoder(model, n_slots=max_batch, n_threads=n_threads)
         except BaseException:
@@ -288,3 +290,4 @@ class Engine:
         self.stats.frames += n
         self.stats.steps += 1
         self.stats.recent.append((now, n))
+        self.stats.rows_reused = self._batch.rows_reused

@@ -53,6 +53,10 @@ class Metrics:
         lines += ["# HELP pycsm_frames_total Audio frames (80 ms) generated.",
                   "# TYPE pycsm_frames_total counter",
                   f"pycsm_frames_total {st.frames}",
+                  "# HELP pycsm_prompt_rows_reused_total Prompt rows taken from cached keys and values "
+                  "(a voice an earlier request prefilled) instead of being prefilled.",
+                  "# TYPE pycsm_prompt_rows_reused_total counter",
+                  f"pycsm_prompt_rows_reused_total {st.rows_reused}",
                   "# HELP pycsm_frames_per_second Frames generated per second over the recent steps.",
                   "# TYPE pycsm_frames_per_second gauge",
                   f"pycsm_frames_per_second {st.frames_per_second():.3f}",
