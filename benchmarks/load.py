@@ -12,6 +12,10 @@ interleaved frame by frame in this process, frames per second with the prefills 
 loop alone; the median of `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
 after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
+`--rounds R` runs the levels R times over, each round's gains taken against that round's 1-client
+level, and reports the median: on a host whose speed drifts between minutes, levels run one after
+the other compare different minutes.
+
 `--voice-seconds S` gives every request a saved voice of S seconds (the server prefills its rows
 once and reuses them for later requests; `--no-prompt-reuse` turns that off, for comparison).
 
@@ -136,12 +140,15 @@ def main() -> int:
                     help="first measure the native batch x4 against one stream over FRAMES frames, as bench.py does")
     ap.add_argument("--batch-ratio-runs", type=int, default=1, metavar="N",
                     help="interleaved runs of that measurement, their median is used (default 1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the client levels this many times over, each round's gains against its own 1-client "
+                         "level (the host's speed drifts between minutes); the median gain is reported")
     ap.add_argument("--voice-seconds", type=float, default=0, metavar="S",
                     help="every request speaks with a saved voice of S seconds (random codes, as a voice made "
                          "from a recording costs the same), instead of a bare speaker id")
     ap.add_argument("--no-prompt-reuse", action="store_true", help="start the server with --no-prompt-reuse")
     args = ap.parse_args()
-    if not 1 <= max(args.clients) <= 64 or args.requests < 1 or args.duration <= 0:
+    if not 1 <= max(args.clients) <= 64 or args.requests < 1 or args.duration <= 0 or not 1 <= args.rounds <= 20:
         ap.error("clients in [1, 64], requests >= 1, duration > 0")
     if not 0 <= args.batch_ratio <= 10000 or not 1 <= args.batch_ratio_runs <= 100:
         ap.error("--batch-ratio in [0, 10000] frames, --batch-ratio-runs in [1, 100]")
@@ -199,31 +206,37 @@ def main() -> int:
         print("| clients | requests | req/s | audio s/s | x 1 client | TTFB p50 / p95 s | total p50 / p95 s "
               "| errors | server RSS MiB |")
         print("|---|---|---|---|---|---|---|---|---|")
-        base = None
-        gains = {}
-        for n in args.clients:
-            level = Level()
-            t0 = time.monotonic()
-            end = t0 + args.duration
-            threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes, voice))
-                       for i in range(n)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.monotonic() - t0
-            rate = sum(level.audio_s) / wall
-            base = base or rate
-            gains[n] = rate / base if base else float("nan")
-            print(f"| {n} | {len(level.total)} | {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
-                  f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
-                  f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
-                  f"| {rss_mib(server.pid):.0f} |", flush=True)
-        if bench and 4 in gains and args.clients[0] == 1:
-            print(f"\n4 clients / 1 client: {gains[4]:.2f}x audio s/s; bench.py's batch x4 ratio in this run: "
-                  f"{bench['ratio']:.2f} with the prefills, {bench['decode_ratio']:.2f} frame loop alone; "
-                  f"load / bench: {gains[4] / bench['ratio']:.0%} of the ratio with the prefills, "
-                  f"{gains[4] / bench['decode_ratio']:.0%} of the frame loop's")
+        gains = {n: [] for n in args.clients}
+        for rnd in range(args.rounds):
+            base = None
+            for n in args.clients:
+                level = Level()
+                t0 = time.monotonic()
+                end = t0 + args.duration
+                threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes, voice))
+                           for i in range(n)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.monotonic() - t0
+                rate = sum(level.audio_s) / wall
+                base = base or rate
+                gains[n].append(rate / base if base else float("nan"))
+                print(f"| {n if args.rounds == 1 else f'{n} (round {rnd + 1})'} | {len(level.total)} "
+                      f"| {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
+                      f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
+                      f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
+                      f"| {rss_mib(server.pid):.0f} |", flush=True)
+        if args.clients[0] == 1 and 4 in gains:
+            g4 = statistics.median(gains[4])
+            each = ", ".join(f"{g:.2f}" for g in gains[4])
+            line = f"\n4 clients / 1 client: {g4:.2f}x audio s/s" + (f" (median of the rounds: {each})" if args.rounds > 1 else "")
+            if bench:
+                line += (f"; bench.py's batch x4 ratio in this run: {bench['ratio']:.2f} with the prefills, "
+                         f"{bench['decode_ratio']:.2f} frame loop alone; load / bench: {g4 / bench['ratio']:.0%} of the "
+                         f"ratio with the prefills, {g4 / bench['decode_ratio']:.0%} of the frame loop's")
+            print(line)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
