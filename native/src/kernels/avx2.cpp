@@ -65,24 +65,31 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
     }
 }
 
-// exp(x) for x in [-88, 88], as in avx512.cpp; 2^n built in the exponent bits (n >= -126: below,
-// exp(x) is under 2^-126 and only ever added to 1).
+// x = n ln2 + r, as in avx512.cpp.
+inline __m256 reduce_ln2(__m256 x, __m256 & n) {
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    return _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+}
+
+template <int N>
+inline __m256 horner(__m256 r, const float (&c)[N]) {
+    __m256 p = _mm256_set1_ps(c[0]);
+    _Pragma("GCC unroll 16") for (int i = 1; i < N; i++) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c[i]));
+    return p;
+}
+
+// 2^n for integral n in [-126, 127], built in the exponent bits.
+inline __m256 pow2(__m256 n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+
+// exp(x) for x in [-88, 88], as in avx512.cpp (n >= -126: below, exp(x) is under 2^-126 and only
+// ever added to 1).
 inline __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_max_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(-126));
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23)));
+    __m256 n;
+    const __m256 r = reduce_ln2(_mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-88.0f)), _mm256_set1_ps(88.0f)), n);
+    return _mm256_mul_ps(horner(r, CSM_EXP_SERIES), pow2(_mm256_max_ps(n, _mm256_set1_ps(-126.0f))));
 }
 
 void silu_mul(const float * g, const float * u, float * out, int64_t n) {
@@ -101,23 +108,12 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
     }
 }
 
-// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp (2^n in the exponent bits: n >= -126).
+// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp.
 inline __m256 expm1_ps(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 q = _mm256_set1_ps(1.0f / 40320.0f);
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 5040.0f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 720.0f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 120.0f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 24.0f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f / 6.0f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(0.5f));
-    q = _mm256_fmadd_ps(q, r, _mm256_set1_ps(1.0f));
-    const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(r, q), p2), _mm256_sub_ps(p2, _mm256_set1_ps(1.0f)));
+    __m256 n;
+    const __m256 r = reduce_ln2(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), n);
+    const __m256 p2 = pow2(n);
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(r, horner(r, CSM_EXPM1_SERIES)), p2), _mm256_sub_ps(p2, _mm256_set1_ps(1.0f)));
 }
 
 inline __m256 elu8(__m256 v) {

@@ -47,23 +47,26 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
     }
 }
 
-// exp(x) for x in [-88, 88]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
-// (relative error below 1e-8 there), times 2^n.
+// x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 = 0.693359375 - 2.12194440e-4, two steps).
+inline __m512 reduce_ln2(__m512 x, __m512 & n) {
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    return _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+}
+
+// c[0] r^(N-1) + ... + c[N-1] by Horner's rule.
+template <int N>
+inline __m512 horner(__m512 r, const float (&c)[N]) {
+    __m512 p = _mm512_set1_ps(c[0]);
+    _Pragma("GCC unroll 16") for (int i = 1; i < N; i++) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c[i]));
+    return p;
+}
+
+// exp(x) for x in [-88, 88]: exp(r) times 2^n.
 inline __m512 exp_ps(__m512 x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); // ln2 = 0.693359375 - 2.12194440e-4
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
+    __m512 n;
+    const __m512 r = reduce_ln2(_mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), _mm512_set1_ps(88.0f)), n);
+    return _mm512_scalef_ps(horner(r, CSM_EXP_SERIES), n);
 }
 
 void silu_mul(const float * g, const float * u, float * out, int64_t n) {
@@ -76,24 +79,13 @@ void silu_mul(const float * g, const float * u, float * out, int64_t n) {
     }
 }
 
-// exp(x) - 1 for x in [-88, 0.35], accurate relative to the result near 0 as well: x = n ln2 + r,
-// expm1(r) = r q(r) by its series to r^8, then 2^n expm1(r) + (2^n - 1).
+// exp(x) - 1 for x in [-88, 0.35], accurate relative to the result near 0 as well:
+// 2^n (r (exp(r) - 1) / r) + (2^n - 1).
 inline __m512 expm1_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 q = _mm512_set1_ps(1.0f / 40320.0f);
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 5040.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 720.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 120.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 24.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f / 6.0f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
-    q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(1.0f));
+    __m512 n;
+    const __m512 r = reduce_ln2(_mm512_max_ps(x, _mm512_set1_ps(-88.0f)), n);
     const __m512 p2 = _mm512_scalef_ps(_mm512_set1_ps(1.0f), n);
-    return _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(r, q), p2), _mm512_sub_ps(p2, _mm512_set1_ps(1.0f)));
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(r, horner(r, CSM_EXPM1_SERIES)), p2), _mm512_sub_ps(p2, _mm512_set1_ps(1.0f)));
 }
 
 void elu(const float * x, float * out, int64_t n) {

@@ -47,6 +47,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+// The series the kernels' exp and expm1 share (Horner's order, highest power first): exp(r) and
+// (exp(r) - 1) / r to r^7, relative error below 1e-8 for |r| <= ln2 / 2 (after x = n ln2 + r).
+constexpr float CSM_EXP_SERIES[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+constexpr float CSM_EXPM1_SERIES[8] = {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f};
+
 // The weight formats; the index of a kernel's per-format entry points.
 enum csm_wfmt { CSM_WFMT_Q8_0, CSM_WFMT_Q4_K, CSM_WFMT_F16, CSM_WFMT_COUNT };
 

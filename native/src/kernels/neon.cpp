@@ -92,42 +92,40 @@ void quantize(const float * x, int64_t x_stride, int64_t n_col, int64_t K, int64
     }
 }
 
-// exp(x) for x in [-88, 88]: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
-// (relative error below 1e-8 there), times 2^n built in the exponent field (n in [-127, 127]; 2^-127
-// comes out as 0, which only moves exp(-88) from 6e-39 to 0).
-inline float32x4_t exp_ps(float32x4_t x) {
-    x = vminq_f32(vmaxq_f32(x, vdupq_n_f32(-88.0f)), vdupq_n_f32(88.0f));
-    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
-    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f)); // ln2 = 0.693359375 - 2.12194440e-4
-    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-    float32x4_t p = vdupq_n_f32(1.0f / 5040.0f);
-    p = vfmaq_f32(vdupq_n_f32(1.0f / 720.0f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(0.5f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
-    p = vfmaq_f32(vdupq_n_f32(1.0f), p, r);
-    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-    return vmulq_f32(p, vreinterpretq_f32_s32(e));
+// x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 = 0.693359375 - 2.12194440e-4, two steps).
+inline float32x4_t reduce_ln2(float32x4_t x, float32x4_t & n) {
+    n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
+    const float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
+    return vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
 }
 
-// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp (2^n in the exponent bits: n >= -126).
+// c[0] r^(N-1) + ... + c[N-1] by Horner's rule.
+template <int N>
+inline float32x4_t horner(float32x4_t r, const float (&c)[N]) {
+    float32x4_t p = vdupq_n_f32(c[0]);
+    for (int i = 1; i < N; i++) p = vfmaq_f32(vdupq_n_f32(c[i]), p, r);
+    return p;
+}
+
+// 2^n for integral n in [-127, 127], built in the exponent field (2^-127 comes out as 0).
+inline float32x4_t pow2(float32x4_t n) {
+    return vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
+}
+
+// exp(x) for x in [-88, 88]: exp(r) (kernel.h's series) times 2^n (2^-127 as 0 only moves exp(-88)
+// from 6e-39 to 0).
+inline float32x4_t exp_ps(float32x4_t x) {
+    float32x4_t n;
+    const float32x4_t r = reduce_ln2(vminq_f32(vmaxq_f32(x, vdupq_n_f32(-88.0f)), vdupq_n_f32(88.0f)), n);
+    return vmulq_f32(horner(r, CSM_EXP_SERIES), pow2(n));
+}
+
+// exp(x) - 1 for x in [-87, 0.35], as in avx512.cpp.
 inline float32x4_t expm1_ps(float32x4_t x) {
-    x = vmaxq_f32(x, vdupq_n_f32(-87.0f));
-    const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 1.44269504088896341f));
-    float32x4_t r = vfmsq_f32(x, n, vdupq_n_f32(0.693359375f));
-    r = vfmsq_f32(r, n, vdupq_n_f32(-2.12194440e-4f));
-    float32x4_t q = vdupq_n_f32(1.0f / 40320.0f);
-    q = vfmaq_f32(vdupq_n_f32(1.0f / 5040.0f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(1.0f / 720.0f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(1.0f / 120.0f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(1.0f / 24.0f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(1.0f / 6.0f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(0.5f), q, r);
-    q = vfmaq_f32(vdupq_n_f32(1.0f), q, r);
-    const float32x4_t p2 = vreinterpretq_f32_s32(vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23));
-    return vaddq_f32(vmulq_f32(vmulq_f32(r, q), p2), vsubq_f32(p2, vdupq_n_f32(1.0f)));
+    float32x4_t n;
+    const float32x4_t r = reduce_ln2(vmaxq_f32(x, vdupq_n_f32(-87.0f)), n);
+    const float32x4_t p2 = pow2(n);
+    return vaddq_f32(vmulq_f32(vmulq_f32(r, horner(r, CSM_EXPM1_SERIES)), p2), vsubq_f32(p2, vdupq_n_f32(1.0f)));
 }
 
 inline float32x4_t elu4(float32x4_t v) {
