@@ -1,10 +1,9 @@
 // csm_runner.cpp - prompt checks, graph inputs and the runner shared by csm_generate and csm_batch.
 #include "csm_runner.h"
 
-#include <algorithm>
-
 #include "csm_log.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace {
