@@ -169,10 +169,11 @@ inline void tile_q8_1(const uint8_t * t, int64_t nbp, const int8_t * y, const fl
     _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) dst[r] = hsum(acc[r]);
 }
 
-// Q8_0, 4 rows x NC columns (a batch, a prompt): per activation vector m, rows 0-1 and 2-3 joined in
-// two zmm serve all NC columns, each column's vector broadcast to both halves; all 2 x NC dot products
-// and float accumulators stay in registers (NC = 6: 24 of the 32, 29 with the weights, activations
-// and scales). Per group 16 NC vpdpbusd against 3 NC float instructions and 16 inserts. (Packing the
+// Q8_0, 4 rows x NC columns (a batch of 2-4; a prompt's last columns, its others going 6 at a time
+// through tile_q8_4x2p): per activation vector m, rows 0-1 and 2-3 joined in two zmm serve all NC
+// columns, each column's vector broadcast to both halves; all 2 x NC dot products and float
+// accumulators stay in registers. Per group 16 NC vpdpbusd against 3 NC float instructions and 16
+// inserts. (Packing the
 // rows interleaved per vector m, so that one load gives two rows, made 64-column products 10-15 %
 // faster but one column 5-10 % slower: kernel_bench CPU time, Zen 4. Rejoining each tile once into
 // that form for a prompt's many column passes gave no clear gain: 256 columns -7 %, 64 +5 %.)
@@ -433,7 +434,7 @@ void gemm_f16(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t
 // dot products take twice the registers).
 constexpr int64_t Q8_COLS = 6;
 
-// All columns of one tile: a 4-row tile Q8_COLS (Q8_0) or up to four at a time, a 1-row tile (the
+// All columns of one tile: a 4-row tile Q8_COLS at a time (Q8_0, tile_q8_4x2p) or up to four, a 1-row tile (the
 // last rows % 4 rows of a matrix, at most 3) one by one.
 template <bool Q4K, int R>
 inline void int8_cols(const uint8_t * t, int64_t nbp, const int8_t * y, const float * dy, const int32_t * sb,
