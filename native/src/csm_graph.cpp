@@ -54,15 +54,19 @@ static ggml_tensor * embed_rows(ggml_context * ctx, const csm_model & m, csm_gra
 }
 
 // Attention of q [hd, nh, T*B] (after RoPE) over cache rows [0, n_kv) of sequences [seq0, seq0 + B),
-// the caches as written by this step (k_all, v_all); result [hd * nh, T*B].
-static ggml_tensor * attention(ggml_context * ctx, const csm_llama & L, ggml_tensor * k_all, ggml_tensor * v_all,
-                               ggml_tensor * q, ggml_tensor * kq_mask, int64_t n_ctx, int64_t seq0, int64_t T,
-                               int64_t B, int64_t n_kv) {
+// the caches as written by this step (k_all, v_all); result [hd * nh, T*B]. pycsm's kernel when the
+// model runs one (one op per layer), else ggml's products and softmax.
+static ggml_tensor * attention(ggml_context * ctx, const csm_model & m, const csm_llama & L, ggml_tensor * k_all,
+                               ggml_tensor * v_all, ggml_tensor * q, ggml_tensor * kq_mask, int64_t n_ctx, int64_t seq0,
+                               int64_t T, int64_t B, int64_t n_kv) {
     const int64_t hd = L.head_dim, nh = L.n_heads, nkv = L.n_kv_heads, kvd = hd * nkv;
     const size_t es = ggml_element_size(k_all);
     ggml_tensor * K = ggml_view_4d(ctx, k_all, hd, nkv, n_kv, B, hd * es, kvd * es, kvd * es * n_ctx, kvd * es * n_ctx * seq0);
     ggml_tensor * V = ggml_view_4d(ctx, v_all, n_kv, hd, nkv, B, n_ctx * es, hd * n_ctx * es, kvd * n_ctx * es,
                                    kvd * n_ctx * es * seq0);                    // [n_kv, hd, nkv, B]
+    if (ggml_tensor * o = csm_attention(ctx, m, ggml_reshape_4d(ctx, q, hd, nh, T, B), K, V, kq_mask)) {
+        return ggml_reshape_2d(ctx, o, hd * nh, T * B);
+    }
     K = ggml_permute(ctx, K, 0, 2, 1, 3);                                      // [hd, n_kv, nkv, B]
     q = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, nh, T, B), 0, 2, 1, 3);  // [hd, T, nh, B]
     // Several positions: the queries of a head made contiguous, so that ggml's products over them
@@ -103,7 +107,7 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
         ggml_tensor * v_all = ggml_set_rows(ctx, kv[il].v, ggml_reshape_2d(ctx, v, 1, kvd * T * B), g.v_idx);
         ggml_build_forward_expand(gf, k_all);
         ggml_build_forward_expand(gf, v_all);
-        ggml_tensor * o = attention(ctx, L, k_all, v_all, q, g.kq_mask, n_ctx, seq0, T, B, n_kv);
+        ggml_tensor * o = attention(ctx, m, L, k_all, v_all, q, g.kq_mask, n_ctx, seq0, T, B, n_kv);
         x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.wo, o));
 
         cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.ffn_norm);

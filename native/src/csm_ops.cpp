@@ -7,6 +7,8 @@
 #include "csm_packed.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <vector>
 
 namespace {
@@ -141,6 +143,53 @@ void elu_op(ggml_tensor * dst, const ggml_tensor * src, int ith, int nth, void *
     if (i0 < i1) k.elu((const float *) src->data + i0, (float *) dst->data + i0, i1 - i0);
 }
 
+// Keys a query row of the mask sees: the causal masks (csm_runner.cpp) give 0 to rows [0, p] and
+// -inf to the rest.
+int32_t keys_seen(const float * row, int64_t n_kv) {
+    int64_t n = n_kv;
+    while (n > 0 && row[n - 1] == -INFINITY) n--;
+    return (int32_t) n;
+}
+
+// dst [hd, nh, T, B] = attention of q [hd, nh, T, B] over K [hd, nkv, n_kv, B] and V [n_kv, hd, nkv, B]
+// (views of the caches, V's rows transposed) with mask [n_kv, T, 1, B]; userdata = the kernel. Head
+// h reads KV head h / (nh / nkv). The threads take the (sequence, KV head, block of 16 queries)
+// tasks in turn (the later blocks of a causal prompt see more keys).
+void attention_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_kernel & kern = *(const csm_kernel *) userdata;
+    const ggml_tensor * q = dst->src[0], * K = dst->src[1], * V = dst->src[2], * mask = dst->src[3];
+    const int64_t hd = q->ne[0], nh = q->ne[1], T = q->ne[2], B = q->ne[3], nkv = K->ne[1], n_kv = K->ne[2];
+    const int64_t group = nh / nkv, per_kv = T * group, n_blk = (per_kv + CSM_ATTN_QUERIES - 1) / CSM_ATTN_QUERIES;
+    thread_local std::vector<float> scratch;
+    const size_t need = (size_t) csm_attn_scratch(hd, n_kv) + 16;
+    if (scratch.size() < need) scratch.resize(need);
+    csm_attn_block a;
+    a.hd = hd;
+    a.scale = 1.0f / std::sqrt((float) hd);
+    a.k_stride = (int64_t) (K->nb[2] / sizeof(float));
+    a.vt_stride = (int64_t) (V->nb[1] / sizeof(float));
+    a.scratch = (float *) (((uintptr_t) scratch.data() + 63) & ~(uintptr_t) 63);
+    for (int64_t task = ith; task < B * nkv * n_blk; task += nth) {
+        const int64_t b = task / (nkv * n_blk), g = task / n_blk % nkv, blk = task % n_blk;
+        a.k = (const float *) ((const char *) K->data + b * K->nb[3] + g * K->nb[1]);
+        a.vt = (const float *) ((const char *) V->data + b * V->nb[3] + g * V->nb[2]);
+        a.n_q = (int) std::min<int64_t>(CSM_ATTN_QUERIES, per_kv - blk * CSM_ATTN_QUERIES);
+        int64_t t_seen = -1;
+        int32_t seen = 0;
+        for (int i = 0; i < a.n_q; i++) {
+            const int64_t qi = blk * CSM_ATTN_QUERIES + i, t = qi / group, h = g * group + qi % group;
+            a.q[i] = (const float *) ((const char *) q->data + b * q->nb[3] + t * q->nb[2] + h * q->nb[1]);
+            a.out[i] = (float *) ((char *) dst->data + b * dst->nb[3] + t * dst->nb[2] + h * dst->nb[1]);
+            if (t != t_seen) {
+                seen = keys_seen((const float *) ((const char *) mask->data + b * mask->nb[3] + t * mask->nb[1]), n_kv);
+                t_seen = t;
+            }
+            a.n_keys[i] = seen;
+        }
+        kern.attend(a);
+    }
+}
+
 const csm_packed_group * find_group(const csm_model & m, const ggml_tensor * first) {
     auto it = m.packed_groups.find(first);
     return it == m.packed_groups.end() ? nullptr : it->second.get();
@@ -208,6 +257,19 @@ ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tens
     }
     ggml_tensor * args[2] = {x, ids};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, V, B, 1, 1, args, 2, heads_op, GGML_N_TASKS_MAX, (void *) &m);
+}
+
+ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V,
+                           ggml_tensor * mask) {
+    const csm_kernel * k = m.kernel;
+    if (!k || !k->attend || q->ne[0] % 8 != 0 || K->ne[1] == 0 || q->ne[1] % K->ne[1] != 0) return nullptr;
+    if (q->type != GGML_TYPE_F32 || K->type != GGML_TYPE_F32 || V->type != GGML_TYPE_F32 || mask->type != GGML_TYPE_F32 ||
+        q->nb[0] != sizeof(float) || K->nb[0] != sizeof(float) || V->nb[0] != sizeof(float) || mask->nb[0] != sizeof(float)) {
+        return nullptr;
+    }
+    ggml_tensor * args[4] = {q, K, V, mask};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], q->ne[3], args, 4, attention_op,
+                          GGML_N_TASKS_MAX, (void *) k);
 }
 
 ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu) {

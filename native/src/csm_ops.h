@@ -22,6 +22,13 @@ ggml_tensor * csm_ffn_gate_up(ggml_context * ctx, const csm_model & m, ggml_tens
 // Uses the model's packed heads when it has them, else ggml_mul_mat_id on the F16/F32 copy.
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids);
 
+// Attention of q [hd, nh, T, B] (after RoPE) over the cache views K [hd, nkv, n_kv, B] and
+// V [n_kv, hd, nkv, B] (rows transposed) with the causal mask [n_kv, T, 1, B], f32 [hd, nh, T, B]:
+// pycsm's kernel (kernel.h's attend: each query's result independent of the others and of the keys
+// past its own) when the model runs one that has it, else null (the caller builds ggml's).
+ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V,
+                            ggml_tensor * mask);
+
 // ELU (alpha 1) of x: pycsm's kernel (kernel.h: expm1 to 1e-6 relative) on the CPU backend when one
 // runs here and x is contiguous f32, else ggml_elu (whose scalar expm1f took a sixth of a Mimi decode).
 ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu);

@@ -132,6 +132,73 @@ void elu(const float * x, float * out, int64_t n) {
     }
 }
 
+// Attention (kernel.h), as in avx512.cpp: the block's queries as two halves of 8 lanes (the second
+// only when n_q > 8), the same operations per lane, lanes past a query's n_keys kept by blends.
+void attend(const csm_attn_block & a) {
+    const int64_t hd = a.hd;
+    alignas(32) int32_t nk[16] = {0};
+    int32_t L = 0;
+    for (int i = 0; i < a.n_q; i++) {
+        nk[i] = a.n_keys[i];
+        if (nk[i] > L) L = nk[i];
+    }
+    if (L == 0) {
+        for (int i = 0; i < a.n_q; i++)
+            for (int64_t d = 0; d < hd; d++) a.out[i][d] = 0.0f;
+        return;
+    }
+    float * qt = a.scratch, * st = qt + hd * 16, * tmp = st + (int64_t) L * 16;
+    for (int64_t d = 0; d < hd * 16; d += 8) _mm256_store_ps(qt + d, _mm256_setzero_ps());
+    for (int i = 0; i < a.n_q; i++)
+        for (int64_t d = 0; d < hd; d++) qt[d * 16 + i] = a.q[i][d];
+    const __m256 scale = _mm256_set1_ps(a.scale);
+    for (int h = 0; h * 8 < a.n_q; h++) {
+        const __m256i nkv = _mm256_load_si256((const __m256i *) (nk + h * 8));
+        float * sh = st + h * 8;
+        const float * qh = qt + h * 8;
+        for (int32_t j0 = 0; j0 < L; j0 += 8) {
+            const float * kr[8];
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) kr[u] = a.k + (int64_t) (j0 + u < L ? j0 + u : L - 1) * a.k_stride;
+            __m256 acc[8];
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < hd; d++) {
+                const __m256 qv = _mm256_load_ps(qh + d * 16);
+                _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) acc[u] = _mm256_fmadd_ps(qv, _mm256_broadcast_ss(kr[u] + d), acc[u]);
+            }
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++)
+                if (j0 + u < L) _mm256_store_ps(sh + (int64_t) (j0 + u) * 16, _mm256_mul_ps(acc[u], scale));
+        }
+        __m256 mx = _mm256_set1_ps(-__builtin_inff());
+        for (int32_t j = 0; j < L; j++) {
+            const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nkv, _mm256_set1_epi32(j)));
+            mx = _mm256_blendv_ps(mx, _mm256_max_ps(mx, _mm256_load_ps(sh + (int64_t) j * 16)), m);
+        }
+        __m256 sum = _mm256_setzero_ps();
+        for (int32_t j = 0; j < L; j++) {
+            const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nkv, _mm256_set1_epi32(j)));
+            const __m256 e = exp_ps(_mm256_sub_ps(_mm256_load_ps(sh + (int64_t) j * 16), mx));
+            _mm256_store_ps(sh + (int64_t) j * 16, e);
+            sum = _mm256_blendv_ps(sum, _mm256_add_ps(sum, e), m);
+        }
+        const __m256 pos = _mm256_cmp_ps(sum, _mm256_setzero_ps(), _CMP_GT_OQ);
+        const __m256 inv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0f), sum), pos);
+        for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+            const float * vr = a.vt + d0 * a.vt_stride;
+            __m256 acc[8];
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) acc[u] = _mm256_setzero_ps();
+            for (int32_t j = 0; j < L; j++) {
+                const __m256 m = _mm256_castsi256_ps(_mm256_cmpgt_epi32(nkv, _mm256_set1_epi32(j)));
+                const __m256 p = _mm256_load_ps(sh + (int64_t) j * 16);
+                _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++)
+                    acc[u] = _mm256_blendv_ps(acc[u], _mm256_fmadd_ps(p, _mm256_broadcast_ss(vr + u * a.vt_stride + j), acc[u]), m);
+            }
+            _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) _mm256_store_ps(tmp + u * 8, _mm256_mul_ps(acc[u], inv));
+            for (int i = h * 8; i < a.n_q && i < h * 8 + 8; i++)
+                _Pragma("GCC unroll 8") for (int u = 0; u < 8; u++) a.out[i][d0 + u] = tmp[u * 8 + i - h * 8];
+        }
+    }
+}
+
 constexpr int64_t PREFETCH_BYTES = 6144;      // several columns (see avx512.cpp)
 constexpr int64_t PREFETCH_1COL_BYTES = 8192; // one column (Q8_0 too: 4 more instructions per 32 bytes than
                                                // AVX512's vpdpbusd leave the hardware prefetcher behind)
@@ -364,7 +431,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "avx2", "AVX2", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu,
+    "avx2", "AVX2", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu, attend,
 };
 
 } // namespace

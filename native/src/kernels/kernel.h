@@ -89,6 +89,31 @@ struct csm_kernel_input {
 typedef void (*csm_gemm_fn)(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_t r1,
                             const csm_kernel_input & in, int64_t c0, int64_t n_col, float * dst, int64_t dst_stride);
 
+// Attention of up to CSM_ATTN_QUERIES queries that share their keys and values (one sequence, one
+// KV head): out[i] = sum_j p_ij v_j over j < n_keys[i], p_i = softmax_j(scale * (q[i] . k_j)). Query i
+// and out[i] hold hd floats; key j is at k + j * k_stride, component d of value j at
+// vt[d * vt_stride + j] (the V cache's transposed rows). Every kernel computes a query's result from
+// its own q, n_keys and the keys and values it sees only, in this order, so a query gives the same
+// bits whichever queries share the call and however many keys the cache holds past n_keys:
+// s_j = (q_0 k_j0 + ... by FMAs over d ascending) * scale; m = max_j s_j; e_j = exp(s_j - m) (the
+// kernel's exp); S = e_0 + e_1 + ... in j order; out_d = (e_0 v_0d + ... by FMAs over j ascending) *
+// (1 / S). n_keys[i] = 0 gives zeros.
+constexpr int CSM_ATTN_QUERIES = 16;
+struct csm_attn_block {
+    const float * q[CSM_ATTN_QUERIES];
+    float * out[CSM_ATTN_QUERIES];
+    int32_t n_keys[CSM_ATTN_QUERIES];
+    int n_q;       // 1..CSM_ATTN_QUERIES
+    int64_t hd;    // a multiple of 8
+    float scale;
+    const float * k;
+    int64_t k_stride;
+    const float * vt;
+    int64_t vt_stride;
+    float * scratch; // csm_attn_scratch(hd, max n_keys) floats, 64-byte aligned
+};
+inline int64_t csm_attn_scratch(int64_t hd, int64_t n_keys) { return (hd + n_keys + 8) * CSM_ATTN_QUERIES; }
+
 // One instruction set's kernel. Its functions run only on CPUs that have that set (the getters below
 // return null elsewhere).
 struct csm_kernel {
@@ -104,6 +129,8 @@ struct csm_kernel {
     // out[i] = x[i] > 0 ? x[i] : exp(x[i]) - 1 (Mimi's ELU) for i < n, within 1e-6 relative (expm1's
     // accuracy near 0, not exp's minus 1); -inf gives -1, never nan for finite x. out may be x.
     void (*elu)(const float * x, float * out, int64_t n);
+    // The attention above; null: this kernel lacks it (ggml's products and softmax run instead).
+    void (*attend)(const csm_attn_block & a);
 };
 
 // The kernels of this build, each null when the build lacks it or the CPU cannot run it.

@@ -365,7 +365,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu,
+    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu, nullptr,
 };
 
 } // namespace
