@@ -41,14 +41,17 @@ static ggml_tensor * embed_rows(ggml_context * ctx, const csm_model & m, csm_gra
     const int64_t d = m.hp.bb_d_model, ncb = m.hp.n_codebooks;
     g.audio_ids = input(ctx, GGML_TYPE_I32, ncb * n_tok);
     g.audio_mask = input(ctx, GGML_TYPE_F32, 1, ncb * n_tok);
+    if (with_text) {
+        g.text_ids = input(ctx, GGML_TYPE_I32, n_tok);
+        g.text_mask = input(ctx, GGML_TYPE_F32, 1, n_tok);
+    }
+    if (ggml_tensor * e = csm_embed(ctx, m, g.audio_ids, g.audio_mask, g.text_ids, g.text_mask)) return e;
     ggml_tensor * a = ggml_get_rows(ctx, m.audio_embd, g.audio_ids);          // [d, ncb * n_tok]
     a = ggml_mul(ctx, a, g.audio_mask);
     a = ggml_reshape_3d(ctx, a, d, ncb, n_tok);
     a = ggml_cont(ctx, ggml_permute(ctx, a, 1, 0, 2, 3));                     // [ncb, d, n_tok]
     a = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, a), d, n_tok);               // [d, n_tok]
     if (!with_text) return a;
-    g.text_ids = input(ctx, GGML_TYPE_I32, n_tok);
-    g.text_mask = input(ctx, GGML_TYPE_F32, 1, n_tok);
     ggml_tensor * t = ggml_mul(ctx, ggml_get_rows(ctx, m.text_embd, g.text_ids), g.text_mask);
     return ggml_add(ctx, a, t);
 }

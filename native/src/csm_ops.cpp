@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -190,6 +191,48 @@ void attention_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// Row id of table as f32 (ids come from the runner, which checks the codes and tokens; clamped here
+// all the same).
+void embedding_row(const ggml_tensor * table, int32_t id, float * out) {
+    const int64_t rows = table->ne[1], r = id < 0 ? 0 : id >= rows ? rows - 1 : id;
+    const char * src = (const char *) table->data + r * table->nb[1];
+    if (table->type == GGML_TYPE_F32) {
+        memcpy(out, src, (size_t) table->ne[0] * sizeof(float));
+    } else {
+        ggml_get_type_traits(table->type)->to_float(src, out, table->ne[0]);
+    }
+}
+
+// dst [d, n_tok] = the sum of the masked embeddings of a position's columns (embed_rows in
+// csm_graph.cpp): per value, the n_cb audio rows times their mask summed in a double in codebook
+// order (as ggml's get_rows, mul and sum_rows do, so the same bits), rounded to float, plus the text
+// row times its mask when src[2] (text ids) is given. userdata = the model; the threads take
+// positions in turn.
+void embed_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_model & m = *(const csm_model *) userdata;
+    const int32_t * audio_ids = (const int32_t *) dst->src[0]->data;
+    const float * audio_mask = (const float *) dst->src[1]->data;
+    const bool with_text = dst->src[2] != nullptr;
+    const int64_t d = dst->ne[0], n_tok = dst->ne[1], ncb = m.hp.n_codebooks;
+    thread_local std::vector<float> row;
+    thread_local std::vector<double> acc;
+    if ((int64_t) row.size() < d) { row.resize((size_t) d); acc.resize((size_t) d); }
+    for (int64_t t = ith; t < n_tok; t += nth) {
+        std::fill(acc.begin(), acc.begin() + d, 0.0);
+        for (int64_t cb = 0; cb < ncb; cb++) {
+            embedding_row(m.audio_embd, audio_ids[t * ncb + cb], row.data());
+            const float mk = audio_mask[t * ncb + cb];
+            for (int64_t i = 0; i < d; i++) acc[(size_t) i] += (double) (row[(size_t) i] * mk);
+        }
+        float * out = (float *) ((char *) dst->data + t * dst->nb[1]);
+        for (int64_t i = 0; i < d; i++) out[i] = (float) acc[(size_t) i];
+        if (!with_text) continue;
+        embedding_row(m.text_embd, ((const int32_t *) dst->src[2]->data)[t], row.data());
+        const float mk = ((const float *) dst->src[3]->data)[t];
+        for (int64_t i = 0; i < d; i++) out[i] = out[i] + row[(size_t) i] * mk;
+    }
+}
+
 const csm_packed_group * find_group(const csm_model & m, const ggml_tensor * first) {
     auto it = m.packed_groups.find(first);
     return it == m.packed_groups.end() ? nullptr : it->second.get();
@@ -270,6 +313,15 @@ ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor
     ggml_tensor * args[4] = {q, K, V, mask};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, q->ne[0], q->ne[1], q->ne[2], q->ne[3], args, 4, attention_op,
                           GGML_N_TASKS_MAX, (void *) k);
+}
+
+ggml_tensor * csm_embed(ggml_context * ctx, const csm_model & m, ggml_tensor * audio_ids, ggml_tensor * audio_mask,
+                       ggml_tensor * text_ids, ggml_tensor * text_mask) {
+    if (!m.kernel) return nullptr;
+    const int64_t n_tok = audio_ids->ne[0] / m.hp.n_codebooks;
+    ggml_tensor * args[4] = {audio_ids, audio_mask, text_ids, text_mask};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, m.hp.bb_d_model, n_tok, 1, 1, args, text_ids ? 4 : 2, embed_op,
+                          GGML_N_TASKS_MAX, (void *) &m);
 }
 
 ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu) {

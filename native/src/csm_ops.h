@@ -29,6 +29,12 @@ ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tens
 ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V,
                             ggml_tensor * mask);
 
+// The backbone's input embeddings [d, n_tok] (csm_graph.cpp's embed_rows): one op that sums each
+// position's masked audio rows (and its masked text row when text_ids is given) on the CPU, with
+// the bits of ggml's get_rows, mul, sum_rows and add, when the model runs pycsm's kernels; else null.
+ggml_tensor * csm_embed(ggml_context * ctx, const csm_model & m, ggml_tensor * audio_ids, ggml_tensor * audio_mask,
+                        ggml_tensor * text_ids, ggml_tensor * text_mask);
+
 // ELU (alpha 1) of x: pycsm's kernel (kernel.h: expm1 to 1e-6 relative) on the CPU backend when one
 // runs here and x is contiguous f32, else ggml_elu (whose scalar expm1f took a sixth of a Mimi decode).
 ggml_tensor * csm_elu(ggml_context * ctx, ggml_tensor * x, bool cpu);
