@@ -111,10 +111,10 @@ static ggml_tensor * llama_blocks(ggml_context * ctx, ggml_cgraph * gf, const cs
         ggml_build_forward_expand(gf, k_all);
         ggml_build_forward_expand(gf, v_all);
         ggml_tensor * o = attention(ctx, m, L, k_all, v_all, q, g.kq_mask, n_ctx, seq0, T, B, n_kv);
-        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.wo, o));
+        x = csm_mul_mat_add(ctx, m, l.wo, o, x);
 
         cur = ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), l.ffn_norm);
-        x = ggml_add(ctx, x, csm_mul_mat(ctx, m, l.w_down, csm_ffn_gate_up(ctx, m, l.w_gate, l.w_up, cur)));
+        x = csm_mul_mat_add(ctx, m, l.w_down, csm_ffn_gate_up(ctx, m, l.w_gate, l.w_up, cur), x);
     }
     return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), L.output_norm);
 }

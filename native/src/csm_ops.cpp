@@ -62,12 +62,24 @@ void gemm_share(const csm_packed_matrix & W, const csm_kernel_input & in, int64_
     gemm_rows(W, in, c0, n, t0 * 4, std::min(t1 * 4, W.rows), out + t0 * 4, out_stride);
 }
 
-// dst = W x, W = userdata.
+// dst = W x, or res + W x when src[1] (res, f32 [W.rows, n]) is given; W = userdata. Each thread
+// adds the residual to its own rows.
 void mul_mat_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const csm_packed_matrix & W = *(const csm_packed_matrix *) userdata;
-    const ggml_tensor * x = dst->src[0];
+    const ggml_tensor * x = dst->src[0], * res = dst->src[1];
     const csm_kernel_input in = prepare_input(x, W);
-    gemm_share(W, in, 0, x->ne[1], (float *) dst->data, (int64_t) (dst->nb[1] / sizeof(float)), ith, nth);
+    const int64_t n = x->ne[1], stride = (int64_t) (dst->nb[1] / sizeof(float));
+    float * out = (float *) dst->data;
+    gemm_share(W, in, 0, n, out, stride, ith, nth);
+    if (!res) return;
+    int64_t t0, t1;
+    tile_share((W.rows + 3) / 4, ith, nth, t0, t1);
+    const int64_t r0 = t0 * 4, r1 = std::min(t1 * 4, W.rows);
+    for (int64_t c = 0; c < n; c++) {
+        const float * rc = (const float *) ((const char *) res->data + c * res->nb[1]);
+        float * oc = out + c * stride;
+        for (int64_t r = r0; r < r1; r++) oc[r] = rc[r] + oc[r];
+    }
 }
 
 // dst[:, b] = heads[ids[b]] x[:, b]; userdata = the model. Runs of columns with the same head are
@@ -287,6 +299,18 @@ ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor *
     check_input(*W, x, w->name);
     ggml_tensor * args[1] = {x};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 1, mul_mat_op, GGML_N_TASKS_MAX, (void *) W);
+}
+
+ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x, ggml_tensor * res) {
+    auto it = m.packed.find(w);
+    if (it == m.packed.end() || res->type != GGML_TYPE_F32 || res->nb[0] != sizeof(float) || res->ne[0] != w->ne[1] ||
+        res->ne[1] != x->ne[1] || res->ne[2] != 1 || res->ne[3] != 1) {
+        return ggml_add(ctx, res, csm_mul_mat(ctx, m, w, x));
+    }
+    const csm_packed_matrix * W = it->second.get();
+    check_input(*W, x, w->name);
+    ggml_tensor * args[2] = {x, res};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 2, mul_mat_op, GGML_N_TASKS_MAX, (void *) W);
 }
 
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids) {

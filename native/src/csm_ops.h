@@ -8,6 +8,10 @@
 // be f32 [w->ne[0], n], 2-D; its mapped pages are gone), else ggml_mul_mat. Result f32 [w->ne[1], n].
 ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x);
 
+// res + w x (res f32 [w->ne[1], n]): one op with the residual added by the product's threads when
+// the model holds a packed copy of w (the same bits as ggml_add(res, w x)), else ggml_add.
+ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x, ggml_tensor * res);
+
 // q, k and v (f32 [rows, n] each) of input x: views of one op's result when the model has the three
 // packed as a group (one quantisation of x, one pass over the threads), else three products.
 void csm_mul_mat_qkv(ggml_context * ctx, const csm_model & m, ggml_tensor * wq, ggml_tensor * wk, ggml_tensor * wv,
