@@ -62,6 +62,20 @@ void gemm_share(const csm_packed_matrix & W, const csm_kernel_input & in, int64_
     gemm_rows(W, in, c0, n, t0 * 4, std::min(t1 * 4, W.rows), out + t0 * 4, out_stride);
 }
 
+// dst [rows, n, lanes] = W x for an F16 W (userdata) and x [cols, n, lanes] with any column step:
+// each lane's columns are the kernel's input as they lie.
+void mul_mat_lanes_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const csm_packed_matrix & W = *(const csm_packed_matrix *) userdata;
+    const ggml_tensor * x = dst->src[0];
+    for (int64_t lane = 0; lane < x->ne[2]; lane++) {
+        csm_kernel_input in;
+        in.x = (const float *) ((const char *) x->data + lane * x->nb[2]);
+        in.x_stride = (int64_t) (x->nb[1] / sizeof(float));
+        gemm_share(W, in, 0, x->ne[1], (float *) ((char *) dst->data + lane * dst->nb[2]),
+                   (int64_t) (dst->nb[1] / sizeof(float)), ith, nth);
+    }
+}
+
 // dst = W x, or res + W x when src[1] (res, f32 [W.rows, n]) is given; W = userdata. Each thread
 // adds the residual to its own rows.
 void mul_mat_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
@@ -311,6 +325,16 @@ ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tens
     check_input(*W, x, w->name);
     ggml_tensor * args[2] = {x, res};
     return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], 1, 1, args, 2, mul_mat_op, GGML_N_TASKS_MAX, (void *) W);
+}
+
+ggml_tensor * csm_mul_mat_packed(ggml_context * ctx, const csm_packed_matrix * W, ggml_tensor * x) {
+    if (W->fmt != CSM_WFMT_F16 || x->type != GGML_TYPE_F32 || x->ne[0] != W->cols || x->ne[3] != 1 ||
+        x->nb[0] != sizeof(float) || x->nb[1] % sizeof(float) != 0) {
+        csm_fail("internal: a packed F16 product's input is not f32 columns of %lld", (long long) W->cols);
+    }
+    ggml_tensor * args[1] = {x};
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], x->ne[2], 1, args, 1, mul_mat_lanes_op,
+                          GGML_N_TASKS_MAX, (void *) W);
 }
 
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids) {

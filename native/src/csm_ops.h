@@ -12,6 +12,10 @@ ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor *
 // the model holds a packed copy of w (the same bits as ggml_add(res, w x)), else ggml_add.
 ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x, ggml_tensor * res);
 
+// W x for an F16 matrix packed for pycsm's kernel (Mimi's convolutions) and x f32 [W->cols, n, lanes]
+// whose columns may overlap (an im2col view: nb[1] under a row); result f32 [W->rows, n, lanes].
+ggml_tensor * csm_mul_mat_packed(ggml_context * ctx, const csm_packed_matrix * W, ggml_tensor * x);
+
 // q, k and v (f32 [rows, n] each) of input x: views of one op's result when the model has the three
 // packed as a group (one quantisation of x, one pass over the threads), else three products.
 void csm_mul_mat_qkv(ggml_context * ctx, const csm_model & m, ggml_tensor * wq, ggml_tensor * wk, ggml_tensor * wv,

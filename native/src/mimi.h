@@ -21,6 +21,7 @@
 
 #include "csm_backend.h"
 #include "csm_model.h"
+#include "csm_packed.h"
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
@@ -28,6 +29,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 // Checks at load time that every Mimi tensor is present with the shape and type the codec needs.
@@ -151,6 +153,9 @@ struct mimi_runner {
 
     ggml_context * ctx_prep = nullptr;     // prepared weights
     ggml_backend_buffer_t buf_prep = nullptr;
+    // F16 convolution matrices (by their prepared tensor, wp) packed for the model's pycsm kernel on
+    // the CPU: their products run on it (f32 inputs) instead of ggml's f16 dot products
+    std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_packed_matrix>> packed;
     ggml_context * ctx_state = nullptr;    // streaming state
     ggml_backend_buffer_t buf_state = nullptr;
 

@@ -23,7 +23,16 @@ struct builder {
     ggml_cgraph * gf;
     bool cpu;
     std::vector<int32_t> slots;  // lane i runs the state of slots[i]
+    const mimi_runner * r;
 };
+
+// wp read as a [cols, rows] matrix times x [cols, n, lanes] (its columns may overlap): pycsm's F16
+// kernel when the runner packed wp, else ggml_mul_mat. Result [rows, n, lanes].
+ggml_tensor * weight_product(builder & b, ggml_tensor * wp, int64_t cols, int64_t rows, ggml_tensor * x) {
+    auto it = b.r->packed.find(wp);
+    if (it != b.r->packed.end()) return csm_mul_mat_packed(b.ctx, it->second.get(), x);
+    return ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, wp, cols, rows), x);
+}
 
 } // namespace
 
@@ -83,11 +92,11 @@ static ggml_tensor * conv_padded(builder & b, const mimi_conv & c, ggml_tensor *
     const int64_t T = (len - c.k) / c.stride + 1;
     ggml_tensor * y;
     if (c.k == 1 && c.stride == 1) {
-        y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, c.out), xp);
+        y = weight_product(b, c.wp, c.in, c.out, xp);
     } else {
         ggml_tensor * cols = overlapping_view(b.ctx, xp, c.in * c.k, T, xp->nb[1] * c.stride);
         if (!b.cpu) cols = ggml_cont(b.ctx, cols);  // other backends may want plain rows
-        y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in * c.k, c.out), cols);
+        y = weight_product(b, c.wp, c.in * c.k, c.out, cols);
     }
     if (c.b) y = ggml_add(b.ctx, y, c.b);
     return y;
@@ -106,7 +115,7 @@ static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, int
 // W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
 static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x) {
     const int64_t s = c.stride, oc = c.out, L = x->ne[1], lanes = x->ne[2];
-    ggml_tensor * Y = ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, c.wp, c.in, oc * c.k), x); // [oc*2s, L, lanes]
+    ggml_tensor * Y = weight_product(b, c.wp, c.in, oc * c.k, x);                           // [oc*2s, L, lanes]
     ggml_tensor * lo = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], 0);
     ggml_tensor * hi = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], oc * s * ggml_element_size(Y));
     ggml_tensor * hp = with_tail(b, c.tail, hi);                                            // [oc*s, L+1, lanes]
@@ -182,7 +191,7 @@ static void new_graph(mimi_runner & r, mimi_graph & g, builder & b, std::vector<
     g.ctx = ggml_init(ip);
     if (!g.ctx) csm_fail("out of memory creating a graph");
     g.gf = ggml_new_graph_custom(g.ctx, n, false);
-    b = {g.ctx, g.gf, r.cpu, std::move(slots)};
+    b = {g.ctx, g.gf, r.cpu, std::move(slots), &r};
 }
 
 static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T, int64_t lanes) {

@@ -259,6 +259,38 @@ template <typename T> static void permute_host(const T * src, T * dst, const int
     }
 }
 
+// Packs a prepared convolution matrix (wp read as rows x cols F16, row-major) for pycsm's kernel
+// when the CPU runs one and the matrix suits it; else leaves it to ggml.
+static void pack_conv(mimi_runner & r, const ggml_tensor * wp, int64_t rows, int64_t cols) {
+    const csm_kernel * k = r.model->kernel;
+    if (!r.cpu || !k || !k->gemm[CSM_WFMT_F16] || wp->type != GGML_TYPE_F16 || cols % 16 != 0 ||
+        !ggml_is_contiguous(wp) || ggml_nelements(wp) != rows * cols || !wp->buffer ||
+        !ggml_backend_buffer_is_host(wp->buffer) || r.packed.count(wp)) {
+        return;
+    }
+    r.packed[wp] = csm_pack_f16(k, (const uint16_t *) wp->data, rows, cols);
+}
+
+static void pack_convs(mimi_runner & r, mimi_seanet & sn, bool enc) {
+    auto conv = [&](const mimi_conv & c) { pack_conv(r, c.wp, c.out, c.in * c.k); };
+    conv(sn.first);
+    for (const mimi_stage & st : sn.stages) {
+        if (enc) {
+            conv(st.down);
+        } else {
+            pack_conv(r, st.up.wp, st.up.out * st.up.k, st.up.in);
+        }
+        conv(st.res.c1);
+        conv(st.res.c2);
+    }
+    conv(sn.last);
+    if (enc) conv(r.arch.down);
+    if (!r.packed.empty()) {
+        csm_log(CSM_LOG_DEBUG, "Mimi %s: %zu convolutions packed for pycsm's %s kernel", enc ? "encoder" : "decoder",
+                r.packed.size(), r.model->kernel->isa);
+    }
+}
+
 static ggml_tensor * state(ggml_context * ctx, int64_t rows, int64_t cols, int32_t n_slots) {
     if (cols <= 0) return nullptr;
     return ggml_new_tensor_3d(ctx, GGML_TYPE_F32, rows, cols, n_slots);
@@ -368,6 +400,8 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t
         ggml_free(ctx);
         if (st != GGML_STATUS_SUCCESS) csm_fail("preparing the Mimi weights failed (status %d)", (int) st);
     }
+
+    pack_convs(*this, sn, enc);
 
     // streaming state
     // state tensors: 3 per SEANet stage, 2 per transformer layer, a few more
