@@ -250,7 +250,8 @@ def _prefill(model, gen, threads) -> dict:
     """Prompt prefill with a voice context already encoded (a saved voice): 10 s (125 frames of codes
     and their text) and 40 s (500 frames) before the benchmark's text. Positions/s from the library's
     prefill time of the whole prompt (reuse_prompt off; the fastest of 3); time to first audio with
-    the 10 s context = the call to the first frame's callback + that frame's Mimi decode, for a first
+    the 10 s context = the call to the first frame's callback + that frame's Mimi decode (on a stream
+    decoder made beforehand and reset, as CSM.stream keeps one: making it costs 25-35 ms), for a first
     request (whole prefill) and for a later one with the same voice and another text (the voice's
     rows reused); and the Mimi encode of 10 s of audio, which a voice made from a recording costs once."""
     import numpy as np
@@ -267,17 +268,18 @@ def _prefill(model, gen, threads) -> dict:
 
         def first_audio(p, seed, reuse):
             stamps = []
+            dec.reset()  # CSM.stream keeps one stream decoder and resets it per request
             t0 = time.perf_counter()
             res = gen.generate(p, temperature=0.9, top_k=50, seed=seed, max_frames=1, stop_at_eos=False,
                                reuse_prompt=reuse, on_frame=lambda i, c: stamps.append(time.perf_counter()))
             first = (stamps[0] - t0) * 1e3
-            with MimiStreamDecoder(model.handle, n_threads=threads) as dec:
-                t = time.perf_counter()
-                dec.decode(res.codes[:1])
-                first += (time.perf_counter() - t) * 1e3
+            t = time.perf_counter()
+            dec.decode(res.codes[:1])
+            first += (time.perf_counter() - t) * 1e3
             return res, first
 
         best, ttfa, ttfa_reused, n_reused = None, None, None, 0
+        dec = MimiStreamDecoder(model.handle, n_threads=threads)
         for rep in range(3):
             res, first = first_audio(prompt, 7 + rep, False)
             ttfa = first if ttfa is None else min(ttfa, first)
@@ -286,6 +288,7 @@ def _prefill(model, gen, threads) -> dict:
                 res, first = first_audio(other, 17 + rep, True)
                 n_reused = res.n_prompt_reused
                 ttfa_reused = first if ttfa_reused is None else min(ttfa_reused, first)
+        dec.close()
         n = int(prompt.shape[0])
         out[f"{seconds}s"] = {"positions": n, "prefill_ms": round(best, 1), "positions_per_s": round(n / best * 1e3, 1)}
         if seconds == 10:
