@@ -18,8 +18,10 @@
 // Prints one line per failed check and a closing "N passed, M failed"; exit status 1 if M > 0.
 #include "kernels/kernel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdarg>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -386,6 +388,67 @@ void check_elu(int64_t n, uint64_t seed) {
     if (memcmp(y.data(), out.data(), sizeof(float) * (size_t) n) != 0) c.fail("in place differs");
 }
 
+// The attention kernel: against a double softmax (2e-6 of the largest output), each query alone
+// equal to it in a block of n_q, keys and values past a query's n_keys (NaN) ignored, nothing
+// written past the scratch.
+void check_attention(int64_t n_q, int64_t hd, int64_t n_kv, uint64_t seed) {
+    rng r(seed);
+    check c(strf("attend n_q=%ld hd=%ld n_kv=%ld", (long) n_q, (long) hd, (long) n_kv));
+    const int64_t ks = hd + 8;
+    std::vector<int32_t> n_keys((size_t) n_q);
+    std::vector<float> q((size_t) (n_q * hd)), k((size_t) (n_kv * ks)), vt((size_t) (hd * n_kv));
+    for (int64_t i = 0; i < n_q; i++) n_keys[i] = i == 0 ? (int32_t) n_kv : i == 1 ? 0 : 1 + (int32_t) (r.uniform() * (double) n_kv) % (int32_t) n_kv;
+    for (float & x : q) x = (float) (4 * r.uniform() - 2);
+    for (float & x : k) x = (float) (4 * r.uniform() - 2);
+    for (float & x : vt) x = (float) (2 * r.uniform() - 1);
+    const int64_t need = csm_attn_scratch(hd, n_kv);
+    std::vector<float> scratch((size_t) need + 16 + 64);
+    float * sc = (float *) (((uintptr_t) scratch.data() + 63) & ~(uintptr_t) 63);
+    for (int g = 0; g < 64; g++) sc[need + g] = 4242.0f;
+    std::vector<float> block((size_t) (n_q * hd), -1.0f), alone = block, nanp = block;
+    auto call = [&](int64_t q0, int64_t nq, const float * keys, const float * values, std::vector<float> & out) {
+        csm_attn_block a;
+        a.n_q = (int) nq, a.hd = hd, a.scale = 1.0f / std::sqrt((float) hd);
+        a.k = keys, a.k_stride = ks, a.vt = values, a.vt_stride = n_kv, a.scratch = sc;
+        for (int64_t i = 0; i < nq; i++) {
+            a.q[i] = &q[(size_t) ((q0 + i) * hd)], a.out[i] = &out[(size_t) ((q0 + i) * hd)], a.n_keys[i] = n_keys[(size_t) (q0 + i)];
+        }
+        K->attend(a);
+    };
+    call(0, n_q, k.data(), vt.data(), block);
+    for (int64_t i = 0; i < n_q; i++) call(i, 1, k.data(), vt.data(), alone);
+    for (int64_t i = 0; i < n_q; i++) {
+        std::vector<float> k2 = k, v2 = vt;
+        for (int64_t j = n_keys[(size_t) i]; j < n_kv; j++)
+            for (int64_t d = 0; d < hd; d++) k2[(size_t) (j * ks + d)] = NAN, v2[(size_t) (d * n_kv + j)] = NAN;
+        call(i, 1, k2.data(), v2.data(), nanp);
+    }
+    for (int g = 0; g < 64; g++)
+        if (sc[need + g] != 4242.0f) c.fail("wrote past its scratch");
+    if (memcmp(block.data(), alone.data(), block.size() * sizeof(float)) != 0) c.fail("a query alone differs from it in a block");
+    if (memcmp(block.data(), nanp.data(), block.size() * sizeof(float)) != 0) c.fail("keys past a query's own changed it");
+    for (int64_t i = 0; i < n_q; i++) {
+        const int64_t L = n_keys[(size_t) i];
+        std::vector<double> s((size_t) L), o((size_t) hd, 0.0);
+        double mx = -1e300, sum = 0, big = 1.0;
+        for (int64_t j = 0; j < L; j++) {
+            double dot = 0;
+            for (int64_t d = 0; d < hd; d++) dot += (double) q[(size_t) (i * hd + d)] * k[(size_t) (j * ks + d)];
+            s[(size_t) j] = dot / std::sqrt((double) hd);
+            mx = std::max(mx, s[(size_t) j]);
+        }
+        for (int64_t j = 0; j < L; j++) sum += s[(size_t) j] = std::exp(s[(size_t) j] - mx);
+        for (int64_t d = 0; d < hd; d++) {
+            for (int64_t j = 0; j < L; j++) o[(size_t) d] += s[(size_t) j] / sum * vt[(size_t) (d * n_kv + j)];
+            big = std::max(big, std::fabs(o[(size_t) d]));
+        }
+        for (int64_t d = 0; d < hd; d++) {
+            if (!(std::fabs(block[(size_t) (i * hd + d)] - o[(size_t) d]) <= 2e-6 * big))
+                c.fail(strf("query %ld dim %ld: %.9g, expected %.9g", (long) i, (long) d, block[(size_t) (i * hd + d)], o[(size_t) d]));
+        }
+    }
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -394,7 +457,7 @@ int main(int argc, char ** argv) {
     {
         check a(expect_unavailable ? "no NEON kernel on this CPU" : "NEON kernel on this CPU");
         if ((K != nullptr) == expect_unavailable) a.fail("csm_kernel_neon() says the opposite");
-        if (K && (strcmp(K->name, "neon") != 0 || !K->quantize || !K->silu_mul || !K->elu || !K->gemm[Q8_0] || !K->gemm[Q4_K] || !K->gemm[F16]))
+        if (K && (strcmp(K->name, "neon") != 0 || !K->quantize || !K->silu_mul || !K->elu || !K->attend || !K->gemm[Q8_0] || !K->gemm[Q4_K] || !K->gemm[F16]))
             a.fail("incomplete kernel table");
     }
     check_pick(!expect_unavailable);
@@ -414,6 +477,8 @@ int main(int argc, char ** argv) {
         for (csm_wfmt f : {Q8_0, Q4_K, F16}) check_format(f, 10, 2048, seed++);
         for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_silu(n, seed++);
         for (int64_t n : {1, 3, 4, 7, 8, 33, 1000}) check_elu(n, seed++);
+        const int64_t attn[][3] = {{1, 64, 1}, {4, 64, 37}, {16, 64, 200}, {13, 8, 9}, {16, 128, 64}, {6, 64, 33}};
+        for (const auto & t : attn) check_attention(t[0], t[1], t[2], seed++);
     }
     printf("%d passed, %d failed\n", n_pass, n_fail);
     return n_fail > 0 ? 1 : 0;

@@ -128,6 +128,74 @@ inline float32x4_t expm1_ps(float32x4_t x) {
     return vaddq_f32(vmulq_f32(vmulq_f32(r, horner(r, CSM_EXPM1_SERIES)), p2), vsubq_f32(p2, vdupq_n_f32(1.0f)));
 }
 
+// Attention (kernel.h), as in avx512.cpp: the block's queries four lanes at a time (only the
+// quarters holding queries), the same operations per lane, lanes past a query's n_keys kept by
+// selects.
+void attend(const csm_attn_block & a) {
+    const int64_t hd = a.hd;
+    alignas(16) int32_t nk[16] = {0};
+    int32_t L = 0;
+    for (int i = 0; i < a.n_q; i++) {
+        nk[i] = a.n_keys[i];
+        if (nk[i] > L) L = nk[i];
+    }
+    if (L == 0) {
+        for (int i = 0; i < a.n_q; i++)
+            for (int64_t d = 0; d < hd; d++) a.out[i][d] = 0.0f;
+        return;
+    }
+    float * qt = a.scratch, * st = qt + hd * 16, * tmp = st + (int64_t) L * 16;
+    for (int64_t d = 0; d < hd * 16; d++) qt[d] = 0.0f;
+    for (int i = 0; i < a.n_q; i++)
+        for (int64_t d = 0; d < hd; d++) qt[d * 16 + i] = a.q[i][d];
+    const float32x4_t scale = vdupq_n_f32(a.scale);
+    for (int h = 0; h * 4 < a.n_q; h++) {
+        const int32x4_t nkv = vld1q_s32(nk + h * 4);
+        float * sh = st + h * 4;
+        const float * qh = qt + h * 4;
+        for (int32_t j0 = 0; j0 < L; j0 += 8) {
+            const float * kr[8];
+            for (int u = 0; u < 8; u++) kr[u] = a.k + (int64_t) (j0 + u < L ? j0 + u : L - 1) * a.k_stride;
+            float32x4_t acc[8];
+            for (int u = 0; u < 8; u++) acc[u] = vdupq_n_f32(0.0f);
+            for (int64_t d = 0; d < hd; d++) {
+                const float32x4_t qv = vld1q_f32(qh + d * 16);
+                for (int u = 0; u < 8; u++) acc[u] = vfmaq_f32(acc[u], qv, vdupq_n_f32(kr[u][d]));
+            }
+            for (int u = 0; u < 8; u++)
+                if (j0 + u < L) vst1q_f32(sh + (int64_t) (j0 + u) * 16, vmulq_f32(acc[u], scale));
+        }
+        float32x4_t mx = vdupq_n_f32(-__builtin_inff());
+        for (int32_t j = 0; j < L; j++) {
+            const uint32x4_t m = vcgtq_s32(nkv, vdupq_n_s32(j));
+            mx = vbslq_f32(m, vmaxq_f32(mx, vld1q_f32(sh + (int64_t) j * 16)), mx);
+        }
+        float32x4_t sum = vdupq_n_f32(0.0f);
+        for (int32_t j = 0; j < L; j++) {
+            const uint32x4_t m = vcgtq_s32(nkv, vdupq_n_s32(j));
+            const float32x4_t e = exp_ps(vsubq_f32(vld1q_f32(sh + (int64_t) j * 16), mx));
+            vst1q_f32(sh + (int64_t) j * 16, e);
+            sum = vbslq_f32(m, vaddq_f32(sum, e), sum);
+        }
+        const uint32x4_t pos = vcgtq_f32(sum, vdupq_n_f32(0.0f));
+        const float32x4_t inv = vbslq_f32(pos, vdivq_f32(vdupq_n_f32(1.0f), sum), vdupq_n_f32(0.0f));
+        for (int64_t d0 = 0; d0 < hd; d0 += 8) {
+            const float * vr = a.vt + d0 * a.vt_stride;
+            float32x4_t acc[8];
+            for (int u = 0; u < 8; u++) acc[u] = vdupq_n_f32(0.0f);
+            for (int32_t j = 0; j < L; j++) {
+                const uint32x4_t m = vcgtq_s32(nkv, vdupq_n_s32(j));
+                const float32x4_t p = vld1q_f32(sh + (int64_t) j * 16);
+                for (int u = 0; u < 8; u++)
+                    acc[u] = vbslq_f32(m, vfmaq_f32(acc[u], p, vdupq_n_f32(vr[u * a.vt_stride + j])), acc[u]);
+            }
+            for (int u = 0; u < 8; u++) vst1q_f32(tmp + u * 4, vmulq_f32(acc[u], inv));
+            for (int i = h * 4; i < a.n_q && i < h * 4 + 4; i++)
+                for (int u = 0; u < 8; u++) a.out[i][d0 + u] = tmp[u * 4 + i - h * 4];
+        }
+    }
+}
+
 inline float32x4_t elu4(float32x4_t v) {
     const float32x4_t e = expm1_ps(vminq_f32(v, vdupq_n_f32(0.0f)));
     return vbslq_f32(vcgtq_f32(v, vdupq_n_f32(0.0f)), v, e);
@@ -365,7 +433,7 @@ void gemm_int8(const uint8_t * w, int64_t rows, int64_t cols, int64_t r0, int64_
 }
 
 const csm_kernel KERNEL = {
-    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu, nullptr,
+    "neon", "NEON dotprod", quantize, {gemm_int8<false>, gemm_int8<true>, gemm_f16}, silu_mul, elu, attend,
 };
 
 } // namespace
