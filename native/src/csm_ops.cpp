@@ -353,7 +353,7 @@ ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tens
 ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V,
                            ggml_tensor * mask) {
     const csm_kernel * k = m.kernel;
-    if (!k || !k->attend || q->ne[0] % 8 != 0 || K->ne[1] == 0 || q->ne[1] % K->ne[1] != 0) return nullptr;
+    if (!k || !k->attend || q->ne[0] <= 0 || q->ne[0] % 8 != 0 || K->ne[1] <= 0 || q->ne[1] % K->ne[1] != 0) return nullptr;
     if (q->type != GGML_TYPE_F32 || K->type != GGML_TYPE_F32 || V->type != GGML_TYPE_F32 || mask->type != GGML_TYPE_F32 ||
         q->nb[0] != sizeof(float) || K->nb[0] != sizeof(float) || V->nb[0] != sizeof(float) || mask->nb[0] != sizeof(float)) {
         return nullptr;
@@ -365,6 +365,10 @@ ggml_tensor * csm_attention(ggml_context * ctx, const csm_model & m, ggml_tensor
 
 ggml_tensor * csm_embed(ggml_context * ctx, const csm_model & m, ggml_tensor * audio_ids, ggml_tensor * audio_mask,
                        ggml_tensor * text_ids, ggml_tensor * text_mask) {
+    // a table ggml cannot turn into f32 rows here (no to_float) stays with ggml's get_rows
+    for (const ggml_tensor * t : {m.audio_embd, m.text_embd}) {
+        if (t->type != GGML_TYPE_F32 && !ggml_get_type_traits(t->type)->to_float) return nullptr;
+    }
     if (!m.kernel) return nullptr;
     const int64_t n_tok = audio_ids->ne[0] / m.hp.n_codebooks;
     ggml_tensor * args[4] = {audio_ids, audio_mask, text_ids, text_mask};
