@@ -11,7 +11,10 @@ import ctypes
 import hashlib
 import importlib.util
 import inspect
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -409,3 +412,40 @@ def test_full_size_matches_transformers(full_dir, ft, min_snr, min_match):
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
+
+
+PACKED_SCRIPT = r"""
+import sys
+import numpy as np
+from pycsm import codec
+from pycsm.model import Model, set_log_callback, system_info
+lines = []
+set_log_callback(lambda level, text: lines.append(text.strip()))
+with Model(sys.argv[1]) as m:
+    vocab = int(m.hparams.audio_vocab_size)
+    codes = np.random.default_rng(3).integers(0, vocab, (6, 32)).astype(np.int32)
+    pcm = codec.decode(m.handle, codes)
+np.save(sys.argv[2], np.asarray(pcm, np.float32))
+print("pycsm kernel" if "matmul: pycsm" in system_info() else "no kernel")
+print(sum("convolutions packed" in l for l in lines))
+"""
+
+
+def test_f16_convolutions_run_on_pycsm_kernel(tiny_dir, tmp_path):
+    """An F16 file's Mimi convolutions run on pycsm's F16 kernel when one runs (a log line says how
+    many were packed), ggml's products with PYCSM_KERNEL=ggml; both decode the same codes to the
+    same audio within what ggml's f16 rounding of the inputs allows."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = {}
+    for kernel in ("", "ggml"):
+        out_file = tmp_path / f"pcm-{kernel or 'pick'}.npy"
+        e = {**env, "PYCSM_KERNEL": kernel} if kernel else {k: v for k, v in env.items() if k != "PYCSM_KERNEL"}
+        out = subprocess.run([sys.executable, "-c", PACKED_SCRIPT, str(tiny_dir / "tiny-f16.gguf"), str(out_file)],
+                             capture_output=True, text=True, check=True, env=e).stdout.split()
+        runs[kernel] = (out[-3:-1], int(out[-1]), np.load(out_file))
+    kernel_line, packed, pcm = runs[""]
+    if kernel_line == ["pycsm", "kernel"]:
+        assert packed >= 1, "the F16 convolutions were not packed for pycsm's kernel"
+    assert runs["ggml"][1] == 0, "PYCSM_KERNEL=ggml still packed convolutions"
+    assert pcm.shape == runs["ggml"][2].shape and np.all(np.isfinite(pcm))
+    assert snr_db(runs["ggml"][2], pcm) >= 40.0
