@@ -136,21 +136,10 @@ void elu(const float * x, float * out, int64_t n) {
 // only when n_q > 8), the same operations per lane, lanes past a query's n_keys kept by blends.
 void attend(const csm_attn_block & a) {
     const int64_t hd = a.hd;
-    alignas(32) int32_t nk[16] = {0};
-    int32_t L = 0;
-    for (int i = 0; i < a.n_q; i++) {
-        nk[i] = a.n_keys[i];
-        if (nk[i] > L) L = nk[i];
-    }
-    if (L == 0) {
-        for (int i = 0; i < a.n_q; i++)
-            for (int64_t d = 0; d < hd; d++) a.out[i][d] = 0.0f;
-        return;
-    }
+    alignas(32) int32_t nk[16];
+    const int32_t L = csm_attn_begin(a, nk);
+    if (L == 0) return;
     float * qt = a.scratch, * st = qt + hd * 16, * tmp = st + (int64_t) L * 16;
-    for (int64_t d = 0; d < hd * 16; d += 8) _mm256_store_ps(qt + d, _mm256_setzero_ps());
-    for (int i = 0; i < a.n_q; i++)
-        for (int64_t d = 0; d < hd; d++) qt[d * 16 + i] = a.q[i][d];
     const __m256 scale = _mm256_set1_ps(a.scale);
     for (int h = 0; h * 8 < a.n_q; h++) {
         const __m256i nkv = _mm256_load_si256((const __m256i *) (nk + h * 8));

@@ -105,21 +105,10 @@ void elu(const float * x, float * out, int64_t n) {
 // is never stored.
 void attend(const csm_attn_block & a) {
     const int64_t hd = a.hd;
-    alignas(64) int32_t nk[16] = {0};
-    int32_t L = 0;
-    for (int i = 0; i < a.n_q; i++) {
-        nk[i] = a.n_keys[i];
-        if (nk[i] > L) L = nk[i];
-    }
-    if (L == 0) {
-        for (int i = 0; i < a.n_q; i++)
-            for (int64_t d = 0; d < hd; d++) a.out[i][d] = 0.0f;
-        return;
-    }
+    alignas(64) int32_t nk[16];
+    const int32_t L = csm_attn_begin(a, nk);
+    if (L == 0) return;
     float * qt = a.scratch, * st = qt + hd * 16, * tmp = st + (int64_t) L * 16;
-    for (int64_t d = 0; d < hd; d++) _mm512_store_ps(qt + d * 16, _mm512_setzero_ps());
-    for (int i = 0; i < a.n_q; i++)
-        for (int64_t d = 0; d < hd; d++) qt[d * 16 + i] = a.q[i][d];
     const __m512i nkv = _mm512_load_si512(nk);
     const __m512 scale = _mm512_set1_ps(a.scale);
     for (int32_t j0 = 0; j0 < L; j0 += 8) {

@@ -114,6 +114,26 @@ struct csm_attn_block {
 };
 inline int64_t csm_attn_scratch(int64_t hd, int64_t n_keys) { return (hd + n_keys + 8) * CSM_ATTN_QUERIES; }
 
+// The scalar start every kernel's attend() shares: the lanes' key counts into nk (0 past n_q), the
+// queries transposed into the scratch's first hd * 16 floats ([d][lane], 0 past n_q). Returns the
+// most keys a query sees; 0 when there are none, the outputs then zeroed and nothing left to do.
+// (static: each kernel file compiles its own copy with its own flags.)
+static inline int32_t csm_attn_begin(const csm_attn_block & a, int32_t (&nk)[CSM_ATTN_QUERIES]) {
+    int32_t L = 0;
+    for (int i = 0; i < CSM_ATTN_QUERIES; i++) {
+        nk[i] = i < a.n_q ? a.n_keys[i] : 0;
+        if (nk[i] > L) L = nk[i];
+    }
+    if (L == 0) {
+        for (int i = 0; i < a.n_q; i++)
+            for (int64_t d = 0; d < a.hd; d++) a.out[i][d] = 0.0f;
+        return 0;
+    }
+    for (int64_t d = 0; d < a.hd; d++)
+        for (int i = 0; i < CSM_ATTN_QUERIES; i++) a.scratch[d * CSM_ATTN_QUERIES + i] = i < a.n_q ? a.q[i][d] : 0.0f;
+    return L;
+}
+
 // One instruction set's kernel. Its functions run only on CPUs that have that set (the getters below
 // return null elsewhere).
 struct csm_kernel {

@@ -133,21 +133,10 @@ inline float32x4_t expm1_ps(float32x4_t x) {
 // selects.
 void attend(const csm_attn_block & a) {
     const int64_t hd = a.hd;
-    alignas(16) int32_t nk[16] = {0};
-    int32_t L = 0;
-    for (int i = 0; i < a.n_q; i++) {
-        nk[i] = a.n_keys[i];
-        if (nk[i] > L) L = nk[i];
-    }
-    if (L == 0) {
-        for (int i = 0; i < a.n_q; i++)
-            for (int64_t d = 0; d < hd; d++) a.out[i][d] = 0.0f;
-        return;
-    }
+    alignas(16) int32_t nk[16];
+    const int32_t L = csm_attn_begin(a, nk);
+    if (L == 0) return;
     float * qt = a.scratch, * st = qt + hd * 16, * tmp = st + (int64_t) L * 16;
-    for (int64_t d = 0; d < hd * 16; d++) qt[d] = 0.0f;
-    for (int i = 0; i < a.n_q; i++)
-        for (int64_t d = 0; d < hd; d++) qt[d * 16 + i] = a.q[i][d];
     const float32x4_t scale = vdupq_n_f32(a.scale);
     for (int h = 0; h * 4 < a.n_q; h++) {
         const int32x4_t nkv = vld1q_s32(nk + h * 4);
