@@ -6,7 +6,8 @@ Starts the server (`python -m pycsm.server`, --max-batch 4 unless told otherwise
 then for each client count N runs N clients, each sending `--requests` streamed requests one after
 another (or until `--duration` seconds have passed), and prints a markdown table: requests/s, audio
 seconds per second, p50/p95 time to first byte and total time, errors, the server's RSS after the
-level. Before the server starts, `--batch-ratio FRAMES` measures the native batch alone the way
+level, and from the server's /metrics how full its batch ran (frames per step) and the shares of the
+level's time its engine thread spent stepping the batch, decoding audio and idle. Before the server starts, `--batch-ratio FRAMES` measures the native batch alone the way
 benchmarks/bench.py does (its own function: a batch of 4 and one stream generating FRAMES frames,
 interleaved frame by frame in this process, frames per second with the prefills and of the frame
 loop alone; the median of `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
@@ -119,6 +120,18 @@ def client(url: str, level: Level, n_requests: int, deadline: float, index: int,
                 level.audio_s.append(n / 2 / 24000)
 
 
+def engine_counters(url: str) -> dict:
+    """The server's engine counters from /metrics: steps, stream frames, step and decode seconds."""
+    keys = {"pycsm_engine_steps_total": "steps", "pycsm_engine_stream_frames_total": "stream_frames",
+            'pycsm_engine_seconds_total{phase="step"}': "step_s", 'pycsm_engine_seconds_total{phase="decode"}': "decode_s"}
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name in keys:
+            out[keys[name]] = float(value)
+    return out
+
+
 def pct(values, q) -> float:
     if not values:
         return float("nan")
@@ -204,13 +217,14 @@ def main() -> int:
               + (f", a saved voice of {args.voice_seconds:g} s" if voice else "")
               + (", --no-prompt-reuse" if args.no_prompt_reuse else "") + "\n")
         print("| clients | requests | req/s | audio s/s | x 1 client | TTFB p50 / p95 s | total p50 / p95 s "
-              "| errors | server RSS MiB |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| errors | server RSS MiB | streams per step | engine: step / decode / idle |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         gains = {n: [] for n in args.clients}
         for rnd in range(args.rounds):
             base = None
             for n in args.clients:
                 level = Level()
+                before = engine_counters(url)
                 t0 = time.monotonic()
                 end = t0 + args.duration
                 threads = [threading.Thread(target=client, args=(url, level, args.requests, end, i, audio_bytes, voice))
@@ -220,6 +234,9 @@ def main() -> int:
                 for t in threads:
                     t.join()
                 wall = time.monotonic() - t0
+                after = engine_counters(url)
+                d = {k: after[k] - before[k] for k in before}
+                step_f, decode_f = d["step_s"] / wall, d["decode_s"] / wall
                 rate = sum(level.audio_s) / wall
                 base = base or rate
                 gains[n].append(rate / base if base else float("nan"))
@@ -227,7 +244,8 @@ def main() -> int:
                       f"| {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
                       f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
                       f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
-                      f"| {rss_mib(server.pid):.0f} |", flush=True)
+                      f"| {rss_mib(server.pid):.0f} | {d['stream_frames'] / max(d['steps'], 1):.2f} "
+                      f"| {step_f:.0%} / {decode_f:.0%} / {max(0.0, 1 - step_f - decode_f):.0%} |", flush=True)
         if args.clients[0] == 1 and 4 in gains:
             g4 = statistics.median(gains[4])
             each = ", ".join(f"{g:.2f}" for g in gains[4])

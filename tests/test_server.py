@@ -225,6 +225,13 @@ def test_models_voices_health_metrics(server, client):
                  "pycsm_active_streams ", "pycsm_queue_depth ", "pycsm_time_to_first_byte_seconds_count "):
         assert name in text
     assert 'route="/v1/audio/speech",status="200"' in text
+    # the engine's counters: requests ran before this test, so it stepped and decoded
+    value = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2]) for line in text.splitlines()
+             if line.startswith("pycsm_engine_")}
+    steps, frames = value["pycsm_engine_steps_total"], value["pycsm_engine_stream_frames_total"]
+    assert 0 < frames <= steps * 2 and steps == int(steps)  # --max-batch 2
+    assert value['pycsm_engine_seconds_total{phase="step"}'] > 0
+    assert value['pycsm_engine_seconds_total{phase="decode"}'] > 0
 
 
 GOOD = {"model": "tts-1", "voice": "alloy", "input": "Hi.", "response_format": "pcm"}

@@ -75,6 +75,9 @@ class Stats:
     def __init__(self):
         self.frames = 0
         self.steps = 0
+        self.stream_steps = 0      # frames made, summed over steps (stream_steps / steps: mean batch occupancy)
+        self.step_seconds = 0.0    # in the native batch step (prefill chunks and frames)
+        self.decode_seconds = 0.0  # in Mimi decoding
         self.rows_reused = 0   # prompt rows taken from cached rows (a voice prefilled before)
         self.recent = collections.deque(maxlen=64)   # (time, frames) of recent steps
         self.request_seconds = collections.deque(maxlen=64)
@@ -242,6 +245,7 @@ class Engine:
                 self._active[r.stream] = r
             if not self._active:
                 continue
+            t0 = time.perf_counter()
             try:
                 events = self._batch.step()
             except CSMError as e:  # every stream has left the batch
@@ -249,6 +253,8 @@ class Engine:
                     self._release(r)
                     r.push(e)
                 continue
+            finally:
+                self.stats.step_seconds += time.perf_counter() - t0
             self._deliver(events)
             return True
 
@@ -268,11 +274,14 @@ class Engine:
         failed, n = None, 0
         for k, rs in due.items():
             rs.sort(key=lambda r: r.mimi_slot)
+            t0 = time.perf_counter()
             try:
                 pcm = self._mimi.decode([r.mimi_slot for r in rs], np.stack([np.stack(r.pending) for r in rs]))
             except CSMError as e:  # not one stream's fault (the codes come from the model): fail them all
                 failed = e
                 break
+            finally:
+                self.stats.decode_seconds += time.perf_counter() - t0
             for r, row in zip(rs, pcm):
                 r.pending.clear()
                 r.n_frames += k
@@ -289,5 +298,6 @@ class Engine:
                 r.push(End(ev.stop_reason, r.n_frames))
         self.stats.frames += n
         self.stats.steps += 1
+        self.stats.stream_steps += sum(ev.codes is not None for ev, _ in made)
         self.stats.recent.append((now, n))
         self.stats.rows_reused = self._batch.rows_reused

@@ -53,6 +53,18 @@ class Metrics:
         lines += ["# HELP pycsm_frames_total Audio frames (80 ms) generated.",
                   "# TYPE pycsm_frames_total counter",
                   f"pycsm_frames_total {st.frames}",
+                  "# HELP pycsm_engine_steps_total Steps of the continuous batch (each one frame of every running stream).",
+                  "# TYPE pycsm_engine_steps_total counter",
+                  f"pycsm_engine_steps_total {st.steps}",
+                  "# HELP pycsm_engine_stream_frames_total Frames the steps made, summed over streams (divided by "
+                  "the steps: how full the batch ran).",
+                  "# TYPE pycsm_engine_stream_frames_total counter",
+                  f"pycsm_engine_stream_frames_total {st.stream_steps}",
+                  "# HELP pycsm_engine_seconds_total Seconds the engine thread spent generating (step) and "
+                  "decoding audio (decode).",
+                  "# TYPE pycsm_engine_seconds_total counter",
+                  f'pycsm_engine_seconds_total{{phase="step"}} {st.step_seconds:.3f}',
+                  f'pycsm_engine_seconds_total{{phase="decode"}} {st.decode_seconds:.3f}',
                   "# HELP pycsm_prompt_rows_reused_total Prompt rows taken from cached keys and values "
                   "(a voice an earlier request prefilled) instead of being prefilled.",
                   "# TYPE pycsm_prompt_rows_reused_total counter",
