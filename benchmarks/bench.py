@@ -33,6 +33,7 @@ TEXT = "Hello from the benchmark, this is a test."
 SPEAKER = 0
 FRAME_MS = 80.0  # one Mimi frame is 80 ms of audio (12.5 frames/s)
 RESULT_TAG = "BENCH-RESULT "
+BUSY_ROUNDS = 3  # rounds of the busy row (worker_pycsm_busy)
 
 
 # ------------------------------------------------------------------------------------------
@@ -363,8 +364,12 @@ def system_info_kernel() -> str:
 
 def worker_pycsm_busy(args) -> dict:
     """ms/frame with one busy process beside it (a Python loop spinning, pinned to the last CPU this
-    process may use), for the default thread count, 1 thread and --threads threads; and the default
-    count on the idle machine, measured before the spinner starts and after it stops (the faster)."""
+    process may use), for the default thread count, 1 thread and --threads threads, and the default
+    count on the idle machine, in BUSY_ROUNDS rounds (idle, then the three beside the spinner): the
+    host's speed drifts between minutes, so each round's ratios compare neighbouring runs, and the
+    medians of the rounds are reported (the ms/frame too, each the median of its runs)."""
+    import statistics
+
     import numpy as np
 
     from pycsm.generator import Generator
@@ -382,23 +387,27 @@ def worker_pycsm_busy(args) -> dict:
                          on_frame=lambda i, c: stamps.append(time.perf_counter()))
         return float(np.mean(np.diff(stamps))) * 1e3  # the frame loop (the prefill is before frame 0)
 
-    out = {"kind": "pycsm-busy", "file": str(args.file), "frames": args.frames, "cpus": len(cpus),
-           "kernel": system_info_kernel()}
-    idle = [ms_per_frame(0)]
-    spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True: pass"])
-    try:
+    n = args.threads
+    rounds = []
+    for _ in range(BUSY_ROUNDS):
+        r = {"idle_default_ms": ms_per_frame(0)}
+        spin = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpus[-1]}}})\nwhile True: pass"])
+        try:
+            time.sleep(0.5)
+            r["busy_default_ms"] = ms_per_frame(0)
+            r["busy_1_ms"] = ms_per_frame(1)
+            r[f"busy_{n}_ms"] = ms_per_frame(n)
+        finally:
+            spin.kill()
+            spin.wait()
         time.sleep(0.5)
-        out["busy_default_ms"] = ms_per_frame(0)
-        out["busy_1_ms"] = ms_per_frame(1)
-        out[f"busy_{args.threads}_ms"] = ms_per_frame(args.threads)
-    finally:
-        spin.kill()
-        spin.wait()
-    time.sleep(0.5)
-    idle.append(ms_per_frame(0))
-    out["idle_default_ms"] = min(idle)
-    out["default_vs_1_thread"] = out["busy_default_ms"] / out["busy_1_ms"]
-    out["default_vs_idle"] = out["busy_default_ms"] / out["idle_default_ms"]
+        r["default_vs_1_thread"] = r["busy_default_ms"] / r["busy_1_ms"]
+        r["default_vs_idle"] = r["busy_default_ms"] / r["idle_default_ms"]
+        rounds.append(r)
+    out = {"kind": "pycsm-busy", "file": str(args.file), "frames": args.frames, "cpus": len(cpus),
+           "kernel": system_info_kernel(), "rounds": rounds}
+    for key in rounds[0]:
+        out[key] = statistics.median(r[key] for r in rounds)
     return out
 
 
@@ -1109,7 +1118,10 @@ def main(argv=None) -> int:
             print(f"note: one busy process beside {Path(r['file']).name} ({r['kernel']}, {r['cpus']} CPUs): default threads "
                   f"{r['busy_default_ms']:.0f} ms/frame, 1 thread {r['busy_1_ms']:.0f}, {n} threads "
                   f"{r.get(f'busy_{n}_ms', float('nan')):.0f}; idle, default threads {r['idle_default_ms']:.0f}: "
-                  f"default = {r['default_vs_1_thread']:.2f}x one thread's time, {r['default_vs_idle']:.2f}x the idle time")
+                  f"default = {r['default_vs_1_thread']:.2f}x one thread's time, {r['default_vs_idle']:.2f}x the idle time"
+                  + (f" (medians of {len(r['rounds'])} rounds; per round "
+                     + ", ".join(f"{x['default_vs_1_thread']:.2f}x / {x['default_vs_idle']:.2f}x" for x in r["rounds"]) + ")"
+                     if r.get("rounds") else ""))
     log(f"[bench] total {time.perf_counter() - t_start:.0f} s")
     save()
     return 0

@@ -192,7 +192,8 @@ void csm_thread_pools::after_compute() {
     const int64_t now = wall_ns();
     win_wall += now - start_wall;
     if (!wait_known) win_cpu += csm_os_process_cpu_ns() - start_cpu;
-    if (win_wall < (int64_t) (WINDOW_MS * 1e6)) return;
+    if (win_wall < (int64_t) ((trying || !judged ? PROBE_MS : WINDOW_MS) * 1e6)) return;
+    judged = true;
     bool starved;
     double share; // what the threads waited for (wait known), else the CPU time they got, of n threads' time
     if (wait_known) {

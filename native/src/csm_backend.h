@@ -13,7 +13,9 @@
 // on one of 2 cores, a 2-thread frame took 2.5x the time of a 1-thread one. With the default thread
 // count (adaptive) the pools watch, over windows of at least WINDOW_MS of computing, how long the
 // process's threads were ready to run but waited for a CPU (Linux: their schedstat); when that is
-// more than WAITED of the n threads' time, the next graphs run on one thread fewer. (Where the wait
+// more than WAITED of the n threads' time, the next graphs run on one thread fewer. The first window
+// and a window that tries a thread more are shorter (PROBE_MS): on a busy CPU each costs its length
+// at a fraction of the speed. (Where the wait
 // is unknown: when n running threads, busy or spinning, got less than STARVED of n CPUs' worth of
 // CPU time while computing. Less exact: an idle 2-core machine gave 0.84-0.95, since workers wake
 // from sleep at a step's start.) After 8 quiet windows one more
@@ -36,7 +38,7 @@ public:
     void rest() const;
     int32_t threads() const { return n; }
 
-    static constexpr double WINDOW_MS = 50.0;
+    static constexpr double WINDOW_MS = 50.0, PROBE_MS = 15.0;
     static constexpr double WAITED = 0.10;
     static constexpr double STARVED = 0.75;
     static constexpr int32_t TRY_AFTER = 8, TRY_AFTER_MAX = 256; // quiet windows before a thread more
@@ -55,6 +57,7 @@ private:
     int64_t win_wall = 0, win_cpu = 0;         // the window so far: wall and process CPU time computing, ns
     int32_t quiet = 0, probe_gap = TRY_AFTER; // quiet windows since the last change; windows before a try
     bool trying = false;              // the open window runs on a thread more, being tried
+    bool judged = false;              // a window has been judged (the first one is a probe too)
 };
 
 // Puts the CPU thread pool in use to sleep when it goes out of scope (and on rest()), so that its
