@@ -415,6 +415,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 PACKED_SCRIPT = r"""
+import re
 import sys
 import numpy as np
 from pycsm import codec
@@ -427,25 +428,37 @@ with Model(sys.argv[1]) as m:
     pcm = codec.decode(m.handle, codes)
 np.save(sys.argv[2], np.asarray(pcm, np.float32))
 print("pycsm kernel" if "matmul: pycsm" in system_info() else "no kernel")
-print(sum("convolutions packed" in l for l in lines))
+found = [re.search(r"(\d+) convolutions and (\d+) transformer matrices packed", l) for l in lines]
+print(sum(int(f.group(1)) for f in found if f), sum(int(f.group(2)) for f in found if f))
 """
 
 
-def test_f16_convolutions_run_on_pycsm_kernel(tiny_dir, tmp_path):
-    """An F16 file's Mimi convolutions run on pycsm's F16 kernel when one runs (a log line says how
-    many were packed), ggml's products with PYCSM_KERNEL=ggml; both decode the same codes to the
-    same audio within what ggml's f16 rounding of the inputs allows."""
+@pytest.mark.parametrize("ftype", ["f16", "q8_0"])
+def test_mimi_products_run_on_pycsm_kernel(tiny_dir, tmp_path, ftype):
+    """Mimi's F16 convolutions and its transformer's matrices (F16 or Q8_0) run on pycsm's kernel
+    when one runs (the library's log says how many were packed), ggml's products with
+    PYCSM_KERNEL=ggml; both decode the same codes to the same audio within what ggml's rounding of
+    the inputs (to f16, or to Q8_0 blocks with f16 scales) allows."""
+    model = tiny_dir / "tiny-f16.gguf"
+    if ftype == "q8_0":
+        model = tmp_path / "tiny-q8_0.gguf"
+        params = lib.csm_quantize_default_params()
+        params.type = 8  # GGML_TYPE_Q8_0
+        assert lib.csm_quantize(str(tiny_dir / "tiny-f16.gguf").encode(), str(model).encode(), params) == 0
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     runs = {}
     for kernel in ("", "ggml"):
         out_file = tmp_path / f"pcm-{kernel or 'pick'}.npy"
         e = {**env, "PYCSM_KERNEL": kernel} if kernel else {k: v for k, v in env.items() if k != "PYCSM_KERNEL"}
-        out = subprocess.run([sys.executable, "-c", PACKED_SCRIPT, str(tiny_dir / "tiny-f16.gguf"), str(out_file)],
+        out = subprocess.run([sys.executable, "-c", PACKED_SCRIPT, str(model), str(out_file)],
                              capture_output=True, text=True, check=True, env=e).stdout.split()
-        runs[kernel] = (out[-3:-1], int(out[-1]), np.load(out_file))
-    kernel_line, packed, pcm = runs[""]
+        runs[kernel] = (out[-4:-2], int(out[-2]), int(out[-1]), np.load(out_file))
+    kernel_line, convs, matrices, pcm = runs[""]
     if kernel_line == ["pycsm", "kernel"]:
-        assert packed >= 1, "the F16 convolutions were not packed for pycsm's kernel"
-    assert runs["ggml"][1] == 0, "PYCSM_KERNEL=ggml still packed convolutions"
-    assert pcm.shape == runs["ggml"][2].shape and np.all(np.isfinite(pcm))
-    assert snr_db(runs["ggml"][2], pcm) >= 40.0
+        if ftype == "f16":
+            assert convs >= 1, "the F16 convolutions were not packed for pycsm's kernel"
+        # 4 per layer of the decoder and the encoder
+        assert matrices >= 8, f"the {ftype} transformer matrices were not packed for pycsm's kernel"
+    assert runs["ggml"][1:3] == (0, 0), "PYCSM_KERNEL=ggml still packed matrices"
+    assert pcm.shape == runs["ggml"][3].shape and np.all(np.isfinite(pcm))
+    assert snr_db(runs["ggml"][3], pcm) >= 40.0

@@ -328,13 +328,20 @@ ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tens
 }
 
 ggml_tensor * csm_mul_mat_packed(ggml_context * ctx, const csm_packed_matrix * W, ggml_tensor * x) {
-    if (W->fmt != CSM_WFMT_F16 || x->type != GGML_TYPE_F32 || x->ne[0] != W->cols || x->ne[3] != 1 ||
-        x->nb[0] != sizeof(float) || x->nb[1] % sizeof(float) != 0) {
-        csm_fail("internal: a packed F16 product's input is not f32 columns of %lld", (long long) W->cols);
+    if (x->type != GGML_TYPE_F32 || x->ne[0] != W->cols || x->ne[3] != 1 || x->nb[0] != sizeof(float) ||
+        x->nb[1] % sizeof(float) != 0) {
+        csm_fail("internal: a packed product's input is not f32 columns of %lld", (long long) W->cols);
     }
-    ggml_tensor * args[1] = {x};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], x->ne[2], 1, args, 1, mul_mat_lanes_op,
-                          GGML_N_TASKS_MAX, (void *) W);
+    if (!csm_wformat_get(W->fmt).int8_input) {  // the kernel reads the f32 columns as they lie
+        ggml_tensor * args[1] = {x};
+        return ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1], x->ne[2], 1, args, 1, mul_mat_lanes_op,
+                              GGML_N_TASKS_MAX, (void *) W);
+    }
+    if (!ggml_is_contiguous(x)) csm_fail("internal: a packed %s product's input is not contiguous", csm_wformat_get(W->fmt).name);
+    ggml_tensor * args[1] = {ggml_reshape_2d(ctx, x, x->ne[0], x->ne[1] * x->ne[2])};
+    ggml_tensor * y = ggml_custom_4d(ctx, GGML_TYPE_F32, W->rows, x->ne[1] * x->ne[2], 1, 1, args, 1, mul_mat_op,
+                                     GGML_N_TASKS_MAX, (void *) W);
+    return ggml_reshape_3d(ctx, y, W->rows, x->ne[1], x->ne[2]);
 }
 
 ggml_tensor * csm_depth_heads(ggml_context * ctx, const csm_model & m, ggml_tensor * x, ggml_tensor * ids) {

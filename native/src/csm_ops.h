@@ -12,8 +12,9 @@ ggml_tensor * csm_mul_mat(ggml_context * ctx, const csm_model & m, ggml_tensor *
 // the model holds a packed copy of w (the same bits as ggml_add(res, w x)), else ggml_add.
 ggml_tensor * csm_mul_mat_add(ggml_context * ctx, const csm_model & m, ggml_tensor * w, ggml_tensor * x, ggml_tensor * res);
 
-// W x for an F16 matrix packed for pycsm's kernel (Mimi's convolutions) and x f32 [W->cols, n, lanes]
-// whose columns may overlap (an im2col view: nb[1] under a row); result f32 [W->rows, n, lanes].
+// W x for a matrix Mimi packed for pycsm's kernel and x f32 [W->cols, n, lanes]; result f32
+// [W->rows, n, lanes]. For F16, x's columns may overlap (an im2col view: nb[1] under a row); the
+// int8 formats (Mimi's transformer in a Q8_0 or Q4_K file) quantise x, which must be contiguous.
 ggml_tensor * csm_mul_mat_packed(ggml_context * ctx, const csm_packed_matrix * W, ggml_tensor * x);
 
 // q, k and v (f32 [rows, n] each) of input x: views of one op's result when the model has the three

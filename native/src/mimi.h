@@ -153,8 +153,9 @@ struct mimi_runner {
 
     ggml_context * ctx_prep = nullptr;     // prepared weights
     ggml_backend_buffer_t buf_prep = nullptr;
-    // F16 convolution matrices (by their prepared tensor, wp) packed for the model's pycsm kernel on
-    // the CPU: their products run on it (f32 inputs) instead of ggml's f16 dot products
+    // Matrices packed for the model's pycsm kernel on the CPU, by the tensor the graph multiplies:
+    // the F16 convolution matrices (their prepared tensor, wp; f32 inputs instead of ggml's f16 dot
+    // products) and the transformer's qkv, out, up and down (any format the kernel has)
     std::unordered_map<const ggml_tensor *, std::unique_ptr<csm_packed_matrix>> packed;
     ggml_context * ctx_state = nullptr;    // streaming state
     ggml_backend_buffer_t buf_state = nullptr;

@@ -34,6 +34,14 @@ ggml_tensor * weight_product(builder & b, ggml_tensor * wp, int64_t cols, int64_
     return ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, wp, cols, rows), x);
 }
 
+// w x for a transformer matrix w of the file and x [w->ne[0], T, lanes] (contiguous): pycsm's kernel
+// when the runner packed w, else ggml_mul_mat.
+ggml_tensor * matrix_product(builder & b, ggml_tensor * w, ggml_tensor * x) {
+    auto it = b.r->packed.find(w);
+    if (it != b.r->packed.end()) return csm_mul_mat_packed(b.ctx, it->second.get(), x);
+    return ggml_mul_mat(b.ctx, w, x);
+}
+
 } // namespace
 
 // The state of slots [s0, s0 + n) of a state tensor [rows, cols, n_slots].
@@ -148,7 +156,7 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
     const float scale = 1.0f / std::sqrt((float) hd);
     for (const mimi_tfm_layer & l : t.layers) {
         ggml_tensor * h = layer_norm(b, x, l.n1w, l.n1b);
-        ggml_tensor * qkv = ggml_mul_mat(ctx, l.qkv, h);                         // [3d, T, lanes]
+        ggml_tensor * qkv = matrix_product(b, l.qkv, h);                          // [3d, T, lanes]
         const size_t es = ggml_element_size(qkv);
         // every lane's positions in a row (RoPE takes one position per index of dimension 2)
         ggml_tensor * q = ggml_view_3d(ctx, qkv, hd, nh, T * lanes, hd * es, qkv->nb[1], 0);
@@ -175,11 +183,11 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
             o = ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3)), d, T);
             o_all = o_all ? ggml_concat(ctx, o_all, o, 1) : o;
         }
-        ggml_tensor * o = ggml_mul_mat(ctx, l.out, ggml_reshape_3d(ctx, o_all, d, T, lanes));
+        ggml_tensor * o = matrix_product(b, l.out, ggml_reshape_3d(ctx, o_all, d, T, lanes));
         x = ggml_add(ctx, x, ggml_mul(ctx, o, l.ls1));
 
         h = layer_norm(b, x, l.n2w, l.n2b);
-        h = ggml_mul_mat(ctx, l.down, ggml_gelu_erf(ctx, ggml_mul_mat(ctx, l.up, h)));
+        h = matrix_product(b, l.down, ggml_gelu_erf(ctx, matrix_product(b, l.up, h)));
         x = ggml_add(ctx, x, ggml_mul(ctx, h, l.ls2));
     }
     return x;

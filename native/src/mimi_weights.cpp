@@ -271,7 +271,20 @@ static void pack_conv(mimi_runner & r, const ggml_tensor * wp, int64_t rows, int
     r.packed[wp] = csm_pack_f16(k, (const uint16_t *) wp->data, rows, cols);
 }
 
-static void pack_convs(mimi_runner & r, mimi_seanet & sn, bool enc) {
+// Packs a transformer matrix of the file (Q8_0, Q4_K or F16) for pycsm's kernel when the CPU runs
+// one with its format; else leaves it to ggml.
+static void pack_matrix(mimi_runner & r, const ggml_tensor * w) {
+    const csm_kernel * k = r.model->kernel;
+    if (!r.cpu || !k || !csm_packable(k, w) || !w->buffer || !ggml_backend_buffer_is_host(w->buffer) ||
+        r.packed.count(w)) {
+        return;
+    }
+    r.packed[w] = csm_pack(k, w);
+}
+
+// The weight products the runner can hand to pycsm's kernel: the SEANet's convolutions and the
+// transformer's matrices.
+static void pack_products(mimi_runner & r, mimi_seanet & sn, const mimi_tfm & tfm, bool enc) {
     auto conv = [&](const mimi_conv & c) { pack_conv(r, c.wp, c.out, c.in * c.k); };
     conv(sn.first);
     for (const mimi_stage & st : sn.stages) {
@@ -285,9 +298,16 @@ static void pack_convs(mimi_runner & r, mimi_seanet & sn, bool enc) {
     }
     conv(sn.last);
     if (enc) conv(r.arch.down);
+    const size_t n_convs = r.packed.size();
+    for (const mimi_tfm_layer & l : tfm.layers) {
+        pack_matrix(r, l.qkv);
+        pack_matrix(r, l.out);
+        pack_matrix(r, l.up);
+        pack_matrix(r, l.down);
+    }
     if (!r.packed.empty()) {
-        csm_log(CSM_LOG_DEBUG, "Mimi %s: %zu convolutions packed for pycsm's %s kernel", enc ? "encoder" : "decoder",
-                r.packed.size(), r.model->kernel->isa);
+        csm_log(CSM_LOG_DEBUG, "Mimi %s: %zu convolutions and %zu transformer matrices packed for pycsm's %s kernel",
+                enc ? "encoder" : "decoder", n_convs, r.packed.size() - n_convs, r.model->kernel->isa);
     }
 }
 
@@ -401,7 +421,7 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t
         if (st != GGML_STATUS_SUCCESS) csm_fail("preparing the Mimi weights failed (status %d)", (int) st);
     }
 
-    pack_convs(*this, sn, enc);
+    pack_products(*this, sn, enc ? a.enc_tfm : a.dec_tfm, enc);
 
     // streaming state
     // state tensors: 3 per SEANet stage, 2 per transformer layer, a few more
