@@ -26,20 +26,17 @@ struct builder {
     const mimi_runner * r;
 };
 
-// wp read as a [cols, rows] matrix times x [cols, n, lanes] (its columns may overlap): pycsm's F16
-// kernel when the runner packed wp, else ggml_mul_mat. Result [rows, n, lanes].
+// wp read as a [cols, rows] matrix times x [cols, n, lanes] (for F16 its columns may overlap):
+// pycsm's kernel when the runner packed wp, else ggml_mul_mat. Result [rows, n, lanes].
 ggml_tensor * weight_product(builder & b, ggml_tensor * wp, int64_t cols, int64_t rows, ggml_tensor * x) {
     auto it = b.r->packed.find(wp);
     if (it != b.r->packed.end()) return csm_mul_mat_packed(b.ctx, it->second.get(), x);
     return ggml_mul_mat(b.ctx, ggml_reshape_2d(b.ctx, wp, cols, rows), x);
 }
 
-// w x for a transformer matrix w of the file and x [w->ne[0], T, lanes] (contiguous): pycsm's kernel
-// when the runner packed w, else ggml_mul_mat.
+// w x for a transformer matrix w of the file and x [w->ne[0], T, lanes] (contiguous).
 ggml_tensor * matrix_product(builder & b, ggml_tensor * w, ggml_tensor * x) {
-    auto it = b.r->packed.find(w);
-    if (it != b.r->packed.end()) return csm_mul_mat_packed(b.ctx, it->second.get(), x);
-    return ggml_mul_mat(b.ctx, w, x);
+    return weight_product(b, w, w->ne[0], w->ne[1], x);
 }
 
 } // namespace
