@@ -7,10 +7,11 @@ then for each client count N runs N clients, each sending `--requests` streamed 
 another (or until `--duration` seconds have passed), and prints a markdown table: requests/s, audio
 seconds per second, p50/p95 time to first byte and total time, errors, the server's RSS after the
 level, and from the server's /metrics how full its batch ran (frames per step) and the shares of the
-level's time its engine thread spent stepping the batch, decoding audio and idle. Before the server starts, `--batch-ratio FRAMES` measures the native batch alone the way
-benchmarks/bench.py does (its own function: a batch of 4 and one stream generating FRAMES frames,
-interleaved frame by frame in this process, frames per second with the prefills and of the frame
-loop alone; the median of `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
+level's time its engine thread spent stepping the batch, decoding audio and idle. Before the server
+starts, `--batch-ratio FRAMES` measures the native batch alone the way benchmarks/bench.py does
+(its own function: a batch of 4 and one stream generating FRAMES frames, interleaved frame by frame
+in this process, frames per second with the prefills and of the frame loop alone; the median of
+`--batch-ratio-runs` such runs), the bound a 4-client level can approach;
 after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
 `--rounds R` runs the levels R times over, each round's gains taken against that round's 1-client

@@ -75,7 +75,7 @@ class Stats:
     def __init__(self):
         self.frames = 0
         self.steps = 0
-        self.stream_steps = 0      # frames made, summed over steps (stream_steps / steps: mean batch occupancy)
+        self.stream_frames = 0     # frames the steps made, over all streams (/ steps: mean batch occupancy)
         self.step_seconds = 0.0    # in the native batch step (prefill chunks and frames)
         self.decode_seconds = 0.0  # in Mimi decoding
         self.rows_reused = 0   # prompt rows taken from cached rows (a voice prefilled before)
@@ -298,6 +298,6 @@ class Engine:
                 r.push(End(ev.stop_reason, r.n_frames))
         self.stats.frames += n
         self.stats.steps += 1
-        self.stats.stream_steps += sum(ev.codes is not None for ev, _ in made)
+        self.stats.stream_frames += sum(ev.codes is not None for ev, _ in made)
         self.stats.recent.append((now, n))
         self.stats.rows_reused = self._batch.rows_reused

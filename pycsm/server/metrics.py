@@ -59,7 +59,7 @@ class Metrics:
                   "# HELP pycsm_engine_stream_frames_total Frames the steps made, summed over streams (divided by "
                   "the steps: how full the batch ran).",
                   "# TYPE pycsm_engine_stream_frames_total counter",
-                  f"pycsm_engine_stream_frames_total {st.stream_steps}",
+                  f"pycsm_engine_stream_frames_total {st.stream_frames}",
                   "# HELP pycsm_engine_seconds_total Seconds the engine thread spent generating (step) and "
                   "decoding audio (decode).",
                   "# TYPE pycsm_engine_seconds_total counter",
