@@ -74,7 +74,8 @@ class Batch(NativeOwner):
             N.check_status(N.lib.csm_batch_remove(h, int(stream)), "cannot remove a stream")
 
     def step(self) -> list[StreamEvent]:
-        """One prefill chunk of the first joining stream, then one frame of every running stream.
+        """One prefill chunk of the joining streams (first added first: short prompts added
+        together start in the same step), then one frame of every running stream.
         On CSMError every stream has left the batch."""
         with self._native.use() as h:
             n = N.check_status(N.lib.csm_batch_step(h, self._events, self.max_streams), "batch step failed")

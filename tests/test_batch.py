@@ -128,6 +128,26 @@ def check_schedule(model, prompts, prefill_chunk, reuse_prompt=True):
     np.testing.assert_array_equal(got["c"][0], want_c[:len(got["c"][0])])
 
 
+def test_short_prompts_added_together_join_in_one_step(model, prompts):
+    """The step's prefill chunk serves the joining streams in turn: prompts that fit it together
+    start in the same step (into an empty batch, whose chunk is 256 rows, or beside running
+    streams), and each still equals its single generate."""
+    opts = dict(temperature=0.9, top_k=50, stop_at_eos=False, max_frames=5)
+    plain, ctx = prompts["plain"], prompts["ctx"]
+    added = [("s1", plain, 1), ("s2", ctx, 2), ("s3", plain, 3)]
+    with Batch(model, max_streams=4, n_threads=2) as batch:
+        got = run_schedule(batch, {0: [("add", n, p, dict(opts, seed=s)) for n, p, s in added]}, max_steps=5)
+    for name, p, s in added:  # five steps made all five frames of each: all three started in the first
+        np.testing.assert_array_equal(got[name][0], single(model, p, dict(opts, seed=s)).codes, err_msg=name)
+    with Batch(model, max_streams=4, n_threads=2, prefill_chunk=2 * plain.shape[0], reuse_prompt=False) as batch:
+        a = batch.add(plain, **dict(opts, seed=1))
+        assert [ev.frame_index for ev in batch.step()] == [0]
+        b, c, d = (batch.add(plain, **dict(opts, seed=s)) for s in (2, 3, 4))
+        assert {ev.stream: ev.frame_index for ev in batch.step()} == {a: 1, b: 0, c: 0}  # d waits: chunk full
+        assert batch.n_running == 3 and batch.n_streams == 4
+        assert {ev.stream: ev.frame_index for ev in batch.step()} == {a: 2, b: 1, c: 1, d: 0}
+
+
 def test_removing_a_joining_stream_mid_prefill(model, prompts):
     opts = dict(temperature=0.9, top_k=50, stop_at_eos=False, max_frames=8)
     schedule = {

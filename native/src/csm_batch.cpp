@@ -1,5 +1,5 @@
-// csm_batch.cpp - continuous batching: streams join a running batch between frames (their prompt
-// prefilled a chunk per step) and leave at their end; the running streams always occupy the
+// csm_batch.cpp - continuous batching: streams join a running batch between frames (their prompts
+// prefilled a chunk of rows per step) and leave at their end; the running streams always occupy the
 // context's first sequences, so every step computes only them.
 #include "csm_log.h"
 #include "csm_runner.h"
@@ -140,9 +140,9 @@ struct csm_batch : csm_refcounted {
 
     static void measure(double & ema, double value) { ema = ema > 0 ? ema + SPEED_EMA * (value - ema) : value; }
 
-    // One prefill chunk of the first joining stream; it starts running when its prompt is done.
-    void prefill_chunk() {
-        if (joining.empty()) return;
+    // Prefills up to `budget` rows of the first joining stream (at least one); it starts running
+    // when its prompt is done. Returns the rows prefilled.
+    int32_t prefill_chunk(int32_t budget) {
         batch_stream & s = joining.front();
         const int32_t seq = (int32_t) run.size();
         std::vector<int32_t> & held = ctx->prompt_rows[seq];
@@ -153,7 +153,7 @@ struct csm_batch : csm_refcounted {
             ctx->n_past[seq] = s.n_prefilled;
             joining_seq = seq;
         }
-        const int32_t T = std::min(chunk_rows(), s.n_pos - s.n_prefilled);
+        const int32_t T = std::min(std::max(budget, 1), s.n_pos - s.n_prefilled);
         const bool last = s.n_prefilled + T == s.n_pos;
         const auto t0 = csm_clock::now();
         const int32_t * rows = s.prompt.data() + (size_t) s.n_prefilled * CSM_N_COLUMNS;
@@ -162,18 +162,26 @@ struct csm_batch : csm_refcounted {
         held.insert(held.end(), rows, rows + (size_t) T * CSM_N_COLUMNS);
         measure(ms_per_row, csm_ms_since(t0) / T);
         s.n_prefilled += T;
-        if (!last) return;
+        if (!last) return T;
         std::copy_n(run_graphs->logits.begin() + (size_t) seq * V(), V(), logits0.begin() + (size_t) seq * V());
         s.prompt = std::vector<int32_t>();
         run.push_back(std::move(s));
         joining.pop_front();
         joining_seq = -1;
+        return T;
+    }
+
+    // The step's prefill: chunk_rows() rows in all, of the joining streams in the order they were
+    // added, so that several short prompts that arrived together join in one step.
+    void prefill() {
+        int32_t budget = chunk_rows();
+        while (!joining.empty() && budget > 0) budget -= prefill_chunk(budget);
     }
 
     int32_t step(csm_batch_event * events) {
         csm_context & c = *ctx;
         const csm_pool_rest pool{c.pools}; // asleep between the caller's steps
-        prefill_chunk();
+        prefill();
         const int32_t B = (int32_t) run.size();
         if (B == 0) return 0;
         const auto t0 = csm_clock::now();
