@@ -14,9 +14,12 @@ in this process, frames per second with the prefills and of the frame loop alone
 `--batch-ratio-runs` such runs), the bound a 4-client level can approach;
 after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
-`--rounds R` runs the levels R times over, each round's gains taken against that round's 1-client
-level, and reports the median: on a host whose speed drifts between minutes, levels run one after
-the other compare different minutes.
+`--rounds R` runs the levels R times over and reports the median gain: on a host whose speed
+drifts between minutes, levels run one after the other compare different minutes. When the levels
+start with 1 client, one more 1-client level closes the run, and each round's gains are taken
+against the mean of the 1-client levels before and after it (its own and the next round's), which
+cancels a drift that is steady over the round; the table's "x 1 client" column is against the
+round's own 1-client level alone.
 
 `--voice-seconds S` gives every request a saved voice of S seconds (the server prefills its rows
 once and reuses them for later requests; `--no-prompt-reuse` turns that off, for comparison).
@@ -220,10 +223,13 @@ def main() -> int:
         print("| clients | requests | req/s | audio s/s | x 1 client | TTFB p50 / p95 s | total p50 / p95 s "
               "| errors | server RSS MiB | streams per step | engine: step / decode / idle |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
-        gains = {n: [] for n in args.clients}
-        for rnd in range(args.rounds):
+        rates = []  # rates[round][n]: audio seconds per second of each level
+        flanked = args.clients[0] == 1
+        for rnd in range(args.rounds + flanked):
+            closing = rnd == args.rounds
+            rates.append({})
             base = None
-            for n in args.clients:
+            for n in args.clients[:1] if closing else args.clients:
                 level = Level()
                 before = engine_counters(url)
                 t0 = time.monotonic()
@@ -239,18 +245,21 @@ def main() -> int:
                 d = {k: after[k] - before[k] for k in before}
                 step_f, decode_f = d["step_s"] / wall, d["decode_s"] / wall
                 rate = sum(level.audio_s) / wall
+                rates[rnd][n] = rate
                 base = base or rate
-                gains[n].append(rate / base if base else float("nan"))
-                print(f"| {n if args.rounds == 1 else f'{n} (round {rnd + 1})'} | {len(level.total)} "
+                name = "closing" if closing else f"round {rnd + 1}"
+                print(f"| {n if args.rounds == 1 and not flanked else f'{n} ({name})'} | {len(level.total)} "
                       f"| {len(level.total) / wall:.3f} | {rate:.3f} | {rate / base:.2f} "
                       f"| {pct(level.ttfb, 50):.2f} / {pct(level.ttfb, 95):.2f} "
                       f"| {pct(level.total, 50):.1f} / {pct(level.total, 95):.1f} | {level.errors} "
                       f"| {rss_mib(server.pid):.0f} | {d['stream_frames'] / max(d['steps'], 1):.2f} "
                       f"| {step_f:.0%} / {decode_f:.0%} / {max(0.0, 1 - step_f - decode_f):.0%} |", flush=True)
-        if args.clients[0] == 1 and 4 in gains:
-            g4 = statistics.median(gains[4])
-            each = ", ".join(f"{g:.2f}" for g in gains[4])
-            line = f"\n4 clients / 1 client: {g4:.2f}x audio s/s" + (f" (median of the rounds: {each})" if args.rounds > 1 else "")
+        if flanked and 4 in args.clients:
+            gains = [rates[r][4] / ((rates[r][1] + rates[r + 1][1]) / 2) for r in range(args.rounds)]
+            g4 = statistics.median(gains)
+            each = ", ".join(f"{g:.2f}" for g in gains)
+            line = (f"\n4 clients / 1 client: {g4:.2f}x audio s/s (each round's 4-client level against the mean of "
+                    f"the 1-client levels around it" + (f"; median of the rounds: {each})" if args.rounds > 1 else ")"))
             if bench:
                 line += (f"; bench.py's batch x4 ratio in this run: {bench['ratio']:.2f} with the prefills, "
                          f"{bench['decode_ratio']:.2f} frame loop alone; load / bench: {g4 / bench['ratio']:.0%} of the "
