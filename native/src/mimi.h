@@ -84,7 +84,8 @@ struct mimi_tfm_layer {
     ggml_tensor * qkv = nullptr, * out = nullptr, * up = nullptr, * down = nullptr; // matrices (any type)
     ggml_tensor * n1w = nullptr, * n1b = nullptr, * n2w = nullptr, * n2b = nullptr; // f32 [dim]
     ggml_tensor * ls1 = nullptr, * ls2 = nullptr;                                 // f32 [dim]
-    // state: f32 [dim, ring, n_slots] (post-RoPE keys); position p of a slot in row p % ring
+    // state: f32 [dim, ring, n_slots] (post-RoPE keys); position p of a slot in row p % ring. On the
+    // CPU v_cache is f32 [ring, dim, n_slots]: a slot's values transposed, position p in column p % ring
     ggml_tensor * k_cache = nullptr, * v_cache = nullptr;
 };
 

@@ -139,9 +139,28 @@ static ggml_tensor * layer_norm(builder & b, ggml_tensor * x, ggml_tensor * w, g
     return ggml_add(b.ctx, ggml_mul(b.ctx, ggml_norm(b.ctx, x, 1e-5f), w), bias);
 }
 
+// Writes the chunk's values v [d, n] (rows v->nb[1] apart) into transposed key/value rings
+// (dst = a, f32 [ring, d, n_slots]: value channel c of ring row j of slot s at [j, c, s]): value i
+// into ring row rows[i] of the rings laid end to end (s * ring + j), as ggml_set_rows writes the
+// keys. The threads take ranges of channels.
+static void set_value_columns(ggml_tensor * dst, const ggml_tensor * a, const ggml_tensor * v, const ggml_tensor * rows,
+                              int ith, int nth, void *) {
+    const int64_t ring = a->ne[0], d = a->ne[1], n_all = ring * a->ne[2], n = v->ne[1];
+    const int64_t c0 = d * ith / nth, c1 = d * (ith + 1) / nth;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t r = ((const int64_t *) rows->data)[i];
+        if (r < 0 || r >= n_all) continue;  // set_attention's rows are in range; never write outside
+        const float * src = (const float *) ((const char *) v->data + i * v->nb[1]);
+        char * slot = (char *) dst->data + (r / ring) * dst->nb[2] + (r % ring) * sizeof(float);
+        for (int64_t c = c0; c < c1; c++) *(float *) (slot + c * dst->nb[1]) = src[c];
+    }
+}
+
 // Transformer over x [dim, T, lanes] with sliding-window causal attention. Each layer writes the
 // chunk's keys/values into the rings of the lanes' slots (one row per position, in place: nothing
-// else of a ring is copied), then each lane attends over its ring with its mask, which leaves out
+// else of a ring is copied; on the CPU the values go into a transposed ring, one column per position,
+// which the product with the attention weights reads as it is), then each lane attends over its ring
+// with its mask, which leaves out
 // rows of positions that are not (yet or any more) in its window. The products with the weights take
 // all lanes at once; attention runs per lane.
 static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * x, ggml_tensor * pos,
@@ -163,14 +182,20 @@ static ggml_tensor * transformer(builder & b, const mimi_tfm & t, ggml_tensor * 
         k = ggml_rope_ext(ctx, k, pos, nullptr, (int) hd, GGML_ROPE_TYPE_NEOX, 0, 10000.0f, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
         const int64_t n_rows = n_kv * l.k_cache->ne[2];
         ggml_tensor * Ks = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.k_cache, d, n_rows), ggml_reshape_2d(ctx, k, d, T * lanes), kv_rows);
-        ggml_tensor * Vs = ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.v_cache, d, n_rows), ggml_cont(ctx, v), kv_rows);
+        ggml_tensor * Vs = b.cpu ? ggml_map_custom3_inplace(ctx, l.v_cache, v, kv_rows, set_value_columns, GGML_N_TASKS_MAX, nullptr)
+                                 : ggml_set_rows(ctx, ggml_reshape_2d(ctx, l.v_cache, d, n_rows), ggml_cont(ctx, v), kv_rows);
         ggml_tensor * o_all = nullptr;                                             // [d, T * lanes]
         for (int64_t i = 0; i < lanes; i++) {
             const size_t ring0 = Ks->nb[1] * n_kv * (size_t) b.slots[(size_t) i];
             ggml_tensor * K = ggml_view_2d(ctx, Ks, d, n_kv, Ks->nb[1], ring0);         // [d, n_kv]
-            ggml_tensor * V = ggml_view_2d(ctx, Vs, d, n_kv, Vs->nb[1], ring0);
             K = ggml_permute(ctx, ggml_reshape_3d(ctx, K, hd, nh, n_kv), 0, 2, 1, 3);  // [hd, n_kv, nh]
-            V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3)); // [n_kv, hd, nh]
+            ggml_tensor * V;                                                           // [n_kv, hd, nh]
+            if (b.cpu) {  // the slot's transposed ring as it is
+                V = ggml_view_3d(ctx, Vs, n_kv, hd, nh, Vs->nb[1], Vs->nb[1] * hd, Vs->nb[2] * (size_t) b.slots[(size_t) i]);
+            } else {
+                V = ggml_view_2d(ctx, Vs, d, n_kv, Vs->nb[1], ring0);
+                V = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, V, hd, nh, n_kv), 1, 2, 0, 3));
+            }
             ggml_tensor * qi = ggml_view_3d(ctx, q, hd, nh, T, q->nb[1], q->nb[2], q->nb[2] * T * i);
             qi = ggml_permute(ctx, qi, 0, 2, 1, 3);                                    // [hd, T, nh]
             ggml_tensor * kq = ggml_mul_mat(ctx, K, qi);                               // [n_kv, T, nh]

@@ -444,7 +444,8 @@ void mimi_runner::init(const csm_model * m, int32_t n_threads, bool enc, int32_t
     t.ring = MIMI_WINDOW - 1 + mimi_chunk_frames(a) * a.latent_stride;  // a chunk's transformer positions at most
     for (mimi_tfm_layer & l : t.layers) {
         l.k_cache = state(ctx_state, t.dim, t.ring, slots);
-        l.v_cache = state(ctx_state, t.dim, t.ring, slots);
+        // on the CPU a slot's values are held transposed, [channel][ring row], as attention reads them
+        l.v_cache = cpu ? state(ctx_state, t.ring, t.dim, slots) : state(ctx_state, t.dim, t.ring, slots);
     }
     if (enc) {
         conv_state(ctx_state, a.down, slots);
