@@ -137,6 +137,8 @@ struct mimi_graph {
     ggml_tensor * pcm_out = nullptr; // decoder: f32 [1, n_frames * samples_per_frame, lanes]
     std::vector<ggml_tensor *> codes_out; // encoder: i32 [n_frames] per codebook
     int64_t T = 0;                  // transformer positions of the chunk (per lane)
+    std::vector<int32_t> slots;     // lane i runs the state of slots[i] (read by the graph's ops)
+    const struct csm_kernel * kernel = nullptr; // pycsm's CPU kernel the graph's ops call, if any
     ~mimi_graph();
 };
 

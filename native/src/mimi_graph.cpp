@@ -4,8 +4,12 @@
 
 #include "csm_log.h"
 #include "csm_ops.h"
+#include "kernels/kernel.h"
 
 #include <cmath>
+#include <algorithm>
+#include <cstring>
+#include <vector>
 
 // Nodes (and tensors) of a chunk's graph, from the sizes the file sets: about 40 per transformer
 // layer, 6 per step of the latent upsampling (latent_stride steps), a few per codebook and SEANet
@@ -24,6 +28,7 @@ struct builder {
     bool cpu;
     std::vector<int32_t> slots;  // lane i runs the state of slots[i]
     const mimi_runner * r;
+    mimi_graph * g;              // the graph built (its slots and kernel outlive the build)
 };
 
 // wp read as a [cols, rows] matrix times x [cols, n, lanes] (for F16 its columns may overlap):
@@ -107,10 +112,62 @@ static ggml_tensor * conv_padded(builder & b, const mimi_conv & c, ggml_tensor *
     return y;
 }
 
-// Causal conv (zero left context from the state), `extra` zero columns appended on the right (the
-// reference's padding of a partial last frame).
-static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, int64_t extra = 0) {
-    ggml_tensor * xp = with_tail(b, c.tail, x);
+// The share [i0, i1) of thread ith of nth in n items.
+static void share(int64_t n, int ith, int nth, int64_t & i0, int64_t & i1) {
+    i0 = n * ith / nth;
+    i1 = n * (ith + 1) / nth;
+}
+
+// dst [C, P + T, lanes] = per lane i [tail of slot slots[i] | f(x[:, :, i])] along time, f the
+// kernel's ELU (userdata's graph kernel; f = a copy when not `elu`), and then the slot's tail
+// (src[1], f32 [C, P, n_slots]) rewritten with the last P columns: with_tail(tail, csm_elu(x)) in
+// one pass, the same bits. x (src[0]) is contiguous f32 [C, T, lanes]. The threads take ranges of
+// time (a lane's columns are one run of floats); lane i's tail is read and rewritten by thread
+// i % nth alone, from a copy of the old one and from x, so no thread waits for another.
+static void tail_concat(ggml_tensor * dst, int ith, int nth, void * userdata, bool elu) {
+    const mimi_graph & g = *(const mimi_graph *) userdata;
+    const ggml_tensor * x = dst->src[0], * tail = dst->src[1];
+    const int64_t C = x->ne[0], T = x->ne[1], lanes = x->ne[2], P = tail->ne[1];
+    auto f = [&](const float * v, float * o, int64_t n) {
+        if (n <= 0) return;
+        if (elu) g.kernel->elu(v, o, n);
+        else memcpy(o, v, (size_t) n * sizeof(float));
+    };
+    int64_t t0, t1;
+    share(T, ith, nth, t0, t1);
+    std::vector<float> old;
+    for (int64_t i = 0; i < lanes; i++) {
+        const float * in = (const float *) ((const char *) x->data + i * x->nb[2]);
+        float * out = (float *) ((char *) dst->data + i * dst->nb[2]);
+        f(in + t0 * C, out + (P + t0) * C, (t1 - t0) * C);
+        if (i % nth != ith) continue;
+        float * st = (float *) ((char *) tail->data + g.slots[(size_t) i] * tail->nb[2]);
+        old.assign(st, st + P * C);
+        memcpy(out, old.data(), (size_t) (P * C) * sizeof(float));
+        // new tail column j: column T + j of [old | f(x)], i.e. old column T + j, or x column j - (P - T)
+        const int64_t from_old = std::max<int64_t>(0, P - T);
+        if (from_old > 0) memcpy(st, old.data() + T * C, (size_t) (from_old * C) * sizeof(float));
+        f(in + (T - (P - from_old)) * C, st + from_old * C, (P - from_old) * C);
+    }
+}
+static void tail_concat_op(ggml_tensor * dst, int ith, int nth, void * userdata) { tail_concat(dst, ith, nth, userdata, false); }
+static void tail_elu_op(ggml_tensor * dst, int ith, int nth, void * userdata) { tail_concat(dst, ith, nth, userdata, true); }
+
+// [tail | f(x)] with the tail rewritten, f the ELU when `elu`: one op on the CPU when x is
+// contiguous f32 (and the kernel has the ELU, when one is wanted), else ggml's ops; the same bits.
+static ggml_tensor * with_tail_of(builder & b, ggml_tensor * tail, ggml_tensor * x, bool elu) {
+    const bool fused = tail && b.cpu && x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) &&
+                       (!elu || (b.g->kernel && b.g->kernel->elu));
+    if (!fused) return with_tail(b, tail, elu ? csm_elu(b.ctx, x, b.cpu) : x);
+    ggml_tensor * args[2] = {x, tail};
+    return ggml_custom_4d(b.ctx, GGML_TYPE_F32, x->ne[0], tail->ne[1] + x->ne[1], x->ne[2], 1, args, 2,
+                          elu ? tail_elu_op : tail_concat_op, GGML_N_TASKS_MAX, b.g);
+}
+
+// Causal conv (zero left context from the state) of f(x), f the ELU when `elu`, `extra` zero
+// columns appended on the right (the reference's padding of a partial last frame).
+static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, bool elu, int64_t extra = 0) {
+    ggml_tensor * xp = with_tail_of(b, c.tail, x, elu);
     if (extra > 0) xp = ggml_pad(b.ctx, xp, 0, (int) extra, 0, 0);
     if (!ggml_is_contiguous(xp)) xp = ggml_cont(b.ctx, xp);
     return conv_padded(b, c, xp);
@@ -118,9 +175,42 @@ static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, int
 
 // Causal ConvTranspose1d, kernel 2s, stride s, right trim s: out[:, m*s + r] =
 // W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
+// dst [oc, s L, lanes] = the overlap-add of a transposed conv's product Y (src[0], f32 [2 oc s, L,
+// lanes]) plus the bias (src[2], f32 [oc]): column m of a lane is (Y_lo[:, m] + Y_hi[:, m - 1]) + b,
+// Y_hi[:, -1] the slot's tail (src[1], f32 [oc s, 1, n_slots]), which then takes Y_hi[:, L - 1]:
+// convtr's concat and two adds in one pass, the same bits. The threads take ranges of columns; the
+// one with column 0 reads the tails and then rewrites them (from Y).
+static void overlap_add_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const mimi_graph & g = *(const mimi_graph *) userdata;
+    const ggml_tensor * Y = dst->src[0], * tail = dst->src[1], * bias = dst->src[2];
+    const int64_t oc = bias->ne[0], half = Y->ne[0] / 2, s = half / oc, L = Y->ne[1], lanes = Y->ne[2];
+    int64_t m0, m1;
+    share(L, ith, nth, m0, m1);
+    if (m0 >= m1) return;
+    const float * bv = (const float *) bias->data;
+    for (int64_t i = 0; i < lanes; i++) {
+        float * st = (float *) ((char *) tail->data + g.slots[(size_t) i] * tail->nb[2]);
+        const char * y = (const char *) Y->data + i * Y->nb[2];
+        float * out = (float *) ((char *) dst->data + i * dst->nb[2]);
+        for (int64_t m = m0; m < m1; m++) {
+            const float * lo = (const float *) (y + m * Y->nb[1]);
+            const float * hi = m ? (const float *) (y + (m - 1) * Y->nb[1]) + half : st;
+            float * o = out + m * half;
+            for (int64_t j = 0; j < s; j++)
+                for (int64_t c = 0; c < oc; c++) o[j * oc + c] = (lo[j * oc + c] + hi[j * oc + c]) + bv[c];
+        }
+        if (m0 == 0) memcpy(st, (const float *) (y + (L - 1) * Y->nb[1]) + half, (size_t) half * sizeof(float));
+    }
+}
+
 static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x) {
     const int64_t s = c.stride, oc = c.out, L = x->ne[1], lanes = x->ne[2];
     ggml_tensor * Y = weight_product(b, c.wp, c.in, oc * c.k, x);                           // [oc*2s, L, lanes]
+    if (b.cpu && c.k == 2 * s && Y->type == GGML_TYPE_F32 && ggml_is_contiguous(Y) && c.b && c.b->type == GGML_TYPE_F32 &&
+        c.b->ne[0] == oc && ggml_nelements(c.b) == oc && c.tail && ggml_nelements(c.tail) == oc * s * c.tail->ne[2]) {
+        ggml_tensor * args[3] = {Y, c.tail, c.b};
+        return ggml_custom_4d(b.ctx, GGML_TYPE_F32, oc, s * L, lanes, 1, args, 3, overlap_add_op, GGML_N_TASKS_MAX, b.g);
+    }
     ggml_tensor * lo = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], 0);
     ggml_tensor * hi = ggml_view_3d(b.ctx, Y, oc * s, L, lanes, Y->nb[1], Y->nb[2], oc * s * ggml_element_size(Y));
     ggml_tensor * hp = with_tail(b, c.tail, hi);                                            // [oc*s, L+1, lanes]
@@ -130,8 +220,8 @@ static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x)
 }
 
 static ggml_tensor * resblock(builder & b, const mimi_resblock & r, ggml_tensor * x) {
-    ggml_tensor * h = conv(b, r.c1, csm_elu(b.ctx, x, b.cpu));
-    h = conv(b, r.c2, csm_elu(b.ctx, h, b.cpu));
+    ggml_tensor * h = conv(b, r.c1, x, true);
+    h = conv(b, r.c2, h, true);
     return ggml_add(b.ctx, x, h);
 }
 
@@ -221,7 +311,9 @@ static void new_graph(mimi_runner & r, mimi_graph & g, builder & b, std::vector<
     g.ctx = ggml_init(ip);
     if (!g.ctx) csm_fail("out of memory creating a graph");
     g.gf = ggml_new_graph_custom(g.ctx, n, false);
-    b = {g.ctx, g.gf, r.cpu, std::move(slots), &r};
+    g.slots = slots;
+    g.kernel = r.cpu ? csm_kernel_pick() : nullptr;
+    b = {g.ctx, g.gf, r.cpu, std::move(slots), &r, &g};
 }
 
 static void attention_inputs(mimi_graph & g, const mimi_tfm & t, int64_t T, int64_t lanes) {
@@ -280,12 +372,12 @@ std::unique_ptr<mimi_graph> mimi_build_decoder(mimi_runner & r, int64_t n, const
     x = transformer(b, a.dec_tfm, x, g->pos, g->kv_rows, g->mask);
 
     // SEANet decoder
-    x = conv(b, a.dec.first, x);
+    x = conv(b, a.dec.first, x, false);
     for (const mimi_stage & st : a.dec.stages) {
         x = convtr(b, st.up, csm_elu(ctx, x, b.cpu));
         x = resblock(b, st.res, x);
     }
-    x = conv(b, a.dec.last, csm_elu(ctx, x, b.cpu));                          // [1, n * spf, lanes]
+    x = conv(b, a.dec.last, x, true);                                         // [1, n * spf, lanes]
     g->pcm_out = x;
     ggml_set_output(x);
     ggml_build_forward_expand(g->gf, x);
@@ -307,14 +399,14 @@ std::unique_ptr<mimi_graph> mimi_build_encoder(mimi_runner & r, int64_t n_sample
     ggml_set_input(g->pcm_in);
 
     // SEANet encoder
-    ggml_tensor * x = conv(b, a.enc.first, g->pcm_in);
+    ggml_tensor * x = conv(b, a.enc.first, g->pcm_in, false);
     for (const mimi_stage & st : a.enc.stages) {
         x = resblock(b, st.res, x);
         const int64_t len = x->ne[1];
         if (!last && len % st.ratio) csm_fail("internal error: encoder chunk not aligned to its strides");
-        x = conv(b, st.down, csm_elu(ctx, x, b.cpu), last ? extra_padding(len, st.ratio) : 0);
+        x = conv(b, st.down, x, true, last ? extra_padding(len, st.ratio) : 0);
     }
-    x = conv(b, a.enc.last, csm_elu(ctx, x, b.cpu));                          // [dim, T]
+    x = conv(b, a.enc.last, x, true);                                         // [dim, T]
 
     attention_inputs(*g, a.enc_tfm, x->ne[1], 1);
     x = transformer(b, a.enc_tfm, x, g->pos, g->kv_rows, g->mask);
