@@ -15,7 +15,11 @@ in this process, frames per second with the prefills and of the frame loop alone
 after the table it prints the 4-client level's gain over 1 client as a fraction of that ratio.
 
 `--rounds R` runs the levels R times over and reports the median gain: on a host whose speed
-drifts between minutes, levels run one after the other compare different minutes. When the levels
+drifts between minutes, levels run one after the other compare different minutes. With
+`--batch-ratio`, the native ratio is measured once more before each round (a single run, in this
+process, the model loaded once; the server idles meanwhile), and each round's 4-client gain is also
+given as a share of its own round's ratio: on the 2-core VM the ratio itself moves with the host
+(about 2.7 in minutes when one stream runs fast, 3.0 when it runs slow). When the levels
 start with 1 client, one more 1-client level closes the run, and each round's gains are taken
 against the mean of the 1-client levels before and after it (its own and the next round's), which
 cancels a drift that is steady over the round; the table's "x 1 client" column is against the
@@ -68,21 +72,35 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def bench_batch_ratio(model: str, threads: int | None, frames: int, runs: int) -> dict:
-    """bench.py's batch x4 measurement (benchmarks/bench.py, _interleaved, with its prompts): one
-    stream and a batch of 4 interleaved frame by frame. Medians over `runs` runs of frames/s with the
-    prefills ("ratio") and of the frame loop alone ("decode_ratio")."""
-    spec = importlib.util.spec_from_file_location("pycsm_bench", REPO / "benchmarks" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)  # puts this checkout first on sys.path
-    from pycsm.model import Model
-    from pycsm.prompt import build_prompt
+RATIO_KEYS = ("one_fps", "batch_fps", "ratio", "one_decode_fps", "batch_decode_fps", "decode_ratio")
 
-    with Model(model, device="cpu") as m:
-        prompts = [build_prompt(m.tokenizer, bench.TEXT, s % 4) for s in range(4)]
-        results = [bench._interleaved(m, prompts, threads, frames, 3 + i) for i in range(runs)]
-    return {key: statistics.median(r[key] for r in results)
-            for key in ("one_fps", "batch_fps", "ratio", "one_decode_fps", "batch_decode_fps", "decode_ratio")}
+
+class NativeRatio:
+    """bench.py's batch x4 measurement (benchmarks/bench.py, _interleaved, with its prompts), in this
+    process with the model loaded once: one stream and a batch of 4 interleaved frame by frame,
+    frames/s with the prefills ("ratio") and of the frame loop alone ("decode_ratio")."""
+
+    def __init__(self, model: str, threads: int | None, frames: int):
+        spec = importlib.util.spec_from_file_location("pycsm_bench", REPO / "benchmarks" / "bench.py")
+        self.bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(self.bench)  # puts this checkout first on sys.path
+        from pycsm.model import Model
+        from pycsm.prompt import build_prompt
+
+        self.model = Model(model, device="cpu")
+        self.prompts = [build_prompt(self.model.tokenizer, self.bench.TEXT, s % 4) for s in range(4)]
+        self.threads, self.frames, self.runs_done = threads, frames, 0
+
+    def measure(self, runs: int) -> dict:
+        """The medians of `runs` runs."""
+        results = []
+        for _ in range(runs):
+            results.append(self.bench._interleaved(self.model, self.prompts, self.threads, self.frames, 3 + self.runs_done))
+            self.runs_done += 1
+        return {key: statistics.median(r[key] for r in results) for key in RATIO_KEYS}
+
+    def close(self) -> None:
+        self.model.close()
 
 
 class Level:
@@ -170,14 +188,18 @@ def main() -> int:
     if not 0 <= args.batch_ratio <= 10000 or not 1 <= args.batch_ratio_runs <= 100:
         ap.error("--batch-ratio in [0, 10000] frames, --batch-ratio-runs in [1, 100]")
 
-    bench = None
+    native, bench, round_bench = None, None, []
     if args.batch_ratio:
-        bench = bench_batch_ratio(args.model, args.threads, args.batch_ratio, args.batch_ratio_runs)
+        native = NativeRatio(args.model, args.threads, args.batch_ratio)
+        bench = native.measure(args.batch_ratio_runs)
         print(f"native batch x4 as bench.py measures it ({args.batch_ratio} frames, median of "
               f"{args.batch_ratio_runs}): with the prefills 1 stream {bench['one_fps']:.2f} frames/s, 4 streams "
               f"{bench['batch_fps']:.2f} frames/s, ratio {bench['ratio']:.2f}; frame loop alone "
               f"{bench['one_decode_fps']:.2f} / {bench['batch_decode_fps']:.2f} frames/s, ratio "
               f"{bench['decode_ratio']:.2f}", flush=True)
+        if args.rounds == 1:
+            native.close()
+            native = None
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -229,6 +251,10 @@ def main() -> int:
             closing = rnd == args.rounds
             rates.append({})
             base = None
+            if native is not None and not closing:
+                round_bench.append(native.measure(1))
+                print(f"native batch x4 before round {rnd + 1}: ratio {round_bench[-1]['ratio']:.2f} with the "
+                      f"prefills, {round_bench[-1]['decode_ratio']:.2f} frame loop alone", file=sys.stderr, flush=True)
             for n in args.clients[:1] if closing else args.clients:
                 level = Level()
                 before = engine_counters(url)
@@ -265,7 +291,15 @@ def main() -> int:
                          f"{bench['decode_ratio']:.2f} frame loop alone; load / bench: {g4 / bench['ratio']:.0%} of the "
                          f"ratio with the prefills, {g4 / bench['decode_ratio']:.0%} of the frame loop's")
             print(line)
+            if round_bench:
+                ratios = [b["ratio"] for b in round_bench]
+                shares = [g / r for g, r in zip(gains, ratios)]
+                print(f"bench.py's ratio measured before each round: {', '.join(f'{r:.2f}' for r in ratios)} (median "
+                      f"{statistics.median(ratios):.2f}); each round's 4-client gain as a share of its own: "
+                      f"{', '.join(f'{x:.0%}' for x in shares)} (median {statistics.median(shares):.0%})")
     finally:
+        if native is not None:
+            native.close()
         server.send_signal(signal.SIGTERM)
         try:
             server.wait(60)
