@@ -39,7 +39,7 @@ public:
     int32_t threads() const { return n; }
 
     static constexpr double WINDOW_MS = 50.0, PROBE_MS = 15.0;
-    static constexpr double WAITED = 0.10;
+    static constexpr double WAITED = 0.20;
     static constexpr double STARVED = 0.75;
     static constexpr int32_t TRY_AFTER = 8, TRY_AFTER_MAX = 256; // quiet windows before a thread more
 
