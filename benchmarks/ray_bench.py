@@ -1,0 +1,167 @@
+"""Ray numbers: pycsm.ray's Data and Serve paths on a local Ray cluster (127.0.0.1 only), each against
+the same work without Ray, in one run.
+
+    python benchmarks/ray_bench.py -m /work/models/q8_0.gguf --texts 8 --audio 2 --requests 2
+
+Data: `--texts` sentences (fixed seeds, speakers 0 and 1) through `Dataset.map_batches(Synthesizer,
+concurrency=1, batch_size=4)` with all the cluster's CPUs for the actor, against `Synthesizer`
+called in this process on the same batches. Prints the audio seconds per second of each (the Ray
+job timed from submission to its last row, the actor's model load included; the direct one with and
+without its load), and checks that both give the same audio.
+
+Serve: `SpeechServer` as one replica with all the cluster's CPUs, then 1 and 4 concurrent clients,
+each sending `--requests` streamed pcm requests one after another: audio seconds per second, time
+to first byte, errors. (`benchmarks/load.py` measures `pycsm serve` the same way without Ray.)
+
+Random-weight files never emit the end frame: every row and request runs to its `--audio` cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "She sells sea shells by the sea shore.",
+    "To be or not to be, that is the question.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_part(ray, model: str, n_texts: int, audio_s: float, cpus: int) -> None:
+    import numpy as np
+
+    from pycsm.options import GenerationOptions
+    from pycsm.ray import Synthesizer
+
+    options = GenerationOptions(max_audio_length_ms=audio_s * 1000)
+    rows = [{"text": TEXTS[i % len(TEXTS)], "seed": 100 + i, "speaker": i % 2} for i in range(n_texts)]
+    t0 = time.monotonic()
+    ds = ray.data.from_items(rows)
+    out = ds.map_batches(Synthesizer, fn_constructor_kwargs={"model": model, "options": options},
+                         concurrency=1, batch_size=4, num_cpus=cpus).take_all()
+    ray_wall = time.monotonic() - t0
+    ray_audio = {(r["seed"]): np.asarray(r["audio"], dtype=np.float32) for r in out}
+
+    t0 = time.monotonic()
+    synth = Synthesizer(model, options=options, n_threads=cpus)
+    t_loaded = time.monotonic()
+    direct = {}
+    for b in range(0, n_texts, 4):
+        chunk = rows[b:b + 4]
+        res = synth({k: np.array([r[k] for r in chunk]) for k in ("text", "seed", "speaker")})
+        for seed, audio in zip(res["seed"], res["audio"]):
+            direct[int(seed)] = np.asarray(audio, dtype=np.float32)
+    t_end = time.monotonic()
+    audio_total = sum(a.size for a in direct.values()) / 24000
+    same = len(ray_audio) == len(direct) and all(np.array_equal(ray_audio[s], direct[s]) for s in direct)
+    print(f"Ray Data, {n_texts} texts of {audio_s:g} s, batch_size 4, one actor with {cpus} CPUs: "
+          f"{len(out)} rows in {ray_wall:.1f} s ({audio_total / ray_wall:.3f} audio s/s, the actor's model load "
+          f"included); the same batches in this process: {t_end - t0:.1f} s with the load "
+          f"({audio_total / (t_end - t0):.3f} audio s/s), {t_end - t_loaded:.1f} s without "
+          f"({audio_total / (t_end - t_loaded):.3f}); Ray / direct with the loads: "
+          f"{(audio_total / ray_wall) / (audio_total / (t_end - t0)):.2f}; same audio: {same}", flush=True)
+
+
+def serve_part(ray, serve, model: str, audio_s: float, cpus: int, n_requests: int) -> None:
+    import httpx
+
+    from pycsm.ray import SpeechServer
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = SpeechServer.options(ray_actor_options={"num_cpus": cpus}).bind(model=model, max_audio_length=audio_s)
+    serve.run(app, name="speech", route_prefix="/")
+    url = f"http://127.0.0.1:{port}/v1/audio/speech"
+    expected = -(-round(audio_s * 12.5 * 1e6) // 10**6) * 1920 * 2
+    try:
+        httpx.post(url, timeout=600, json={"model": "csm-1b", "voice": "0", "input": "Warm up.",
+                                          "response_format": "pcm"})
+        base = None
+        print("\n| clients | requests | audio s/s | x 1 client | TTFB p50 / p95 s | errors |\n|---|---|---|---|---|---|")
+        for n in (1, 4):
+            lock, ttfb, audio, errors = threading.Lock(), [], [0], [0]
+
+            def client(i):
+                with httpx.Client(timeout=600) as c:
+                    for k in range(n_requests):
+                        body = {"model": "csm-1b", "voice": str(i % 2), "input": TEXTS[(i + k) % len(TEXTS)],
+                                "response_format": "pcm", "stream_format": "audio", "seed": 1000 * i + k}
+                        t0, first, got = time.monotonic(), None, 0
+                        try:
+                            with c.stream("POST", url, json=body) as r:
+                                if r.status_code != 200:
+                                    raise RuntimeError(f"status {r.status_code}")
+                                for chunk in r.iter_bytes():
+                                    if first is None and chunk:
+                                        first = time.monotonic() - t0
+                                    got += len(chunk)
+                            if got != expected:
+                                raise RuntimeError(f"{got} bytes, expected {expected}")
+                        except Exception as e:  # noqa: BLE001 - counted and reported
+                            print(f"  client {i}: {e}", file=sys.stderr)
+                            with lock:
+                                errors[0] += 1
+                            continue
+                        with lock:
+                            ttfb.append(first)
+                            audio[0] += got / 2 / 24000
+
+            t0 = time.monotonic()
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rate = audio[0] / (time.monotonic() - t0)
+            base = base or rate
+            q = statistics.quantiles(ttfb, n=100, method="inclusive") if len(ttfb) > 1 else ttfb * 99
+            print(f"| {n} | {len(ttfb)} | {rate:.3f} | {rate / base:.2f} | {q[49]:.2f} / {q[94]:.2f} | {errors[0]} |",
+                  flush=True)
+    finally:
+        serve.delete("speech")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--texts", type=int, default=8, help="rows of the Data job (default 8)")
+    ap.add_argument("--audio", type=float, default=2.0, help="seconds of audio per row and request (default 2)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per Serve client (default 2)")
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local cluster, all given to the actor (default 2)")
+    args = ap.parse_args()
+    if not 1 <= args.texts <= 256 or not 0 < args.audio <= 60 or not 1 <= args.requests <= 20 or not 1 <= args.cpus <= 64:
+        ap.error("texts in [1, 256], audio in (0, 60], requests in [1, 20], cpus in [1, 64]")
+
+    import ray
+    from ray import serve
+
+    ray.init(num_cpus=args.cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    try:
+        data_part(ray, args.model, args.texts, args.audio, args.cpus)
+        serve_part(ray, serve, args.model, args.audio, args.cpus, args.requests)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
