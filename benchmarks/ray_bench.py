@@ -10,8 +10,8 @@ job timed from submission to its last row, the actor's model load included; the 
 without its load), and checks that both give the same audio.
 
 Serve: `SpeechServer` as one replica with all the cluster's CPUs, then 1 and 4 concurrent clients,
-each sending `--requests` streamed pcm requests one after another: audio seconds per second, time
-to first byte, errors. (`benchmarks/load.py` measures `pycsm serve` the same way without Ray.)
+each sending `--requests` streamed pcm requests one after another (load.py's clients, which measure
+`pycsm serve` the same way without Ray): audio seconds per second, time to first byte, errors.
 
 Random-weight files never emit the end frame: every row and request runs to its `--audio` cap.
 """
@@ -19,9 +19,9 @@ Random-weight files never emit the end frame: every row and request runs to its 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -80,61 +80,38 @@ def data_part(ray, model: str, n_texts: int, audio_s: float, cpus: int) -> None:
           f"{(audio_total / ray_wall) / (audio_total / (t_end - t0)):.2f}; same audio: {same}", flush=True)
 
 
-def serve_part(ray, serve, model: str, audio_s: float, cpus: int, n_requests: int) -> None:
+def serve_part(serve, model: str, audio_s: float, cpus: int, n_requests: int) -> None:
     import httpx
 
     from pycsm.ray import SpeechServer
 
+    spec = importlib.util.spec_from_file_location("pycsm_load", REPO / "benchmarks" / "load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)  # its client(): the requests load.py sends to pycsm serve
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = SpeechServer.options(ray_actor_options={"num_cpus": cpus}).bind(model=model, max_audio_length=audio_s)
     serve.run(app, name="speech", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1/audio/speech"
+    url = f"http://127.0.0.1:{port}"
     expected = -(-round(audio_s * 12.5 * 1e6) // 10**6) * 1920 * 2
     try:
-        httpx.post(url, timeout=600, json={"model": "csm-1b", "voice": "0", "input": "Warm up.",
-                                          "response_format": "pcm"})
+        httpx.post(url + "/v1/audio/speech", timeout=600, json={"model": "csm-1b", "voice": "0", "input": "Warm up.",
+                                                               "response_format": "pcm"})
         base = None
         print("\n| clients | requests | audio s/s | x 1 client | TTFB p50 / p95 s | errors |\n|---|---|---|---|---|---|")
         for n in (1, 4):
-            lock, ttfb, audio, errors = threading.Lock(), [], [0], [0]
-
-            def client(i):
-                with httpx.Client(timeout=600) as c:
-                    for k in range(n_requests):
-                        body = {"model": "csm-1b", "voice": str(i % 2), "input": TEXTS[(i + k) % len(TEXTS)],
-                                "response_format": "pcm", "stream_format": "audio", "seed": 1000 * i + k}
-                        t0, first, got = time.monotonic(), None, 0
-                        try:
-                            with c.stream("POST", url, json=body) as r:
-                                if r.status_code != 200:
-                                    raise RuntimeError(f"status {r.status_code}")
-                                for chunk in r.iter_bytes():
-                                    if first is None and chunk:
-                                        first = time.monotonic() - t0
-                                    got += len(chunk)
-                            if got != expected:
-                                raise RuntimeError(f"{got} bytes, expected {expected}")
-                        except Exception as e:  # noqa: BLE001 - counted and reported
-                            print(f"  client {i}: {e}", file=sys.stderr)
-                            with lock:
-                                errors[0] += 1
-                            continue
-                        with lock:
-                            ttfb.append(first)
-                            audio[0] += got / 2 / 24000
-
+            level = load.Level()
             t0 = time.monotonic()
-            threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+            threads = [threading.Thread(target=load.client, args=(url, level, n_requests, t0 + 600, i, expected))
+                       for i in range(n)]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
-            rate = audio[0] / (time.monotonic() - t0)
+            rate = sum(level.audio_s) / (time.monotonic() - t0)
             base = base or rate
-            q = statistics.quantiles(ttfb, n=100, method="inclusive") if len(ttfb) > 1 else ttfb * 99
-            print(f"| {n} | {len(ttfb)} | {rate:.3f} | {rate / base:.2f} | {q[49]:.2f} / {q[94]:.2f} | {errors[0]} |",
-                  flush=True)
+            print(f"| {n} | {len(level.ttfb)} | {rate:.3f} | {rate / base:.2f} | {load.pct(level.ttfb, 50):.2f} / "
+                  f"{load.pct(level.ttfb, 95):.2f} | {level.errors} |", flush=True)
     finally:
         serve.delete("speech")
 
@@ -156,7 +133,7 @@ def main() -> int:
     ray.init(num_cpus=args.cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         data_part(ray, args.model, args.texts, args.audio, args.cpus)
-        serve_part(ray, serve, args.model, args.audio, args.cpus, args.requests)
+        serve_part(serve, args.model, args.audio, args.cpus, args.requests)
     finally:
         serve.shutdown()
         ray.shutdown()
