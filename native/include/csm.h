@@ -337,9 +337,10 @@ CSM_API int64_t csm_mimi_batch_decoder_decode(csm_mimi_batch_decoder * dec, cons
 // context, or when removed. Each csm_batch_step() runs one frame of every running stream and, while
 // streams are joining, a chunk of their prompts' prefill (prefill_chunk rows in all), so that the
 // running streams wait about one frame's time at most while others join. Streams join in the order
-// they were added; short prompts added together join in the same step when the chunk holds them. Each stream has its own sampling parameters, seed and cap;
-// its codes equal csm_generate's with the same prompt and parameters, whatever else is in the batch,
-// when the matrix products give each column the same result for any number of columns.
+// they were added; short prompts added together join in the same step when the chunk holds them.
+// Each stream has its own sampling parameters, seed and cap; its codes equal csm_generate's with
+// the same prompt and parameters, whatever else is in the batch, when the matrix products give each
+// column the same result for any number of columns.
 //
 //     struct csm_batch_params bp = csm_batch_default_params();
 //     bp.max_streams = 4;
@@ -398,8 +399,8 @@ CSM_API int64_t csm_batch_add(csm_batch * batch, const int32_t * prompt, int32_t
 // holds no such stream.
 CSM_API int32_t csm_batch_remove(csm_batch * batch, int64_t stream);
 // Runs one step: a prefill chunk (of the joining streams, first added first; a stream whose
-// prompt is done runs from this step), then one frame of every running stream. Writes one event per stream that produced a frame or ended (at most max_streams;
-// max_events must be at least that). Returns the number of events, or -1 on error; after an error
+// prompt is done runs from this step), then one frame of every running stream. Writes one event
+// per stream that produced a frame or ended (at most max_streams; max_events must be at least that). Returns the number of events, or -1 on error; after an error
 // the batch is empty (every stream has left) and can be used again.
 CSM_API int32_t csm_batch_step(csm_batch * batch, struct csm_batch_event * events, int32_t max_events);
 CSM_API int32_t csm_batch_n_streams(const csm_batch * batch);  // streams in the batch, running or joining

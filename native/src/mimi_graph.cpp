@@ -6,8 +6,8 @@
 #include "csm_ops.h"
 #include "kernels/kernel.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -173,8 +173,6 @@ static ggml_tensor * conv(builder & b, const mimi_conv & c, ggml_tensor * x, boo
     return conv_padded(b, c, xp);
 }
 
-// Causal ConvTranspose1d, kernel 2s, stride s, right trim s: out[:, m*s + r] =
-// W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
 // dst [oc, s L, lanes] = the overlap-add of a transposed conv's product Y (src[0], f32 [2 oc s, L,
 // lanes]) plus the bias (src[2], f32 [oc]): column m of a lane is (Y_lo[:, m] + Y_hi[:, m - 1]) + b,
 // Y_hi[:, -1] the slot's tail (src[1], f32 [oc s, 1, n_slots]), which then takes Y_hi[:, L - 1]:
@@ -203,6 +201,8 @@ static void overlap_add_op(ggml_tensor * dst, int ith, int nth, void * userdata)
     }
 }
 
+// Causal ConvTranspose1d, kernel 2s, stride s, right trim s: out[:, m*s + r] =
+// W_r^T x[:, m] + W_{r+s}^T x[:, m-1] + bias; the x[:, -1] part comes from the state.
 static ggml_tensor * convtr(builder & b, const mimi_convtr & c, ggml_tensor * x) {
     const int64_t s = c.stride, oc = c.out, L = x->ne[1], lanes = x->ne[2];
     ggml_tensor * Y = weight_product(b, c.wp, c.in, oc * c.k, x);                           // [oc*2s, L, lanes]
@@ -236,7 +236,8 @@ static ggml_tensor * layer_norm(builder & b, ggml_tensor * x, ggml_tensor * w, g
 static void set_value_columns(ggml_tensor * dst, const ggml_tensor * a, const ggml_tensor * v, const ggml_tensor * rows,
                               int ith, int nth, void *) {
     const int64_t ring = a->ne[0], d = a->ne[1], n_all = ring * a->ne[2], n = v->ne[1];
-    const int64_t c0 = d * ith / nth, c1 = d * (ith + 1) / nth;
+    int64_t c0, c1;
+    share(d, ith, nth, c0, c1);
     for (int64_t i = 0; i < n; i++) {
         const int64_t r = ((const int64_t *) rows->data)[i];
         if (r < 0 || r >= n_all) continue;  // set_attention's rows are in range; never write outside
