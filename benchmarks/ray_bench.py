@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
 import sys
 import threading
 import time
@@ -31,18 +30,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A journey of a thousand miles begins with a single step.",
-    "She sells sea shells by the sea shore.",
-    "To be or not to be, that is the question.",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# load.py: its texts, free_port() and client(), which measure `pycsm serve` the same way without Ray
+_spec = importlib.util.spec_from_file_location("pycsm_load", REPO / "benchmarks" / "load.py")
+load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(load)
 
 
 def data_part(ray, model: str, n_texts: int, audio_s: float, cpus: int) -> None:
@@ -52,13 +43,13 @@ def data_part(ray, model: str, n_texts: int, audio_s: float, cpus: int) -> None:
     from pycsm.ray import Synthesizer
 
     options = GenerationOptions(max_audio_length_ms=audio_s * 1000)
-    rows = [{"text": TEXTS[i % len(TEXTS)], "seed": 100 + i, "speaker": i % 2} for i in range(n_texts)]
+    rows = [{"text": load.TEXTS[i % len(load.TEXTS)], "seed": 100 + i, "speaker": i % 2} for i in range(n_texts)]
     t0 = time.monotonic()
     ds = ray.data.from_items(rows)
     out = ds.map_batches(Synthesizer, fn_constructor_kwargs={"model": model, "options": options},
                          concurrency=1, batch_size=4, num_cpus=cpus).take_all()
     ray_wall = time.monotonic() - t0
-    ray_audio = {(r["seed"]): np.asarray(r["audio"], dtype=np.float32) for r in out}
+    ray_audio = {int(r["seed"]): np.asarray(r["audio"], dtype=np.float32) for r in out}
 
     t0 = time.monotonic()
     synth = Synthesizer(model, options=options, n_threads=cpus)
@@ -85,10 +76,7 @@ def serve_part(serve, model: str, audio_s: float, cpus: int, n_requests: int) ->
 
     from pycsm.ray import SpeechServer
 
-    spec = importlib.util.spec_from_file_location("pycsm_load", REPO / "benchmarks" / "load.py")
-    load = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(load)  # its client(): the requests load.py sends to pycsm serve
-    port = free_port()
+    port = load.free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = SpeechServer.options(ray_actor_options={"num_cpus": cpus}).bind(model=model, max_audio_length=audio_s)
     serve.run(app, name="speech", route_prefix="/")
